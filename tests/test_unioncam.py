@@ -90,7 +90,7 @@ def test_matches_naive_reference_on_real_photos(effnet, photos, library_result):
     res = library_result
     layer = dict(effnet.model.named_modules())[LAYER]
     assert res.pool == ("region:scorecam", "fused:denoised+scorecam")
-    for i in range(3):  # the naive loop is slow; three real photos are enough to pin it down
+    for i in range(2):  # the naive loop is slow; two real photos are enough to pin it down
         ref = reference_unioncam(effnet.model, layer, x[i:i + 1])
         assert int(res.classes[i]) == ref["class"]
         torch.testing.assert_close(res.components["gradient:denoised"][i], ref["den"], atol=1e-4, rtol=0)
@@ -123,10 +123,10 @@ def test_result_shapes_and_ranges(photos, library_result):
 def test_chunk_size_does_not_change_results(effnet, photos, library_result, chunk):
     x, _ = photos
     with UnionCAM(effnet.model, LAYER, chunk_size=chunk, channels_last=False) as cam:
-        res = cam(x)
-    torch.testing.assert_close(res.maps, library_result.maps, atol=1e-5, rtol=0)
-    torch.testing.assert_close(res.scores, library_result.scores, atol=1e-5, rtol=0)
-    assert torch.equal(res.selected, library_result.selected)
+        res = cam(x[:2])
+    torch.testing.assert_close(res.maps, library_result.maps[:2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(res.scores, library_result.scores[:2], atol=1e-5, rtol=0)
+    assert torch.equal(res.selected, library_result.selected[:2])
 
 
 def test_batch_composition_does_not_change_results(effnet, photos, library_result):

@@ -12,7 +12,7 @@ Methods (``name`` in the configs):
   τ_k = θ-th percentile of G_k over its h·w positions; Ĝ_k = G_k·[G_k ≥ τ_k];
   P_k = max(Ĝ_k, 0); L = Σ_k (P_k / (Σ_ij P_k + 1e-8)) ⊙ A_k (pixel-wise, no ReLU).
 * ``gradcam`` — w_k = mean_ij G_k; L = ReLU(Σ_k w_k A_k)  (Selvaraju et al. 2017).
-* ``gradcam++`` — α = G² / (2G² + Σ_ij A_k · G³), zero where G = 0;
+* ``gradcam++`` — α = G² / (2G² + Σ_ij A_k · G³ + 1e-6), zero where G = 0;
   w_k = Σ_ij α ReLU(G_k); L = ReLU(Σ_k w_k A_k)  (Chattopadhay et al. 2018, in the
   exp-free form used by pytorch-grad-cam).
 * ``xgradcam`` — w_k = Σ_ij G_k A_k / (Σ_ij A_k + 1e-7); L = ReLU(Σ_k w_k A_k)  (Fu et al. 2020).
@@ -69,7 +69,7 @@ def gradient_map(method: str, activation: torch.Tensor, gradient: torch.Tensor,
     if method == "gradcam++":
         g2, g3 = g.pow(2), g.pow(3)
         sum_a = a.sum((-2, -1), keepdim=True)
-        alpha = g2 / (2 * g2 + sum_a * g3 + 1e-7)
+        alpha = g2 / (2 * g2 + sum_a * g3 + 1e-6)  # pytorch-grad-cam's eps, for parity
         alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
         w = (alpha * g.clamp_min(0)).sum((-2, -1), keepdim=True)
         return (w * a).sum(1).clamp_min(0)

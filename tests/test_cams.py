@@ -1,0 +1,223 @@
+"""Component CAMs: parity with pytorch-grad-cam, hook hygiene, target layers, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from unioncam import (
+    DenoisedCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    GroupCAM,
+    LayerCAM,
+    ScoreCAM,
+    UnionCAM,
+    XGradCAM,
+    find_target_layer,
+    resolve_layer,
+)
+from unioncam.gradient import denoise_gradient
+from unioncam.ops import minmax
+
+STEM = "_swish#0"  # EfficientNet-Lite's root ReLU6, first of its two calls: post-activation, 32 ch
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               for m in model.modules())
+
+
+@pytest.mark.parametrize(("ours", "theirs"), [
+    (GradCAM, "GradCAM"), (GradCAMPlusPlus, "GradCAMPlusPlus"), (XGradCAM, "XGradCAM"),
+    (LayerCAM, "LayerCAM"),
+])
+def test_parity_with_pytorch_grad_cam(effnet, photos, ours, theirs):
+    """Same maps as pytorch-grad-cam up to where each library normalises.
+
+    pytorch-grad-cam min–max normalises the low-resolution map and then resizes
+    (cv2, half-pixel centres like ours); we resize and then normalise. Both are
+    affine images of the same bilinear upsample, so after one more min–max
+    they must agree.
+    """
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    x, _ = photos
+    x = x[:3]
+    model = effnet.model
+    layer = resolve_layer(model, STEM)
+    with ours(model, STEM, chunk_size=8) as cam:
+        mine = cam(x)
+        classes = cam.last["classes"]
+    # pytorch-grad-cam hooks a module's every call and keeps the last; give it the stem only.
+    stem = nn.Sequential(model._conv_stem, model._bn0, layer.module)
+    rest = _AfterStem(model)
+    wrapped = nn.Sequential(stem, rest).eval()
+    with getattr(pytorch_grad_cam, theirs)(wrapped, target_layers=[stem[2]]) as ref_cam:
+        ref = ref_cam(x, targets=[ClassifierOutputTarget(int(c)) for c in classes])
+    ref = minmax(torch.from_numpy(ref))
+    torch.testing.assert_close(mine, ref, atol=2e-3, rtol=0)
+
+
+class _AfterStem(nn.Module):
+    """EfficientNet-Lite from its first block on (so the stem can be hooked alone)."""
+
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        m = self.m
+        for block in m._blocks:
+            x = block(x)
+        x = m._swish(m._bn1(m._conv_head(x)))
+        return m._fc(torch.flatten(m._avg_pooling(x), 1))
+
+
+def test_denoise_gradient_thresholds_per_channel():
+    g = torch.arange(20, dtype=torch.float32).view(1, 2, 2, 5)  # channel 0: 0..9, channel 1: 10..19
+    out = denoise_gradient(g, theta=25.0)  # 25th percentile of 0..9 is 2.25
+    assert out[0, 0].flatten().tolist() == [0, 0, 0, 3, 4, 5, 6, 7, 8, 9]
+    assert out[0, 1].flatten().tolist() == [0, 0, 0] + list(range(13, 20))
+
+
+ALL_METHODS = [
+    lambda m, layer: GradCAM(m, layer, chunk_size=4),
+    lambda m, layer: DenoisedCAM(m, layer, chunk_size=4),
+    lambda m, layer: ScoreCAM(m, layer, chunk_size=4),
+    lambda m, layer: GroupCAM(m, layer, groups=2, chunk_size=4),
+    lambda m, layer: UnionCAM(m, layer, region="groupcam", groups=2, chunk_size=4),
+]
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
+    model.train()
+    model[1].eval()  # a deliberately mixed train/eval state must come back as it was
+    return model
+
+
+@pytest.mark.parametrize("make", ALL_METHODS)
+def test_no_hook_survives_and_state_is_restored(tiny, make):
+    x = torch.randn(2, 3, 8, 8)
+    before = _hook_count(tiny)
+    with make(tiny, "4") as cam:
+        out = cam(x)
+    assert _hook_count(tiny) == before
+    assert tiny.training and not tiny[1].training and tiny[3].training
+    assert out is not None
+
+    with pytest.raises(ValueError, match="target of image 1"), make(tiny, "4") as cam:
+        cam(x, targets=[0, 7])
+    assert _hook_count(tiny) == before
+
+    class Boom(Exception):
+        pass
+
+    def explode(*_):
+        raise Boom
+
+    h = tiny[3].register_forward_hook(explode)
+    with pytest.raises(Boom), make(tiny, "4") as cam:
+        cam(x)
+    h.remove()
+    assert _hook_count(tiny) == before
+    assert tiny.training and not tiny[1].training
+
+
+def test_target_layer_resolution(effnet, photos):
+    model = effnet.model
+    x, _ = photos
+    auto = find_target_layer(model, x[:1])
+    assert (auto.name, auto.call) == ("_swish", -1)  # the head's ReLU6, not the stem's
+    assert str(resolve_layer(model, "_swish#0")) == "_swish#0"
+    assert resolve_layer(model, model._blocks[15]).name == "_blocks.15"
+    with pytest.raises(ValueError, match="no module named '_blocks.99'"):
+        resolve_layer(model, "_blocks.99")
+    resnet = torchvision.models.resnet18(weights=None).eval()
+    assert find_target_layer(resnet, torch.randn(1, 3, 64, 64)).name == "layer4"
+
+
+def test_reused_module_calls_are_told_apart(effnet, photos):
+    """The stem call (48×48 at 96 px) and the head call (3×3) of the same module."""
+    x, _ = photos
+    with GradCAM(effnet.model, "_swish#0") as stem, GradCAM(effnet.model, "_swish") as head:
+        stem(x[:1])
+        head(x[:1])
+        assert stem.last["raw"].shape[-2:] == (48, 48)
+        assert head.last["raw"].shape[-2:] == (3, 3)
+    with pytest.raises(ValueError, match="called 2 time"), GradCAM(effnet.model, "_swish#5") as cam:
+        cam(x[:1])
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    (torch.randn(3, 96, 96), "N×C×H×W"),
+    (torch.randn(1, 1, 96, 96), "3 channels"),
+    (torch.zeros(1, 3, 96, 96, dtype=torch.uint8), "floating-point"),
+    (torch.randn(0, 3, 96, 96), "empty batch"),
+])
+def test_bad_inputs_are_one_line_errors(effnet, bad, message):
+    with pytest.raises(ValueError, match=message), UnionCAM(effnet.model, "_blocks.4") as cam:
+        cam(bad)
+
+
+def test_nan_image_is_named(effnet, photos):
+    x, _ = photos
+    x = x[:3].clone()
+    x[2, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match="image 2 contains NaN"), UnionCAM(effnet.model) as cam:
+        cam(x)
+
+
+def test_class_out_of_range_and_non_4d_layer(effnet, photos):
+    x, _ = photos
+    with pytest.raises(ValueError, match=r"target of image 0 is 1000, outside \[0, 1000\)"), \
+            UnionCAM(effnet.model, "_blocks.4", region="groupcam", groups=2) as cam:
+        cam(x[:2], targets=torch.tensor([1000, 3]))
+    with pytest.raises(ValueError, match="output must be N×K×h×w"), \
+            GradCAM(effnet.model, "_fc") as cam:
+        cam(x[:1])
+    with pytest.raises(ValueError, match="theta"):
+        UnionCAM(effnet.model, theta=-1)
+
+
+def test_used_outside_context_manager_is_an_error(effnet, photos):
+    x, _ = photos
+    cam = GradCAM(effnet.model, "_blocks.4")
+    with pytest.raises(RuntimeError, match="context manager"):
+        cam(x[:1])
+
+
+def test_autotune_picks_a_setting_and_is_exact(effnet, photos):
+    x, _ = photos
+    with UnionCAM(effnet.model, "_blocks.4", region="groupcam", groups=4, chunk_size=8,
+                  channels_last=False) as cam:
+        fixed = cam(x[:2])
+    with UnionCAM(effnet.model, "_blocks.4", region="groupcam", groups=4) as cam:
+        tuned = cam(x[:2])
+        assert cam.chunk_size in (4, 8, 16, 32) and cam.channels_last in (True, False)
+    torch.testing.assert_close(tuned.maps, fixed.maps, atol=1e-4, rtol=0)
+    assert effnet.model._conv_stem.weight.is_contiguous()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu(effnet, photos):
+    x, _ = photos
+    with UnionCAM(effnet.model, "_blocks.4", chunk_size=16, channels_last=False) as cam:
+        cpu = cam(x[:3])
+    model = effnet.model.cuda()
+    try:
+        with UnionCAM(model, "_blocks.4", chunk_size=64) as cam:
+            gpu = cam(x[:3].cuda())
+    finally:
+        effnet.model.cpu()
+    torch.testing.assert_close(gpu.maps.cpu(), cpu.maps, atol=1e-3, rtol=0)
+    assert torch.equal(gpu.selected.cpu(), cpu.selected)
