@@ -1,0 +1,243 @@
+"""Run configuration of the pipeline: one frozen description of a job.
+
+Why a single dataclass: the same object travels from the CLI (or a ``ray submit`` script)
+to the driver and, pickled, to every actor, and a JSON view of it is written into the
+Zarr store as provenance. Its :meth:`RunConfig.fingerprint` covers exactly the settings
+that change the *numbers* in the store (model, weights, layer, method, image size,
+target, explainer, stored extras), so a rerun with a different batch size or number of
+actors resumes the store, while a rerun with a different layer is refused instead of
+silently mixing two kinds of maps in one store.
+
+Secrets never leave this object: ``storage_options`` (which may hold S3 keys) is passed to
+fsspec in the driver and the actors, but :meth:`RunConfig.to_dict` records only its key
+names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "EXPLAINERS",
+    "FORMAT_VERSION",
+    "METRICS",
+    "TARGETS",
+    "FaultInjection",
+    "RunConfig",
+]
+
+#: Bumped when the meaning of stored values changes; part of the fingerprint.
+FORMAT_VERSION = 1
+
+#: ``unioncam``: the real method. ``null``: a stand-in that reads each unit's manifest rows
+#: but neither decodes images nor runs a model, and writes zero maps/scores with status OK.
+#: It exists to measure the pipeline's own per-unit overhead (scheduling, markers, shard
+#: writes) at dataset scale; never use it for results.
+EXPLAINERS = ("unioncam", "null")
+
+#: Which class each image is explained for: the model's top-1 prediction, or the
+#: manifest's label (rows without a label fall back to the prediction).
+TARGETS = ("predicted", "label")
+
+#: Optional per-image faithfulness metrics of the selected map, stored as
+#: ``metrics/<name>`` (computed with :mod:`unioncam.metrics`; each costs extra forwards).
+METRICS = ("average_drop", "increase", "insertion", "deletion")
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Test-only hooks that make a worker fail on purpose (fault-tolerance tests).
+
+    ``crash_unit``: the actor process calls ``os._exit(1)`` in the middle of that unit
+    (after its first batch has been explained, before anything is written). With
+    ``crash_once_file`` set, it crashes only if that file does not exist yet and creates it
+    just before exiting, so the retry succeeds: "crash on the first attempt only".
+    ``fail_unit``: processing that unit raises ``RuntimeError`` on every attempt (a unit
+    that keeps failing). ``unit_delay_s``: sleep this long at the start of every unit (to
+    widen race windows, e.g. for interrupt tests).
+    """
+
+    crash_unit: int | None = None
+    crash_once_file: str | None = None
+    fail_unit: int | None = None
+    unit_delay_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one pipeline run.
+
+    Settings that affect results (part of :meth:`fingerprint`): ``model``, ``weights``,
+    ``layer``, ``method``, ``image_size``, ``target``, ``explainer``, ``components``,
+    ``metrics``. Everything else (batch size, actors, CPUs, retries, address, ...) only
+    changes how fast the same numbers are produced.
+    """
+
+    manifest: str
+    store: str
+    # --- what is computed ---------------------------------------------------------
+    model: str = "efficientnet-lite0"
+    weights: str | None = None
+    layer: str | None = None
+    #: ``UnionCAMConfig`` fields as a JSON-safe dict (``UnionCAMConfig.to_dict()``);
+    #: empty means the paper defaults.
+    method: dict[str, Any] = field(default_factory=dict)
+    #: Side of the square network input (and of the stored maps); ``None``: the model's
+    #: default crop size.
+    image_size: int | None = None
+    target: str = "predicted"
+    explainer: str = "unioncam"
+    #: Also store every pool member's map (``components/<name>``): ``len(pool)`` times the
+    #: map storage.
+    components: bool = False
+    metrics: tuple[str, ...] = ()
+    # --- how it is computed -------------------------------------------------------
+    batch_size: int = 32
+    #: Number of actors; ``None``: one per GPU in the cluster (CPU-only: CPUs // cpus_per_actor).
+    actors: int | None = None
+    cpu_only: bool = False
+    #: CPUs reserved per actor (torch threads + decoding threads); ``None``: automatic.
+    cpus_per_actor: int | None = None
+    #: Image-decoding threads per actor; ``None``: the actor's CPU count.
+    decode_threads: int | None = None
+    #: Batches decoded ahead of the one being explained.
+    prefetch_batches: int = 2
+    #: Ray address (``"auto"``, ``"ray://host:10001"``, ...); ``None``: start a local Ray.
+    address: str | None = None
+    overwrite: bool = False
+    #: Attempts per unit beyond the first (actor death or unit-level error).
+    max_retries: int = 3
+    #: Stop after this many pending units (the store stays resumable); ``None``: all.
+    max_units: int | None = None
+    #: fsspec options for manifest, images and store (e.g. ``endpoint_url``, ``key``).
+    #: Values are never written to the store or logged; only key names are.
+    storage_options: dict[str, Any] | None = None
+    #: Export Ray metrics (``ray.util.metrics``) for the dashboard.
+    ray_metrics: bool = True
+    #: Start the Ray dashboard with a local instance (slower start; no effect with ``address``).
+    dashboard: bool = True
+    #: tqdm progress bar in the driver.
+    progress: bool = True
+    #: Test-only failure hooks (see :class:`FaultInjection`).
+    fault_injection: FaultInjection | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ``ValueError`` with one line naming the first bad setting."""
+
+        def pos(name: str, value: Any, allow_none: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        if not self.manifest:
+            raise ValueError("manifest must be a path or URL, got an empty string")
+        if not self.store:
+            raise ValueError("store must be a path or URL, got an empty string")
+        if not self.model:
+            raise ValueError("model must be a name, got an empty string")
+        pos("batch_size", self.batch_size)
+        pos("actors", self.actors, allow_none=True)
+        pos("cpus_per_actor", self.cpus_per_actor, allow_none=True)
+        pos("decode_threads", self.decode_threads, allow_none=True)
+        pos("image_size", self.image_size, allow_none=True)
+        pos("max_units", self.max_units, allow_none=True)
+        if not isinstance(self.prefetch_batches, int) or self.prefetch_batches < 0:
+            raise ValueError(
+                f"prefetch_batches must be an integer >= 0, got {self.prefetch_batches!r}"
+            )
+        if not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ValueError(f"max_retries must be an integer >= 0, got {self.max_retries!r}")
+        if self.explainer not in EXPLAINERS:
+            raise ValueError(f"explainer must be one of {EXPLAINERS}, got {self.explainer!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if not isinstance(self.method, dict):
+            raise ValueError(f"method must be a dict of UnionCAMConfig fields, got {self.method!r}")
+        for m in self.metrics:
+            if m not in METRICS:
+                raise ValueError(f"unknown metric {m!r}; choose from {', '.join(METRICS)}")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(f"metrics must not repeat, got {self.metrics!r}")
+        if self.storage_options is not None and not isinstance(self.storage_options, dict):
+            raise ValueError("storage_options must be a dict of fsspec options")
+
+    # ------------------------------------------------------------------ views
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that determine the stored numbers (the fingerprint's input)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": self.model,
+            "weights": self.weights,
+            "layer": self.layer,
+            "method": _normalised_method(self.method) if self.explainer == "unioncam" else {},
+            "image_size": self.image_size,
+            "target": self.target,
+            "explainer": self.explainer,
+            "components": bool(self.components),
+            "metrics": list(self.metrics),
+        }
+
+    def fingerprint(self) -> str:
+        """Hex SHA-256 of :meth:`result_settings` (stable JSON encoding).
+
+        Two runs may share a store only if their fingerprints match. The driver calls this
+        on the *resolved* config (default layer and image size filled in from the model),
+        so ``--layer`` spelled out or left to its default give the same fingerprint.
+        """
+        blob = json.dumps(self.result_settings(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe provenance. ``storage_options`` is reduced to its sorted key names."""
+        d: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "storage_options":
+                v = sorted(v) if v else []
+            elif f.name == "fault_injection":
+                v = dataclasses.asdict(v) if v is not None else None
+            elif f.name == "metrics":
+                v = list(v)
+            d[f.name] = v
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_dict` (storage options are not recoverable: pass them again)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["storage_options"] = None
+        if kw.get("fault_injection") is not None:
+            kw["fault_injection"] = FaultInjection(**kw["fault_injection"])
+        if "metrics" in kw:
+            kw["metrics"] = tuple(kw["metrics"])
+        return cls(**kw)
+
+
+def _normalised_method(method: dict[str, Any]) -> dict[str, Any]:
+    """The method settings that change results, with defaults filled in.
+
+    Uses ``UnionCAMConfig.fingerprint()`` so ``{}`` and the explicit paper defaults hash
+    the same, and speed-only settings (``chunk_size``, ``channels_last``) do not block a
+    resume. Falls back to the raw dict if the library cannot interpret it (the driver
+    reports such errors separately, with a clearer message).
+    """
+    try:
+        from unioncam import UnionCAMConfig
+
+        return json.loads(UnionCAMConfig.from_dict(dict(method)).fingerprint())
+    except Exception:
+        return dict(method)

@@ -1,0 +1,562 @@
+"""Read a pipeline store: status, per-class statistics, top-k, maps, overlays, mean maps.
+
+Why it reads the way it does: a store for ImageNet-train holds 1.28 M maps (~130 GB of
+float16), so nothing here loads a whole array. Every scan walks the store one unit (=
+one shard) at a time and keeps only running aggregates (counts, sums, a k-sized candidate
+list); maps are read row by row (one inner chunk each) or, for class means, only for the
+rows of the requested classes. Units without a completion marker are skipped, so queries
+on a run that is still going see only finished units.
+
+Score names accepted by :meth:`StoreReader.top_k` (see :meth:`StoreReader.score_names`):
+``beta`` (β of the selected map), ``prob`` (p of the explained class), ``baseline_prob``,
+``beta:<pool member>`` (e.g. ``beta:region:scorecam``) and ``metrics/<name>`` if the run
+stored metrics.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "ClassStats",
+    "StoreReader",
+    "StoreStatus",
+    "TopRow",
+    "colorize",
+    "open_reader",
+    "overlay_image",
+]
+
+
+@dataclass
+class StoreStatus:
+    """Where a run stands (from markers and the status array)."""
+
+    store: str
+    num_rows: int
+    num_units: int
+    units_done: int
+    rows_done: int
+    rows_by_status: dict[str, int]
+    complete: bool
+    attrs: dict[str, Any] = field(default_factory=dict)
+    #: finished / in progress (...) / interrupted / incomplete (see ``StoreReader.status``)
+    state: str = ""
+
+    def format(self) -> str:
+        a = self.attrs
+        state = self.state or ("finished" if self.complete else "incomplete")
+        lines = [
+            f"store: {self.store}",
+            f"state: {state}",
+            f"units: {self.units_done} of {self.num_units} done",
+            f"rows:  {self.rows_done} of {self.num_rows} written",
+        ]
+        if self.rows_by_status:
+            lines.append(
+                "rows by status: "
+                + ", ".join(f"{k}={v}" for k, v in sorted(self.rows_by_status.items()))
+            )
+        if a:
+            lines.append(
+                f"model: {a.get('model')} ({a.get('weights')}), layer {a.get('layer')}, "
+                f"image size {a.get('image_size')}, explainer {a.get('explainer', 'unioncam')}"
+            )
+            if a.get("pool"):
+                lines.append("pool: " + ", ".join(a["pool"]))
+            if a.get("manifest"):
+                lines.append(f"manifest: {a['manifest']}")
+        return "\n".join(lines)
+
+
+@dataclass
+class ClassStats:
+    """Per-class aggregates over OK rows."""
+
+    class_index: int
+    count: int
+    mean_beta: float  # β of the selected member
+    mean_prob: float
+    mean_scores: dict[str, float]  # β of each pool member
+    wins: dict[str, int]  # how often each pool member was selected
+
+
+@dataclass(frozen=True)
+class TopRow:
+    row_id: int
+    score: float
+    class_explained: int
+    label: int
+    selected: str
+
+
+def open_reader(store: str, storage_options: dict[str, Any] | None = None) -> StoreReader:
+    """Open a store for queries (read-only)."""
+    return StoreReader(store, storage_options=storage_options)
+
+
+class StoreReader:
+    """Lazy, unit-by-unit access to a pipeline store."""
+
+    def __init__(self, store: str, storage_options: dict[str, Any] | None = None) -> None:
+        from pipeline.store import open_store
+
+        self.path = str(store)
+        self.storage_options = storage_options or None
+        try:
+            self.group = open_store(self.path, mode="r", storage_options=self.storage_options)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            msg = " ".join(str(e).split())
+            raise ValueError(f"cannot open store {self.path}: {msg}") from None
+        self.attrs: dict[str, Any] = _plain(dict(self.group.attrs))
+        if "maps" not in self.group or "status" not in self.group:
+            raise ValueError(
+                f"{self.path} is not a unioncam pipeline store (no maps/status arrays)"
+            )
+        from pipeline.store import LAYOUT_ATTR
+
+        layout = self.attrs.get(LAYOUT_ATTR) or {}
+        self.num_rows = int(self.group["status"].shape[0])
+        # One unit = one chunk of the per-row arrays (the store's layout says so too).
+        self.unit_size = int(layout.get("unit_size") or self.group["status"].chunks[0])
+        self.num_units = -(-self.num_rows // self.unit_size) if self.num_rows else 0
+        self.pool: tuple[str, ...] = tuple(
+            self.group["scores"].attrs.get("pool") or self.attrs.get("pool") or ()
+        )
+        self.map_size = int(self.group["maps"].shape[-1])
+
+    # ------------------------------------------------------------------ basics
+    def done_units(self) -> set[int]:
+        from pipeline.store import done_units
+
+        return set(done_units(self.path, storage_options=self.storage_options))
+
+    def unit_range(self, u: int) -> tuple[int, int]:
+        start = u * self.unit_size
+        return start, min(self.num_rows, start + self.unit_size)
+
+    def iter_units(self, names: Iterable[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Yield (first row, arrays) for every finished unit, one shard at a time."""
+        names = list(names)
+        for u in sorted(self.done_units()):
+            start, stop = self.unit_range(u)
+            yield start, {n: np.asarray(self.group[n][start:stop]) for n in names}
+
+    def score_names(self) -> list[str]:
+        names = ["beta", "prob", "baseline_prob"] + [f"beta:{p}" for p in self.pool]
+        if "metrics" in self.group:
+            names += [f"metrics/{k}" for k in sorted(self.group["metrics"].array_keys())]
+        return names
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> StoreStatus:
+        from pipeline.decode import Status
+
+        done = self.done_units()
+        counts: dict[str, int] = {}
+        rows_done = 0
+        for _start, a in self.iter_units(["status"]):
+            st = a["status"]
+            rows_done += st.shape[0]
+            vals, cnt = np.unique(st, return_counts=True)
+            for v, c in zip(vals.tolist(), cnt.tolist(), strict=True):
+                name = Status(v).name if v in Status._value2member_map_ else str(v)
+                counts[name] = counts.get(name, 0) + int(c)
+        run_state = self._run_state(len(done) == self.num_units)
+        keep = {
+            k: self.attrs.get(k)
+            for k in (
+                "model",
+                "weights",
+                "layer",
+                "image_size",
+                "pool",
+                "manifest",
+                "explainer",
+                "target",
+            )
+            if k in self.attrs
+        }
+        return StoreStatus(
+            store=self.path,
+            num_rows=self.num_rows,
+            num_units=self.num_units,
+            units_done=len(done),
+            rows_done=rows_done,
+            rows_by_status=counts,
+            complete=len(done) == self.num_units,
+            attrs=keep,
+            state=run_state,
+        )
+
+    def _run_state(self, complete: bool) -> str:
+        """finished / in progress / interrupted / incomplete, from the driver's attributes."""
+        import socket
+
+        rs = self.attrs.get("run_state") or {}
+        state = rs.get("state", "")
+        if complete:
+            return "finished"
+        if state == "running":
+            where = f"driver pid {rs.get('pid')} on {rs.get('host')}, since {rs.get('at')}"
+            if rs.get("host") == socket.gethostname() and rs.get("pid"):
+                try:
+                    os.kill(int(rs["pid"]), 0)
+                except ProcessLookupError:
+                    return f"interrupted (the driver, {where}, is gone); rerun to resume"
+                except OSError:
+                    pass
+            return f"in progress ({where})"
+        if state in ("interrupted", "failed", "incomplete"):
+            detail = f": {rs['detail']}" if rs.get("detail") else ""
+            return f"{state}{detail}; rerun the same command to resume"
+        return "incomplete"
+
+    # ------------------------------------------------------------------ statistics
+    def class_stats(self, by: str = "class_explained") -> list[ClassStats]:
+        """Per-class mean β (selected and per member), mean p, and selection counts.
+
+        ``by``: ``class_explained`` (default) or ``label`` (the manifest's labels).
+        """
+        from pipeline.decode import Status
+
+        if by not in ("class_explained", "label", "predicted"):
+            raise ValueError(f"by must be class_explained, label or predicted, got {by!r}")
+        p = len(self.pool)
+        count: dict[int, int] = {}
+        sums: dict[int, np.ndarray] = {}  # [beta_sel, prob, beta_0..beta_p-1]
+        wins: dict[int, np.ndarray] = {}
+        for _start, a in self.iter_units([by, "scores", "selected", "prob", "status"]):
+            ok = a["status"] == int(Status.OK)
+            if not ok.any():
+                continue
+            cls = a[by][ok].astype(np.int64)
+            sc = a["scores"][ok].astype(np.float64)
+            sel = a["selected"][ok].astype(np.int64)
+            prob = a["prob"][ok].astype(np.float64)
+            beta_sel = sc[np.arange(sc.shape[0]), sel] if p else np.zeros(len(cls))
+            for c in np.unique(cls).tolist():
+                m = cls == c
+                row = np.concatenate([[beta_sel[m].sum(), prob[m].sum()], sc[m].sum(0)])
+                sums[c] = sums.get(c, 0) + row
+                wins[c] = wins.get(c, 0) + np.bincount(sel[m], minlength=p)
+                count[c] = count.get(c, 0) + int(m.sum())
+        out = []
+        for c in sorted(count):
+            n = count[c]
+            s = sums[c] / n
+            out.append(
+                ClassStats(
+                    class_index=int(c),
+                    count=n,
+                    mean_beta=float(s[0]),
+                    mean_prob=float(s[1]),
+                    mean_scores={name: float(s[2 + i]) for i, name in enumerate(self.pool)},
+                    wins={name: int(wins[c][i]) for i, name in enumerate(self.pool)},
+                )
+            )
+        return out
+
+    def _score_arrays(self, score: str) -> tuple[list[str], Any]:
+        if score == "beta":
+            return ["scores", "selected"], lambda a: a["scores"][
+                np.arange(len(a["selected"])), np.maximum(a["selected"], 0)
+            ]
+        if score in ("prob", "baseline_prob"):
+            return [score], lambda a: a[score]
+        if score.startswith("beta:"):
+            name = score[5:]
+            if name not in self.pool:
+                raise ValueError(
+                    f"unknown pool member {name!r}; the pool is {', '.join(self.pool)}"
+                )
+            i = self.pool.index(name)
+            return ["scores"], lambda a: a["scores"][:, i]
+        if score.startswith("metrics/") and score in self.group:
+            return [score], lambda a: a[score]
+        raise ValueError(f"unknown score {score!r}; choose from {', '.join(self.score_names())}")
+
+    def top_k(
+        self,
+        score: str = "beta",
+        k: int = 10,
+        *,
+        largest: bool = True,
+        class_index: int | None = None,
+    ) -> list[TopRow]:
+        """The ``k`` OK rows with the largest (or smallest) ``score``; optionally one class."""
+        from pipeline.decode import Status
+
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        names, get = self._score_arrays(score)
+        want = sorted(set(names) | {"status", "class_explained", "label", "selected"})
+        best_ids = np.zeros(0, dtype=np.int64)
+        best_val = np.zeros(0, dtype=np.float64)
+        info: dict[int, tuple[int, int, int]] = {}
+        sign = -1.0 if largest else 1.0
+        for start, a in self.iter_units(want):
+            ok = a["status"] == int(Status.OK)
+            if class_index is not None:
+                ok &= a["class_explained"] == class_index
+            v = np.asarray(get(a), dtype=np.float64)
+            ok &= np.isfinite(v)
+            idx = np.nonzero(ok)[0]
+            if not len(idx):
+                continue
+            ids = np.concatenate([best_ids, start + idx])
+            vals = np.concatenate([best_val, v[idx]])
+            for i in idx.tolist():
+                info[start + i] = (
+                    int(a["class_explained"][i]),
+                    int(a["label"][i]),
+                    int(a["selected"][i]),
+                )
+            order = np.lexsort((ids, sign * vals))[:k]  # stable: ties by row id
+            best_ids, best_val = ids[order], vals[order]
+            info = {int(r): info[int(r)] for r in best_ids}
+        return [
+            TopRow(
+                row_id=int(r),
+                score=float(v),
+                class_explained=info[int(r)][0],
+                label=info[int(r)][1],
+                selected=self.pool[info[int(r)][2]]
+                if 0 <= info[int(r)][2] < len(self.pool)
+                else "",
+            )
+            for r, v in zip(best_ids.tolist(), best_val.tolist(), strict=True)
+        ]
+
+    # ------------------------------------------------------------------ maps
+    def _check_rows(self, row_ids: Iterable[int]) -> list[int]:
+        rows = [int(r) for r in row_ids]
+        for r in rows:
+            if not 0 <= r < self.num_rows:
+                raise ValueError(f"row id {r} is out of range (the store has {self.num_rows} rows)")
+        return rows
+
+    def maps(self, row_ids: Iterable[int]) -> np.ndarray:
+        """Maps of the given rows as float32 ``len x S x S`` (NaN for failed rows)."""
+        rows = self._check_rows(row_ids)
+        if not rows:
+            return np.zeros((0, self.map_size, self.map_size), dtype=np.float32)
+        arr = self.group["maps"]
+        return np.stack([np.asarray(arr[r], dtype=np.float32) for r in rows])
+
+    def row(self, row_id: int) -> dict[str, Any]:
+        """Every per-row field of one row (small arrays; maps excluded)."""
+        from pipeline.decode import Status
+
+        (r,) = self._check_rows([row_id])
+        g = self.group
+        out: dict[str, Any] = {"row_id": r}
+        for name in (
+            "status",
+            "class_explained",
+            "label",
+            "predicted",
+            "prob",
+            "baseline_prob",
+            "selected",
+        ):
+            if name in g:
+                out[name] = np.asarray(g[name][r]).item()
+        out["status_name"] = (
+            Status(out["status"]).name
+            if out["status"] in Status._value2member_map_
+            else str(out["status"])
+        )
+        out["scores"] = np.asarray(g["scores"][r], dtype=np.float64).tolist()
+        out["orig_size"] = tuple(int(v) for v in np.asarray(g["orig_size"][r]))
+        out["crop_box"] = tuple(int(v) for v in np.asarray(g["crop_box"][r]))
+        out["error"] = _as_str(np.asarray(g["error"][r]).item()) if "error" in g else ""
+        sel = out.get("selected", -1)
+        out["selected_name"] = self.pool[sel] if 0 <= sel < len(self.pool) else ""
+        return out
+
+    def mean_maps(
+        self,
+        classes: Iterable[int] | None = None,
+        *,
+        by: str = "class_explained",
+        rows_per_read: int = 256,
+    ) -> dict[int, tuple[np.ndarray, int]]:
+        """Mean map of the OK rows of each class: ``{class: (S x S float32, count)}``.
+
+        Reads only the rows of the requested classes (all classes if ``None``), at most
+        ``rows_per_read`` maps at a time.
+        """
+        from pipeline.decode import Status
+
+        want = None if classes is None else {int(c) for c in classes}
+        sums: dict[int, np.ndarray] = {}
+        counts: dict[int, int] = {}
+        arr = self.group["maps"]
+        for start, a in self.iter_units([by, "status"]):
+            ok = a["status"] == int(Status.OK)
+            cls = a[by]
+            if want is not None:
+                ok &= np.isin(cls, list(want))
+            idx = np.nonzero(ok)[0]
+            for j in range(0, len(idx), rows_per_read):
+                part = idx[j : j + rows_per_read]
+                m = np.asarray(arr.oindex[(start + part).tolist()], dtype=np.float64)
+                for c in np.unique(cls[part]).tolist():
+                    sel = cls[part] == c
+                    sums[c] = sums.get(c, 0) + m[sel].sum(0)
+                    counts[c] = counts.get(c, 0) + int(sel.sum())
+        return {c: ((sums[c] / counts[c]).astype(np.float32), counts[c]) for c in sorted(sums)}
+
+    # ------------------------------------------------------------------ overlays
+    def original_image(self, row_id: int, manifest: str | None = None):
+        """Decode the original image of a row (via the manifest recorded in the store)."""
+        from pipeline.decode import decode_image, read_bytes
+
+        uri = manifest or self.attrs.get("manifest")
+        if not uri:
+            raise ValueError(f"{self.path} records no manifest; pass manifest=")
+        m = self._manifest(uri)
+        try:
+            (r,) = m.get_rows([row_id])
+        except IndexError as e:
+            raise ValueError(f"row id {row_id}: {e}") from None
+        data = (
+            r.data
+            if r.data is not None
+            else read_bytes(r.uri, storage_options=self.storage_options)
+        )
+        return decode_image(data, uri=r.uri)
+
+    def _manifest(self, uri: str):
+        from pipeline.manifest import Manifest
+
+        cached = getattr(self, "_manifest_cache", None)
+        if cached is not None and cached[0] == uri:
+            return cached[1]
+        m = Manifest.open(uri, storage_options=self.storage_options)
+        self._manifest_cache = (uri, m)
+        return m
+
+    def overlay(
+        self, row_id: int, *, alpha: float = 0.5, cmap: str = "jet", manifest: str | None = None
+    ):
+        """The row's map placed on its original image (``PIL.Image``, RGB)."""
+        info = self.row(row_id)
+        if info["status_name"] != "OK":
+            raise ValueError(
+                f"row {row_id} has no map: status {info['status_name']} ({info['error']})"
+            )
+        image = self.original_image(row_id, manifest=manifest)
+        m = self.maps([row_id])[0]
+        return overlay_image(image, m, info["crop_box"], alpha=alpha, cmap=cmap)
+
+    def write_overlays(
+        self,
+        row_ids: Iterable[int],
+        out_dir: str | Path,
+        *,
+        alpha: float = 0.5,
+        cmap: str = "jet",
+        manifest: str | None = None,
+        class_names: list[str] | None = None,
+    ) -> list[Path]:
+        """Write ``row-<id>[-<class>].png`` overlays; rows without a map are skipped."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for r in self._check_rows(row_ids):
+            info = self.row(r)
+            if info["status_name"] != "OK":
+                continue
+            img = self.overlay(r, alpha=alpha, cmap=cmap, manifest=manifest)
+            tag = ""
+            c = info.get("class_explained", -1)
+            if class_names and 0 <= c < len(class_names):
+                tag = (
+                    "-"
+                    + "".join(ch if ch.isalnum() else "_" for ch in class_names[c]).strip("_")[:40]
+                )
+            p = out / f"row-{r:07d}{tag}.png"
+            img.save(p, format="PNG")
+            paths.append(p)
+        return paths
+
+
+# ---------------------------------------------------------------------------------------
+# image helpers
+def colorize(m: np.ndarray, cmap: str = "jet") -> np.ndarray:
+    """A ``H x W`` map in [0,1] -> ``H x W x 3`` uint8 through a matplotlib colormap."""
+    m = np.nan_to_num(np.clip(np.asarray(m, dtype=np.float32), 0.0, 1.0))
+    try:
+        import matplotlib
+
+        rgba = matplotlib.colormaps[cmap](m)
+        return (rgba[..., :3] * 255).round().astype(np.uint8)
+    except Exception:
+        # A simple jet without matplotlib: piecewise-linear R, G, B ramps.
+        r = np.clip(1.5 - np.abs(4 * m - 3), 0, 1)
+        g = np.clip(1.5 - np.abs(4 * m - 2), 0, 1)
+        b = np.clip(1.5 - np.abs(4 * m - 1), 0, 1)
+        return (np.stack([r, g, b], -1) * 255).round().astype(np.uint8)
+
+
+def overlay_image(
+    image,
+    m: np.ndarray,
+    crop_box: tuple[int, int, int, int],
+    *,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+):
+    """Blend a map onto the original image at the crop box the model saw.
+
+    The map covers only the center crop (``crop_box`` in original pixels); it is resized
+    to the box with bilinear interpolation and blended there, the rest of the photo is
+    shown unchanged, so the overlay lines up with the photo as the user knows it.
+    """
+    from PIL import Image
+
+    image = image.convert("RGB")
+    left, top, right, bottom = (int(v) for v in crop_box)
+    w, h = right - left, bottom - top
+    if w <= 0 or h <= 0:
+        raise ValueError(f"empty crop box {crop_box}")
+    m = np.nan_to_num(np.asarray(m, dtype=np.float32))
+    mm = Image.fromarray(m, mode="F").resize((w, h), Image.BILINEAR)
+    heat = Image.fromarray(colorize(np.asarray(mm), cmap=cmap), mode="RGB")
+    region = image.crop((left, top, right, bottom))
+    blended = Image.blend(region, heat, float(alpha))
+    out = image.copy()
+    out.paste(blended, (left, top))
+    return out
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _as_str(v: Any) -> str:
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    return "" if v is None else str(v)
+
+
+def _plain(d: Any) -> Any:
+    """Attributes may come back as zarr/JSON wrappers; make them plain Python."""
+    if isinstance(d, dict):
+        return {k: _plain(v) for k, v in d.items()}
+    if isinstance(d, list | tuple):
+        return [_plain(v) for v in d]
+    return d

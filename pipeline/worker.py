@@ -1,0 +1,506 @@
+"""The Ray actor that explains units: one per GPU (or per ``cpus_per_actor`` CPUs).
+
+Why it looks like this:
+
+* The model is loaded once per actor (``__init__``), never per unit, and the
+  :class:`unioncam.UnionCAM` context is entered once and reused for every batch.
+* Decoding runs in a thread pool while the model runs: PIL's decoders and torch's kernels
+  release the GIL, so batch ``b+1`` (and ``b+2``) are decoded while batch ``b`` is explained.
+* The actor is *threaded* (``max_concurrency=2``) and the driver keeps two units in flight
+  per actor: the explain phase of a unit holds ``_compute_lock``, the shard write does not,
+  so unit ``k+1`` is decoded and explained while unit ``k`` is being written (which matters
+  on object stores, where a shard write takes seconds). Two units never share a shard, so
+  the two threads never write the same Zarr shard.
+* Every unit is written whole, by exactly this actor, with the completion marker last
+  (:func:`pipeline.store.write_unit`). A retried unit recomputes and rewrites the same
+  shard: writes are idempotent, which Ray's at-least-once delivery requires.
+* A bad image never fails a unit: it gets a status and a one-line message, a NaN map and
+  NaN scores; the rest of its batch is explained. A batch the model rejects is split in
+  halves until the offending image is isolated (also the answer to a GPU running out of
+  memory on one large batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import RunConfig
+
+__all__ = [
+    "ExplainWorker",
+    "PoolMismatchError",
+    "UnitContext",
+    "empty_unit_arrays",
+    "quiet_load_model",
+]
+
+
+class PoolMismatchError(RuntimeError):
+    """The method in this actor produces other pool members than the store holds."""
+
+
+@dataclass(frozen=True)
+class UnitContext:
+    """What the driver resolved once and every actor must agree on."""
+
+    manifest: str
+    store: str
+    num_units: int
+    map_size: int
+    pool: tuple[str, ...]
+    components: tuple[str, ...]
+    metrics: tuple[str, ...]
+    layer: str | None
+    image_size: int
+
+
+def empty_unit_arrays(n: int, ctx: UnitContext) -> dict[str, np.ndarray]:
+    """Arrays for ``n`` rows, every row pre-marked as "not explained" (NaN / -1)."""
+    from pipeline.decode import Status
+
+    s = ctx.map_size
+    p = len(ctx.pool)
+    arrays: dict[str, np.ndarray] = {
+        "maps": np.full((n, s, s), np.nan, dtype=np.float16),
+        "scores": np.full((n, p), np.nan, dtype=np.float32),
+        "selected": np.full((n,), -1, dtype=np.int16),
+        "class_explained": np.full((n,), -1, dtype=np.int32),
+        "label": np.full((n,), -1, dtype=np.int32),
+        "predicted": np.full((n,), -1, dtype=np.int32),
+        "prob": np.full((n,), np.nan, dtype=np.float32),
+        "baseline_prob": np.full((n,), np.nan, dtype=np.float32),
+        "orig_size": np.full((n, 2), -1, dtype=np.int32),
+        "crop_box": np.full((n, 4), -1, dtype=np.int32),
+        "status": np.full((n,), int(Status.PENDING), dtype=np.uint8),
+        "error": np.array([""] * n, dtype=object),
+    }
+    for name in ctx.components:
+        arrays[f"components/{name}"] = np.full((n, s, s), np.nan, dtype=np.float16)
+    for name in ctx.metrics:
+        arrays[f"metrics/{name}"] = np.full((n,), np.nan, dtype=np.float32)
+    return arrays
+
+
+def quiet_load_model(model: str, weights: str | None) -> Any:
+    """``unioncam.load_model`` without the model packages' chatter on stdout.
+
+    (efficientnet_lite_pytorch prints "Loaded pretrained weights ..." on every load, which
+    would otherwise appear once per actor in the middle of the progress bar.)
+    """
+    import contextlib
+    import io
+
+    from unioncam import load_model
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return load_model(model, weights=weights)
+
+
+class _Decoded:
+    """One decoded row (or the reason it could not be decoded)."""
+
+    __slots__ = ("tensor", "orig", "box", "status", "message")
+
+    def __init__(self, tensor, orig, box, status, message) -> None:
+        self.tensor = tensor
+        self.orig = orig
+        self.box = box
+        self.status = status
+        self.message = message
+
+
+class ExplainWorker:
+    """Explains whole units and writes them. Wrapped with ``ray.remote`` by the driver.
+
+    Plain class on purpose: the driver decides the resources (``num_gpus``/``num_cpus``)
+    with ``ray.remote(ExplainWorker).options(...)``, and tests/benchmarks can also use it
+    in-process.
+    """
+
+    def __init__(self, config: RunConfig, ctx: UnitContext, cpus: int, actor_index: int = 0):
+        self.config = config
+        self.ctx = ctx
+        self.cpus = max(1, int(cpus))
+        self.actor_index = actor_index
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self._compute_lock = threading.Lock()
+        threads = config.decode_threads or self.cpus
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        self._storage_options = config.storage_options or None
+        self._units_done = 0
+        self._metrics = _WorkerMetrics(actor_index) if config.ray_metrics else None
+
+        from pipeline.manifest import Manifest
+
+        # The driver validated the manifest; an actor only needs its footer.
+        self.manifest = Manifest.open(
+            ctx.manifest, storage_options=self._storage_options, validate=False
+        )
+        if config.explainer == "null":  # no torch, no model: the pipeline's bare overhead
+            self.device = "cpu"
+            self.loaded = None
+            self.cam = None
+            self.preprocess = None
+            return
+
+        import torch
+
+        from unioncam import UnionCAM, UnionCAMConfig
+
+        # Without this torch uses one thread inside a Ray actor (Ray sets
+        # OMP_NUM_THREADS=1 unless num_cpus is given); make it match what we reserved.
+        torch.set_num_threads(self.cpus)
+
+        use_cuda = torch.cuda.is_available() and not config.cpu_only
+        self.device = torch.device("cuda") if use_cuda else torch.device("cpu")
+        self.loaded = quiet_load_model(config.model, config.weights)
+        self.model = self.loaded.model.to(self.device)
+        pre = self.loaded.preprocess
+        if ctx.image_size != pre.crop_size:
+            pre = pre.with_size(ctx.image_size)
+        self.preprocess = pre
+        method = UnionCAMConfig.from_dict(dict(config.method))
+        # Components are a storage option of the run, not a result setting of the method.
+        method = dataclasses.replace(method, return_components=bool(ctx.components))
+        self.cam = UnionCAM(self.model, target_layer=ctx.layer, config=method)
+        self.cam.__enter__()
+
+    # ------------------------------------------------------------------ info
+    def ready(self) -> dict[str, Any]:
+        """Called once by the driver: proves the model loaded; says where we run."""
+        return {
+            "actor": self.actor_index,
+            "host": self.host,
+            "pid": self.pid,
+            "device": str(self.device),
+            "cpus": self.cpus,
+        }
+
+    # ------------------------------------------------------------------ work
+    def process(self, u: int, attempt: int = 0) -> dict[str, Any]:
+        """Explain and write unit ``u``; return a small summary (no arrays)."""
+        from pipeline.decode import Status
+        from pipeline.store import write_unit
+
+        t0 = time.perf_counter()
+        wall0 = time.time()
+        fi = self.config.fault_injection
+        if fi is not None:
+            if fi.unit_delay_s:
+                time.sleep(fi.unit_delay_s)
+            if fi.fail_unit is not None and fi.fail_unit == u:
+                raise RuntimeError(f"injected failure in unit {u} (attempt {attempt})")
+
+        rows = self.manifest.read_unit(u)
+        n = len(rows)
+        arrays = empty_unit_arrays(n, self.ctx)
+        arrays["label"][:] = [(-1 if r.label is None else int(r.label)) for r in rows]
+        t_read = time.perf_counter()
+
+        if self.config.explainer == "null":
+            self._null_fill(arrays)
+            decode_s = compute_s = lock_s = 0.0
+        else:
+            decode_s, compute_s, lock_s = self._explain_rows(u, rows, arrays)
+        t_explained = time.perf_counter()
+
+        write_unit(
+            self.ctx.store,
+            u,
+            arrays,
+            storage_options=self._storage_options,
+            info={
+                "attempt": attempt,
+                "actor": self.actor_index,
+                "explain_seconds": round(t_explained - t0, 3),
+            },
+        )
+        t_end = time.perf_counter()
+
+        status = arrays["status"]
+        counts = {
+            Status(int(k)).name: int(v)
+            for k, v in zip(*np.unique(status, return_counts=True), strict=True)
+        }
+        ok = int((status == int(Status.OK)).sum())
+        self._units_done += 1
+        summary = {
+            "unit": u,
+            "attempt": attempt,
+            "rows": n,
+            "ok": ok,
+            "failed": n - ok,
+            "status_counts": counts,
+            "seconds": t_end - t0,
+            "wall_start": wall0,
+            "wall_end": wall0 + (t_end - t0),
+            "lock_wait_s": lock_s,
+            "read_s": t_read - t0,
+            "decode_wait_s": decode_s,
+            "compute_s": compute_s,
+            "write_s": t_end - t_explained,
+            "actor": self.actor_index,
+            "host": self.host,
+            "pid": self.pid,
+        }
+        if self._metrics is not None:
+            self._metrics.record(summary)
+        return summary
+
+    def _null_fill(self, arrays: dict[str, np.ndarray]) -> None:
+        """The ``null`` explainer: zeros everywhere, status OK (benchmarking only)."""
+        from pipeline.decode import Status
+
+        for name, a in arrays.items():
+            if name in ("label", "error"):
+                continue
+            if name == "status":
+                a[:] = int(Status.OK)
+            else:
+                a[...] = 0
+
+    def _decode(self, row) -> _Decoded:
+        from pipeline.decode import Status, load_row
+
+        try:
+            t, orig, box, status, msg = load_row(row, self.preprocess, self._storage_options)
+        except Exception as e:  # load_row should not raise; never let one row kill a unit
+            return _Decoded(None, (0, 0), (0, 0, 0, 0), Status.READ_ERROR, _one_line(e))
+        return _Decoded(t, orig, box, status, msg)
+
+    def _explain_rows(
+        self, u: int, rows: Sequence, arrays: dict[str, np.ndarray]
+    ) -> tuple[float, float]:
+        """Decode (threads, prefetched) and explain all rows of a unit into ``arrays``."""
+        from pipeline.decode import Status
+
+        bs = self.config.batch_size
+        starts = list(range(0, len(rows), bs))
+        ahead = max(0, self.config.prefetch_batches) + 1
+        pending: deque[tuple[int, list[Future]]] = deque()
+        next_b = 0
+
+        def submit_next() -> None:
+            nonlocal next_b
+            if next_b < len(starts):
+                s = starts[next_b]
+                pending.append((s, [self._pool.submit(self._decode, r) for r in rows[s : s + bs]]))
+                next_b += 1
+
+        # Start decoding before taking the lock: while another unit of this actor is still
+        # being explained, our first batches are already being decoded.
+        for _ in range(ahead):
+            submit_next()
+
+        decode_wait = 0.0
+        compute = 0.0
+        fi = self.config.fault_injection
+        t_lock = time.perf_counter()
+        with self._compute_lock:
+            lock_wait = time.perf_counter() - t_lock
+            batch_no = 0
+            while pending:
+                s, futures = pending.popleft()
+                submit_next()
+                tw = time.perf_counter()
+                decoded = [f.result() for f in futures]
+                tc = time.perf_counter()
+                decode_wait += tc - tw
+                for i, d in enumerate(decoded):
+                    r = s + i
+                    arrays["orig_size"][r] = d.orig
+                    arrays["crop_box"][r] = d.box
+                    arrays["status"][r] = int(d.status)
+                    arrays["error"][r] = d.message or ""
+                ok = [
+                    i
+                    for i, d in enumerate(decoded)
+                    if d.tensor is not None and d.status == Status.OK
+                ]
+                if ok:
+                    self._explain_batch(
+                        [s + i for i in ok], [decoded[i].tensor for i in ok], arrays
+                    )
+                compute += time.perf_counter() - tc
+                batch_no += 1
+                if (
+                    fi is not None
+                    and fi.crash_unit == u
+                    and batch_no == 1
+                    and (fi.crash_once_file is None or not os.path.exists(fi.crash_once_file))
+                ):
+                    if fi.crash_once_file is not None:
+                        with open(fi.crash_once_file, "w") as fh:
+                            fh.write(f"crashed in unit {u}\n")
+                    os._exit(1)
+        return decode_wait, compute, lock_wait
+
+    def _explain_batch(self, idx: list[int], tensors: list, arrays: dict[str, np.ndarray]) -> None:
+        """Explain one batch; on a model error split it to isolate the bad image(s)."""
+        import torch
+
+        from pipeline.decode import Status
+
+        try:
+            x = torch.stack(tensors)
+            if self.device.type == "cuda":
+                x = x.pin_memory().to(self.device, non_blocking=True)
+            targets = None
+            if self.config.target == "label":
+                labels = arrays["label"][idx]
+                targets = [int(v) if v >= 0 else None for v in labels]
+            res = self.cam(x, targets=targets)
+            if tuple(res.pool) != tuple(self.ctx.pool):
+                raise PoolMismatchError(
+                    f"the method's pool {tuple(res.pool)} differs from the store's {self.ctx.pool}"
+                )
+            out = {
+                "maps": res.maps.float().cpu().numpy(),
+                "scores": res.scores.float().cpu().numpy(),
+                "selected": res.selected.cpu().numpy(),
+                "class_explained": res.classes.cpu().numpy(),
+                "prob": res.probs.float().cpu().numpy(),
+                "baseline_prob": res.baseline_probs.float().cpu().numpy(),
+            }
+            if self.config.target == "label":
+                out["predicted"] = self.cam.class_probs(x).argmax(1).cpu().numpy()
+            else:
+                out["predicted"] = out["class_explained"]
+            for name in self.ctx.components:
+                out[f"components/{name}"] = res.components[name].float().cpu().numpy()
+            for name, values in self._metrics_for(x, res).items():
+                out[f"metrics/{name}"] = values
+        except Exception as e:
+            if isinstance(e, PoolMismatchError):
+                raise
+            if len(idx) > 1:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                half = len(idx) // 2
+                self._explain_batch(idx[:half], tensors[:half], arrays)
+                self._explain_batch(idx[half:], tensors[half:], arrays)
+                return
+            arrays["status"][idx[0]] = int(Status.MODEL_ERROR)
+            arrays["error"][idx[0]] = f"model error: {_one_line(e)}"
+            return
+        for name, values in out.items():
+            arrays[name][idx] = values
+
+    def _metrics_for(self, x, res) -> dict[str, np.ndarray]:
+        """Optional faithfulness metrics of the selected maps (extra forwards).
+
+        Costs per image: average drop / increase 1 forward; insertion + deletion
+        ``2 * ceil(S*S / 224)`` forwards (``unioncam.metrics`` defaults).
+        """
+        if not self.ctx.metrics:
+            return {}
+        from unioncam import metrics as M
+
+        want = set(self.ctx.metrics)
+        out: dict[str, np.ndarray] = {}
+        chunk = int(self.config.method.get("chunk_size") or 64)
+        with _hook_paused(self.cam):
+            if want & {"average_drop", "increase"}:
+                drop, inc = M.average_drop_increase(
+                    self.model, x, res.maps, targets=res.classes, chunk_size=chunk
+                )
+                if "average_drop" in want:
+                    out["average_drop"] = drop.float().cpu().numpy()
+                if "increase" in want:
+                    out["increase"] = inc.float().cpu().numpy()
+            if want & {"insertion", "deletion"}:
+                r = M.insertion_deletion(
+                    self.model, x, res.maps, targets=res.classes, chunk_size=chunk
+                )
+                if "insertion" in want:
+                    out["insertion"] = r.insertion.float().cpu().numpy()
+                if "deletion" in want:
+                    out["deletion"] = r.deletion.float().cpu().numpy()
+        return out
+
+    def shutdown(self) -> None:
+        """Release the hook and threads (the driver kills actors anyway)."""
+        if self.cam is not None:
+            self.cam.__exit__(None, None, None)
+            self.cam = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _hook_paused:
+    """Switch the CAM's activation hook off around forwards that are not CAM passes.
+
+    Why: while on, the hook keeps every forward's activation until the next CAM call, so
+    the hundreds of metric forwards of a batch would pile up gigabytes. Uses the library's
+    ``_hook.enabled`` switch (the same one its own masked passes use); a no-op if absent.
+    """
+
+    def __init__(self, cam: Any) -> None:
+        self.hook = getattr(cam, "_hook", None)
+        self.was = getattr(self.hook, "enabled", None)
+
+    def __enter__(self) -> None:
+        if self.hook is not None:
+            self.hook.enabled = False
+
+    def __exit__(self, *exc: object) -> None:
+        if self.hook is not None:
+            self.hook.enabled = self.was
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {msg}" if not msg.startswith(type(e).__name__) else msg
+
+
+class _WorkerMetrics:
+    """Ray metrics exported by each actor (visible in the Ray dashboard / Prometheus)."""
+
+    def __init__(self, actor_index: int) -> None:
+        try:
+            from ray.util.metrics import Counter, Gauge, Histogram
+
+            self.images = Counter(
+                "unioncam_images",
+                description="Images processed, by outcome.",
+                tag_keys=("outcome",),
+            )
+            self.units = Counter("unioncam_units", description="Units written by the actors.")
+            self.rate = Gauge(
+                "unioncam_actor_images_per_second",
+                description="Throughput of the actor's last unit.",
+                tag_keys=("actor",),
+            )
+            self.unit_seconds = Histogram(
+                "unioncam_unit_seconds",
+                description="Wall time per unit in an actor.",
+                boundaries=[0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600],
+            )
+            self.actor = str(actor_index)
+        except Exception:  # metrics must never break a run
+            self.images = None
+
+    def record(self, s: dict[str, Any]) -> None:
+        if self.images is None:
+            return
+        try:
+            self.images.inc(s["ok"], tags={"outcome": "ok"})
+            if s["failed"]:
+                self.images.inc(s["failed"], tags={"outcome": "failed"})
+            self.units.inc(1)
+            if s["seconds"] > 0:
+                self.rate.set(s["rows"] / s["seconds"], tags={"actor": self.actor})
+            self.unit_seconds.observe(s["seconds"])
+        except Exception:
+            pass

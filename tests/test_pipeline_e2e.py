@@ -1,0 +1,410 @@
+"""End-to-end tests of the pipeline's execution layer on a real local Ray cluster.
+
+Everything is real: a Ray cluster (``ray.init(num_cpus=2, num_gpus=2)``: two *logical*
+GPUs, so the one-actor-per-GPU code path is scheduled exactly as on a GPU node while the
+math runs on the CPU), Parquet manifests, Zarr stores on disk (and on moto's S3 server on
+loopback), the real ImageNet JPEGs in ``shared/data/imagenet-sample`` and the real
+pretrained EfficientNet-Lite0. Kept fast by a small configuration: 64 px inputs, UnionCAM
+with Group-CAM (4 groups) as region side, 4-row units so every run has several units.
+"""
+
+from __future__ import annotations
+
+import _thread
+import csv
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+ray = pytest.importorskip("ray")
+torch = pytest.importorskip("torch")
+
+from pipeline.config import FaultInjection, RunConfig  # noqa: E402
+from pipeline.decode import Status, decode_image, load_row, read_bytes  # noqa: E402
+from pipeline.driver import run  # noqa: E402
+from pipeline.manifest import Row, build_from_list  # noqa: E402
+from pipeline.query import open_reader  # noqa: E402
+from pipeline.store import StoreMismatchError, done_units, open_store, read_markers  # noqa: E402
+from unioncam import UnionCAM, UnionCAMConfig, find_target_layer, load_model  # noqa: E402
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+N_IMAGES = 20
+UNIT = 4
+N_UNITS = N_IMAGES // UNIT
+SIZE = 64
+# chunk_size fixed: the library's chunk-size auto-tuning costs more than these tiny runs.
+METHOD = UnionCAMConfig.preset("fast", groups=4, chunk_size=16).to_dict()
+PER_ROW = ("scores", "selected", "class_explained", "prob", "baseline_prob", "status", "label")
+
+
+def _sample_rows(n: int) -> list[tuple[str, int]]:
+    with open(SAMPLE / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return [(str(SAMPLE / r["file"]), int(r["class_index"])) for r in rows[:n]]
+
+
+def make_config(manifest: str | Path, store: str | Path, **kw) -> RunConfig:
+    base = {
+        "manifest": str(manifest),
+        "store": str(store),
+        "method": METHOD,
+        "image_size": SIZE,
+        "batch_size": 3,  # batches straddle nothing and end short: 3 + 1 per unit
+        "progress": False,
+    }
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def read_all(store: str | Path, names=("maps",) + PER_ROW, storage_options=None) -> dict:
+    g = open_store(str(store), storage_options=storage_options)
+    return {n: np.asarray(g[n][:]) for n in names}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    if ray.is_initialized():  # another module's cluster must not leak into this one
+        ray.shutdown()
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    rows = _sample_rows(N_IMAGES)
+    m = build_from_list(rows, tmp / "manifest.parquet", unit_size=UNIT)
+    assert m.num_units == N_UNITS
+    return {"tmp": tmp, "rows": rows, "manifest": tmp / "manifest.parquet"}
+
+
+@pytest.fixture(scope="module")
+def complete(ray_cluster, data):
+    """One full run (GPU code path: one actor per logical GPU), shared by several tests."""
+    store = data["tmp"] / "complete.zarr"
+    summary = run(make_config(data["manifest"], store, ray_metrics=True))
+    return {"store": store, "summary": summary}
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    """The library called directly on the same images with the same preprocessing.
+
+    Decoding + preprocessing go through ``pipeline.decode.load_row`` (the data layer's one
+    definition of "the model's input for this row", tested on its own), so any difference
+    left comes from the execution layer: batching, scheduling, actors, writing.
+    """
+    loaded = load_model("efficientnet-lite0")
+    pre = loaded.preprocess.with_size(SIZE)
+    xs, boxes, sizes = [], [], []
+    for i, (uri, _) in enumerate(data["rows"]):
+        t, size, box, status, _msg = load_row(Row(i, uri, None, None), pre)
+        assert status == Status.OK
+        xs.append(t)
+        sizes.append(size)
+        boxes.append(box)
+        full = decode_image(read_bytes(uri))
+        assert size == (full.height, full.width)
+    with UnionCAM(loaded.model, config=UnionCAMConfig.from_dict(METHOD)) as cam:
+        res = cam(torch.stack(xs))
+    return {
+        "maps": res.maps.numpy(),
+        "scores": res.scores.numpy(),
+        "selected": res.selected.numpy(),
+        "classes": res.classes.numpy(),
+        "probs": res.probs.numpy(),
+        "baseline": res.baseline_probs.numpy(),
+        "pool": res.pool,
+        # what the library picks automatically (the driver records it by name)
+        "layer": str(find_target_layer(loaded.model, torch.zeros(1, 3, SIZE, SIZE))),
+        "sizes": np.array(sizes),
+        "boxes": np.array(boxes),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+def test_end_to_end_every_row_written_and_equal_to_the_library(complete, data, reference):
+    s = complete["summary"]
+    assert s.complete and not s.failed_units and not s.interrupted
+    assert s.units_processed == N_UNITS and s.units_already_done == 0
+    assert (s.images_processed, s.images_ok, s.images_failed) == (N_IMAGES, N_IMAGES, 0)
+    # Two logical GPUs -> two actors with one GPU each; both pulled units.
+    assert len(s.actors) == 2 and sum(a.units for a in s.actors) == N_UNITS
+    assert all(a.units >= 1 for a in s.actors)
+
+    store = complete["store"]
+    assert done_units(str(store)) == set(range(N_UNITS))
+    a = read_all(store)
+    assert (a["status"] == int(Status.OK)).all()
+    np.testing.assert_allclose(a["maps"].astype(np.float32), reference["maps"], atol=2e-3)
+    np.testing.assert_allclose(a["scores"], reference["scores"], atol=1e-4)
+    np.testing.assert_array_equal(a["selected"], reference["selected"])
+    np.testing.assert_array_equal(a["class_explained"], reference["classes"])
+    np.testing.assert_allclose(a["prob"], reference["probs"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a["baseline_prob"], reference["baseline"], rtol=1e-4, atol=1e-7)
+    np.testing.assert_array_equal(a["label"], [lab for _, lab in data["rows"]])
+    g = open_store(str(store))
+    np.testing.assert_array_equal(g["orig_size"][:], reference["sizes"])
+    np.testing.assert_array_equal(g["crop_box"][:], reference["boxes"])
+    np.testing.assert_array_equal(g["predicted"][:], reference["classes"])
+    attrs = dict(g.attrs)
+    assert attrs["pool"] == list(reference["pool"])
+    assert attrs["layer"] == reference["layer"] and attrs["image_size"] == SIZE
+    assert len(attrs["config_fingerprint"]) == 64 and attrs["manifest_fingerprint"]
+    assert attrs["summary"]["complete"] is True
+
+
+def test_xarray_opens_the_store(complete):
+    xr = pytest.importorskip("xarray")
+    ds = xr.open_zarr(str(complete["store"]))
+    assert ds["maps"].dims == ("image", "y", "x")
+    assert ds["scores"].dims == ("image", "pool")
+    assert ds.sizes["image"] == N_IMAGES and ds.sizes["y"] == SIZE
+    one = ds["maps"].isel(image=7).values
+    np.testing.assert_array_equal(one, open_store(str(complete["store"]))["maps"][7])
+
+
+def test_rerun_of_a_finished_store_does_no_work(complete, data):
+    store = complete["store"]
+    marker = store / "markers" / "unit-000000" / "zarr.json"
+    before = marker.stat().st_mtime_ns
+    # Speed-only settings (batch size, actors, chunk size) may change on resume.
+    cfg = make_config(
+        data["manifest"], store, batch_size=5, actors=1, method={**METHOD, "chunk_size": 7}
+    )
+    s = run(cfg)
+    assert s.units_processed == 0 and s.units_already_done == N_UNITS and s.complete
+    assert s.actors_started == 0
+    assert marker.stat().st_mtime_ns == before
+
+
+def test_store_made_with_another_config_or_manifest_is_refused(complete, data, tmp_path):
+    store = complete["store"]
+    with pytest.raises(StoreMismatchError) as e:
+        run(make_config(data["manifest"], store, layer="_blocks.10"))
+    msg = str(e.value)
+    assert "\n" not in msg and "config_fingerprint" in msg and str(store) in msg
+    other = build_from_list(
+        data["rows"][: N_IMAGES - 1], tmp_path / "other.parquet", unit_size=UNIT
+    )
+    with pytest.raises(StoreMismatchError, match="num_rows|manifest_fingerprint"):
+        run(make_config(other.uri, store))
+    # --overwrite replaces it (on a copy, doing one unit only).
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    s = run(
+        make_config(
+            data["manifest"], copy, layer="_blocks.10", overwrite=True, max_units=1, actors=1
+        )
+    )
+    assert s.units_already_done == 0 and s.units_processed == 1
+    assert done_units(str(copy)) == {0}
+    assert open_store(str(copy)).attrs["layer"] == "_blocks.10"
+
+
+def test_dead_actor_is_replaced_and_failing_unit_reported_then_rerun_finishes(
+    complete, data, tmp_path
+):
+    """One run, two faults: the actor dies (``os._exit``) in the middle of unit 2 on its
+    first attempt only, and unit 4 raises on every attempt."""
+    flag = tmp_path / "crashed-once"
+    store = tmp_path / "faults.zarr"
+    fi = FaultInjection(crash_unit=2, crash_once_file=str(flag), fail_unit=4)
+    s = run(make_config(data["manifest"], store, fault_injection=fi, max_retries=1, actors=1))
+    assert flag.exists(), "the crash was not injected"
+    # The dead actor was replaced and unit 2 retried; unit 4 is reported, not dropped.
+    assert s.actors_replaced == 1 and s.actors_started == 2 and any(a.died for a in s.actors)
+    assert list(s.failed_units) == [4]
+    assert "injected failure in unit 4" in s.failed_units[4]
+    assert "after 2 attempts" in s.failed_units[4]
+    assert not s.complete and s.units_processed == N_UNITS - 1
+    assert "FAILED unit 4" in s.format() and "resumable" in s.format()
+    markers = read_markers(str(store))
+    assert sorted(markers) == [0, 1, 2, 3]
+    assert markers[2]["attempt"] == 1
+    status = open_store(str(store))["status"][:]
+    assert (status[4 * UNIT :] == int(Status.PENDING)).all()
+    assert open_reader(str(store)).status().state.startswith("incomplete: 1 failed units")
+    # Once the cause is gone, the same command finishes exactly the missing unit.
+    s2 = run(make_config(data["manifest"], store, actors=1))
+    assert s2.units_processed == 1 and s2.units_already_done == N_UNITS - 1 and s2.complete
+    # Nothing duplicated or lost: same rows, same numbers as the undisturbed run.
+    a, b = read_all(store), read_all(complete["store"])
+    assert (a["status"] == int(Status.OK)).all()
+    for name in b:
+        np.testing.assert_allclose(
+            a[name].astype(np.float64), b[name].astype(np.float64), atol=2e-3, err_msg=name
+        )
+
+
+def test_ctrl_c_leaves_a_store_that_a_rerun_completes_and_a_finished_rerun_does_nothing(
+    data, ray_cluster, tmp_path, capsys
+):
+    """Ctrl-C (``KeyboardInterrupt`` in the driver's main thread) kills the actors and
+    leaves a store the same command completes; a rerun of the finished store does no work.
+    (The other kind of interrupted run, a ``max_units`` limit, is covered above.)"""
+    store = tmp_path / "ctrlc.zarr"
+    slow = FaultInjection(unit_delay_s=1.0)
+    stop = threading.Event()
+    seen: list[str] = []
+
+    def press_ctrl_c_after_first_marker() -> None:
+        mdir = store / "markers"
+        while not stop.is_set():
+            if mdir.is_dir() and any(p.name.startswith("unit-") for p in mdir.iterdir()):
+                seen.append(open_reader(str(store)).status().state)
+                _thread.interrupt_main()  # what Ctrl-C does to the main thread
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=press_ctrl_c_after_first_marker, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(make_config(data["manifest"], store, fault_injection=slow, progress=True, actors=1))
+    finally:
+        stop.set()
+        t.join(5)
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "rerun the same command to resume" in err
+    assert "img/s" in err or "img]" in err  # the progress bar was drawn
+    done = done_units(str(store))
+    assert 1 <= len(done) <= N_UNITS - 2
+    assert seen and seen[0].startswith("in progress (driver pid")
+    assert open_reader(str(store)).status().state.startswith("interrupted")
+    s2 = run(make_config(data["manifest"], store, actors=1))
+    assert s2.complete and s2.units_processed == N_UNITS - len(done)
+    assert s2.units_already_done == len(done)
+    s3 = run(make_config(data["manifest"], store))
+    assert s3.units_processed == 0 and s3.complete and s3.actors_started == 0
+    np.testing.assert_array_equal(open_store(str(store))["status"][:], int(Status.OK))
+
+
+def test_bad_images_are_recorded_and_the_rest_is_written(ray_cluster, tmp_path):
+    from PIL import Image
+
+    good = _sample_rows(3)
+    src = good[0][0]
+    raw = Path(src).read_bytes()
+    d = tmp_path / "imgs"
+    d.mkdir()
+    (d / "truncated.jpg").write_bytes(raw[: len(raw) // 2])
+    (d / "empty.jpg").write_bytes(b"")
+    rng = np.random.default_rng(0)
+    (d / "corrupt.jpg").write_bytes(
+        raw[:200] + rng.integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    )
+    (d / "text.jpg").write_bytes(b"this is not an image\n" * 20)
+    Image.open(src).convert("CMYK").save(d / "cmyk.jpg", quality=90)
+    Image.open(src).convert("L").save(d / "gray_png.JPEG", format="PNG")  # a PNG named .JPEG
+    entries = [
+        (good[0][0], good[0][1]),
+        (str(d / "truncated.jpg"), 0),
+        (str(d / "empty.jpg"), 0),
+        (good[1][0], good[1][1]),
+        (str(d / "corrupt.jpg"), 0),
+        (str(d / "missing.jpg"), 0),
+        (str(d / "cmyk.jpg"), 0),
+        (str(d / "text.jpg"), 0),
+        (str(d / "gray_png.JPEG"), 0),
+        (good[2][0], good[2][1]),
+    ]
+    expected = [Status.OK, Status.TRUNCATED, Status.EMPTY, Status.OK, Status.CORRUPT,
+                Status.MISSING, Status.OK, Status.UNSUPPORTED, Status.OK, Status.OK]  # fmt: skip
+    m = build_from_list(entries, tmp_path / "bad.parquet", unit_size=UNIT)
+    store = tmp_path / "bad.zarr"
+    # CPU-only code path: actors ask for CPUs, no GPU.
+    s = run(make_config(m.uri, store, cpu_only=True, actors=1, cpus_per_actor=2))
+    assert s.complete and not s.failed_units
+    assert s.actors[0].cpus == 2 and s.actors[0].device == "cpu"
+    assert s.images_failed == 5 and s.images_ok == 5
+    assert s.status_counts["OK"] == 5 and s.status_counts["MISSING"] == 1
+    g = open_store(str(store))
+    status = g["status"][:]
+    assert [Status(v) for v in status] == expected
+    errors = g["error"][:]
+    maps = g["maps"][:]
+    for i, st in enumerate(expected):
+        if st == Status.OK:
+            assert errors[i] == "" and np.isfinite(maps[i]).all()
+        else:
+            name = Path(entries[i][0]).name
+            assert name in errors[i] and "\n" not in errors[i], errors[i]
+            assert np.isnan(maps[i]).all() and np.isnan(g["scores"][i]).all()
+            assert g["selected"][i] == -1
+    assert "failed images by status" in s.format()
+
+
+def test_s3_end_to_end_manifest_images_and_store_on_s3(ray_cluster, data, reference):
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    from s3server import S3Server
+
+    n = 8
+    with S3Server() as s3:
+        so = s3.storage_options
+        bucket = s3.make_bucket()
+        fs = s3.filesystem()
+        entries = []
+        for uri, label in data["rows"][:n]:
+            key = f"{bucket}/images/{Path(uri).name}"
+            fs.put_file(uri, key)
+            entries.append((key, label))
+        m = build_from_list(
+            entries, f"{bucket}/manifest.parquet", unit_size=UNIT, storage_options=so
+        )
+        store = f"{bucket}/out/store.zarr"
+        s = run(make_config(m.uri, store, storage_options=so, actors=1))
+        assert s.complete and s.units_processed == n // UNIT and s.images_ok == n
+        assert done_units(store, storage_options=so) == {0, 1}
+        a = read_all(store, storage_options=so)
+        np.testing.assert_allclose(a["maps"].astype(np.float32), reference["maps"][:n], atol=2e-3)
+        np.testing.assert_array_equal(a["selected"], reference["selected"][:n])
+        # Provenance has the storage option *names* only, never their values.
+        root = json.loads(fs.cat_file(f"{store}/zarr.json"))
+        cfg = root["attributes"]["config"]
+        assert cfg["storage_options"] == sorted(so)
+        assert s3.endpoint_url not in json.dumps(root)
+        r = open_reader(store, storage_options=so)
+        assert r.status().complete
+        top = r.top_k("prob", 3)
+        assert len(top) == 3 and top[0].score == pytest.approx(float(np.nanmax(a["prob"])))
+        again = run(make_config(m.uri, store, storage_options=so))
+        assert again.units_processed == 0 and again.complete
+
+
+def test_components_metrics_and_label_targets(data, ray_cluster, reference, tmp_path):
+    """Optional extras: every pool member's map, faithfulness metrics, explaining the label."""
+    m = build_from_list(data["rows"][:UNIT], tmp_path / "m4.parquet", unit_size=UNIT)
+    store = tmp_path / "extras.zarr"
+    metrics = ("average_drop", "increase", "insertion", "deletion")
+    s = run(make_config(m.uri, store, components=True, metrics=metrics, target="label", actors=1))
+    assert s.complete and s.images_ok == UNIT
+    g = open_store(str(store))
+    labels = np.array([lab for _, lab in data["rows"][:UNIT]])
+    assert (labels != reference["classes"][:UNIT]).any()  # else the next check is vacuous
+    np.testing.assert_array_equal(g["class_explained"][:], labels)
+    np.testing.assert_array_equal(g["label"][:], labels)
+    pool = list(g["scores"].attrs["pool"])
+    names = {arr.attrs["name"]: arr for _, arr in g["components"].arrays()}
+    assert set(pool) <= set(names) and "gradient:denoised" in names
+    maps = g["maps"][:]
+    for i, sel in enumerate(g["selected"][:]):
+        np.testing.assert_array_equal(names[pool[sel]][i], maps[i])  # the selected member
+    drop = g["metrics/average_drop"][:]
+    assert ((drop >= 0) & (drop <= 1)).all()
+    assert set(np.unique(g["metrics/increase"][:]).tolist()) <= {0.0, 1.0}
+    for k in ("insertion", "deletion"):
+        v = g[f"metrics/{k}"][:]
+        assert np.isfinite(v).all() and ((v >= 0) & (v <= 1)).all()
+    # The prediction is still recorded separately: the model's argmax on the same input.
+    np.testing.assert_array_equal(g["predicted"][:], reference["classes"][:UNIT])

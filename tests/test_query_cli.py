@@ -1,0 +1,334 @@
+"""Query API and ``unioncam`` CLI on a real store made by a real run.
+
+The store is built once per module through the CLI itself (``unioncam manifest`` then
+``unioncam run`` in-process, on this module's local Ray cluster): 11 real ImageNet JPEGs and
+one corrupt file, 4-row units. The query results are checked against brute-force numpy over
+the raw Zarr arrays (fine at this size; the API itself reads unit by unit).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+ray = pytest.importorskip("ray")
+
+from pipeline.cli import load_class_names, main  # noqa: E402
+from pipeline.decode import Status, decode_image, read_bytes  # noqa: E402
+from pipeline.manifest import Manifest  # noqa: E402
+from pipeline.query import open_reader, overlay_image  # noqa: E402
+from pipeline.store import open_store  # noqa: E402
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+REPO = Path(__file__).resolve().parents[1]
+N_GOOD = 11
+BAD_ROW = 5
+RUN_ARGS = [
+    "--cpu", "--cpus-per-actor", "1", "--actors", "2", "--preset", "fast", "--groups", "4",
+    "--chunk-size", "16", "--image-size", "64", "--batch-size", "4", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    if ray.is_initialized():  # another module's cluster must not leak into this one
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def made(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("query")
+    with open(SAMPLE / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))[:N_GOOD]
+    (tmp / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)
+    entries = [(str(SAMPLE / r["file"]), r["class_index"]) for r in rows]
+    entries.insert(BAD_ROW, (str(tmp / "broken.jpg"), "0"))
+    with open(tmp / "list.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["uri", "label"])
+        w.writerows(entries)
+    manifest, store = tmp / "m.parquet", tmp / "s.zarr"
+    assert main(["manifest", str(tmp / "list.csv"), str(manifest), "--unit-size", "4"]) == 0
+    assert main(["run", str(manifest), str(store), *RUN_ARGS]) == 0
+    g = open_store(str(store))
+    raw = {n: np.asarray(g[n][:]) for n in ("maps", "scores", "selected", "prob", "status",
+                                              "class_explained", "label", "crop_box")}  # fmt: skip
+    return {"tmp": tmp, "store": store, "manifest": manifest, "entries": entries, "raw": raw,
+            "pool": tuple(g["scores"].attrs["pool"])}  # fmt: skip
+
+
+def _ok(raw) -> np.ndarray:
+    return raw["status"] == int(Status.OK)
+
+
+# ---------------------------------------------------------------------------------------
+# CLI surface: help and one-line errors
+def test_console_script_help_is_fast_and_lists_commands():
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True,
+        cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0
+    for cmd in ("manifest", "run", "status", "query", "export", "demo"):
+        assert cmd in out.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["manifest"], ["run"], ["status"], ["query"], ["query", "S", "top"], ["query", "S", "maps"],
+     ["query", "S", "classes"], ["query", "S", "mean"], ["export"], ["demo"]],
+)  # fmt: skip
+def test_every_command_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    assert "usage: unioncam" in capsys.readouterr().out
+
+
+def _one_line_error(argv, capsys) -> str:
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse usage errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_errors_are_one_line_with_exit_code_2(made, tmp_path, capsys):
+    m, store = str(made["manifest"]), str(made["store"])
+    assert "no unioncam store" in _one_line_error(["status", str(tmp_path / "nope.zarr")], capsys)
+    assert "nope.parquet" in _one_line_error(
+        ["run", str(tmp_path / "nope.parquet"), "x.zarr"], capsys
+    )
+    line = _one_line_error(
+        ["run", m, str(tmp_path / "o.zarr"), "--layer", "no_such_layer", *RUN_ARGS], capsys
+    )
+    assert "no_such_layer" in line and "layer" in line
+    line = _one_line_error(["run", m, str(tmp_path / "o.zarr"), "--preset", "nope"], capsys)
+    assert "preset" in line and "nope" in line
+    line = _one_line_error(["run", m, str(tmp_path / "o.zarr"), "--batch-size", "0"], capsys)
+    assert "batch_size" in line
+    line = _one_line_error(["run", m, str(tmp_path / "o.zarr"), "--model", "no_such_model"], capsys)
+    assert "no_such_model" in line
+    assert "score" in _one_line_error(["query", store, "top", "--by", "nonsense"], capsys)
+    assert "row id 999" in _one_line_error(
+        ["query", store, "maps", "--rows", "999", "--out", str(tmp_path)], capsys
+    )
+    assert "--bogus" in _one_line_error(["run", m, store, "--bogus"], capsys)
+    assert "invalid int" in _one_line_error(["query", store, "top", "-k", "x"], capsys)
+    assert "nope" in _one_line_error(
+        ["manifest", str(tmp_path / "nope"), str(tmp_path / "m.parquet")], capsys
+    )
+    # A store made with other settings: refused with the reason, no traceback.
+    line = _one_line_error(
+        ["run", m, store, *RUN_ARGS[:-5], "--image-size", "96", "--no-progress"], capsys
+    )
+    assert "different run" in line and "overwrite" in line
+
+
+def test_one_line_error_in_a_real_subprocess(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "status", str(tmp_path / "missing.zarr")],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "missing.zarr" in out.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# status, stats, top-k
+def test_status_api_and_cli(made, capsys):
+    st = open_reader(str(made["store"])).status()
+    assert st.complete and st.units_done == st.num_units == 3 and st.state == "finished"
+    assert st.rows_by_status == {"OK": N_GOOD, "CORRUPT": 1}
+    assert main(["status", str(made["store"])]) == 0
+    out = capsys.readouterr().out
+    assert "state: finished" in out and "3 of 3" in out and "CORRUPT=1" in out
+    assert main(["status", str(made["store"]), "--json"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert js["complete"] is True and js["rows_by_status"]["OK"] == N_GOOD
+
+
+def test_class_stats_match_brute_force(made, capsys):
+    raw, pool = made["raw"], made["pool"]
+    stats = open_reader(str(made["store"])).class_stats()
+    ok = _ok(raw)
+    assert sum(s.count for s in stats) == ok.sum()
+    for s in stats:
+        m = ok & (raw["class_explained"] == s.class_index)
+        assert s.count == m.sum()
+        sel = raw["selected"][m].astype(int)
+        beta = raw["scores"][m][np.arange(m.sum()), sel]
+        assert s.mean_beta == pytest.approx(float(beta.mean()), rel=1e-5)
+        assert s.mean_prob == pytest.approx(float(raw["prob"][m].mean()), rel=1e-5)
+        assert sum(s.wins.values()) == s.count
+        assert s.wins[pool[0]] == int((sel == 0).sum())
+    by_label = open_reader(str(made["store"])).class_stats(by="label")
+    assert {s.class_index for s in by_label} == set(raw["label"][ok].tolist())
+    assert main(["query", str(made["store"]), "classes"]) == 0
+    out = capsys.readouterr().out
+    names = load_class_names()
+    assert names[stats[0].class_index][:20] in out
+
+
+@pytest.mark.parametrize("score", ["beta", "prob", "baseline_prob", "beta:region:groupcam"])
+def test_top_and_bottom_k_match_brute_force(made, score):
+    raw = made["raw"]
+    r = open_reader(str(made["store"]))
+    g = open_store(str(made["store"]))
+    if score == "beta":
+        v = raw["scores"][np.arange(len(raw["selected"])), np.maximum(raw["selected"], 0)]
+    elif score.startswith("beta:"):
+        v = raw["scores"][:, made["pool"].index(score[5:])]
+    else:
+        v = np.asarray(g[score][:])
+    ok = np.nonzero(_ok(raw))[0]
+    for largest in (True, False):
+        got = r.top_k(score, 4, largest=largest)
+        order = ok[np.argsort(-v[ok] if largest else v[ok], kind="stable")][:4]
+        assert [x.row_id for x in got] == order.tolist()
+        np.testing.assert_allclose([x.score for x in got], v[order], rtol=1e-6)
+        assert BAD_ROW not in [x.row_id for x in got]
+    c = int(raw["class_explained"][ok[0]])
+    assert all(x.class_explained == c for x in r.top_k(score, 5, class_index=c))
+
+
+def test_top_cli_prints_rows(made, capsys):
+    assert main(["query", str(made["store"]), "top", "--by", "prob", "-k", "3", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 3 and rows[0]["score"] >= rows[1]["score"] >= rows[2]["score"]
+
+
+# ---------------------------------------------------------------------------------------
+# maps, overlays, mean maps, export
+def test_maps_and_overlays(made, tmp_path, capsys):
+    from PIL import Image
+
+    raw = made["raw"]
+    r = open_reader(str(made["store"]))
+    rows = [0, 7, BAD_ROW]
+    maps = r.maps(rows)
+    assert maps.dtype == np.float32 and maps.shape == (3, 64, 64)
+    np.testing.assert_array_equal(maps[:2], raw["maps"][[0, 7]].astype(np.float32))
+    assert np.isnan(maps[2]).all()
+    out = tmp_path / "ov"
+    assert main(["query", str(made["store"]), "maps", "--rows", "0,7,5", "--overlay", "--npy",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert "skipped 1 rows" in capsys.readouterr().out
+    pngs = sorted(out.glob("row-*.png"))
+    assert [p.name[:11] for p in pngs] == ["row-0000000", "row-0000007"]
+    np.testing.assert_array_equal(np.load(out / "maps.npy")[:2], maps[:2])
+    for p, row in zip(pngs, (0, 7), strict=True):
+        orig = decode_image(read_bytes(made["entries"][row][0]))
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size == orig.size and im.mode == "RGB"
+            ov = np.asarray(im)
+        left, top, right, bottom = raw["crop_box"][row]
+        o = np.asarray(orig)
+        # Outside the crop the photo is unchanged; inside it the heat map is blended in.
+        if left > 0:
+            np.testing.assert_array_equal(ov[:, :left], o[:, :left])
+        if top > 0:
+            np.testing.assert_array_equal(ov[:top], o[:top])
+        assert np.abs(ov[top:bottom, left:right].astype(int) - o[top:bottom, left:right]).mean() > 5
+    # The overlay equals the documented recipe on the original image.
+    expect = overlay_image(
+        decode_image(read_bytes(made["entries"][0][0])), maps[0], tuple(raw["crop_box"][0])
+    )
+    np.testing.assert_array_equal(np.asarray(r.overlay(0)), np.asarray(expect))
+    with pytest.raises(ValueError, match="row 5 has no map: status CORRUPT"):
+        r.overlay(BAD_ROW)
+
+
+def test_mean_maps_match_brute_force(made, tmp_path):
+    raw = made["raw"]
+    r = open_reader(str(made["store"]))
+    ok = _ok(raw)
+    classes = sorted(set(raw["class_explained"][ok].tolist()))
+    means = r.mean_maps(classes[:2], rows_per_read=2)
+    assert sorted(means) == classes[:2]
+    for c, (m, n) in means.items():
+        sel = ok & (raw["class_explained"] == c)
+        assert n == sel.sum()
+        np.testing.assert_allclose(m, raw["maps"][sel].astype(np.float64).mean(0), atol=1e-6)
+    assert (
+        main(
+            [
+                "query",
+                str(made["store"]),
+                "mean",
+                "--classes",
+                str(classes[0]),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / f"mean-class-{classes[0]:04d}.png").is_file()
+
+
+def test_export_csv_and_overlays(made, tmp_path, capsys):
+    path = tmp_path / "scores.csv"
+    assert (
+        main(
+            [
+                "export",
+                str(made["store"]),
+                "--csv",
+                str(path),
+                "--overlays",
+                str(tmp_path / "png"),
+                "--limit",
+                "3",
+            ]
+        )
+        == 0
+    )
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == N_GOOD + 1
+    assert rows[BAD_ROW]["status"] == "CORRUPT" and "broken.jpg" in rows[BAD_ROW]["error"]
+    assert rows[0]["status"] == "OK" and rows[0]["selected"] in made["pool"]
+    assert float(rows[0][f"beta:{made['pool'][0]}"]) == pytest.approx(
+        float(made["raw"]["scores"][0, 0]), rel=1e-5
+    )
+    assert len(list((tmp_path / "png").glob("*.png"))) == 3
+    _one_line_error(["export", str(made["store"])], capsys)
+
+
+def test_demo_runs_offline_on_bundled_photos(ray_cluster, tmp_path, capsys):
+    """The README's first command, at 64 px so it stays quick in the suite."""
+    from pipeline.demo import DEMO_IMAGES, run_demo
+
+    assert run_demo(out=tmp_path / "demo", image_size=64) == 0
+    out = capsys.readouterr().out
+    r = open_reader(str(tmp_path / "demo" / "store.zarr"))
+    st = r.status()
+    assert st.complete and st.rows_by_status == {"OK": len(DEMO_IMAGES)}
+    names = load_class_names()
+    m = Manifest.open(str(tmp_path / "demo" / "manifest.parquet"))
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.split()}
+    for row in (r for u in range(m.num_units) for r in m.read_unit(u)):
+        stem = Path(row.uri).stem
+        assert stem in DEMO_IMAGES
+        # Each image's line names the class explained for *that* image's row.
+        assert names[r.row(row.row_id)["class_explained"]][:26] in lines[stem]
+    assert len(list((tmp_path / "demo" / "overlays").glob("*.png"))) == len(DEMO_IMAGES)
