@@ -206,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--metrics", help=f"per-image metrics to store, comma separated ({', '.join(METRICS)})"
     )
+    g.add_argument(
+        "--metrics-all-members",
+        action="store_true",
+        help="also score every pool member's map (insertion/deletion metrics)",
+    )
+    g.add_argument(
+        "--metric-step",
+        type=int,
+        default=224,
+        help="RISE pixels per insertion/deletion step (default 224)",
+    )
     g = p.add_argument_group("execution")
     g.add_argument(
         "--batch-size", type=int, default=32, help="images per UnionCAM call (default 32)"
@@ -317,6 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cmap", default="jet")
     _add_storage(p)
 
+    # report ---------------------------------------------------------------------------
+    from pipeline.report import add_report_arguments
+
+    p = sub.add_parser(
+        "report",
+        help="faithfulness report (Markdown + PNGs) from a store or an image folder",
+        description="Mean insertion, deletion and insertion - deletion per method with "
+        "bootstrap CIs, paired differences to UnionCAM, mean curves, pool-member selection "
+        "frequency and a gallery. --store summarises a run's stored metrics; --images "
+        "computes UnionCAM, Grad-CAM, Grad-CAM++, Score-CAM, Group-CAM, L_den and L_fused "
+        "on the fly (checkpointed; rerun to resume).",
+    )
+    add_report_arguments(p)
+
     # demo -----------------------------------------------------------------------------
     p = sub.add_parser(
         "demo",
@@ -390,6 +415,8 @@ def _config_from_args(a: argparse.Namespace):
         explainer=a.explainer,
         components=a.components,
         metrics=metrics,
+        metrics_all_members=a.metrics_all_members,
+        metric_step=a.metric_step,
         batch_size=a.batch_size,
         actors=a.actors,
         cpu_only=a.cpu,
@@ -435,17 +462,21 @@ def _cmd_query(a: argparse.Namespace) -> int:
     names = load_class_names()
     if a.what == "classes":
         stats = sorted(r.class_stats(by=a.by), key=lambda s: (-s.count, s.class_index))
+        stored = {k for s in stats for k in s.mean_metrics}
+        shown = [k for k in ("insertion", "deletion", "ins_minus_del") if k in stored]
         if a.limit:
             stats = stats[: a.limit]
         if a.json:
             print(json.dumps([s.__dict__ for s in stats], indent=1))
             return 0
-        print(f"{'class':>5}  {'name':<28} {'n':>6} {'beta':>7} {'prob':>6}  wins")
+        head = "".join(f" {k[:13]:>13}" for k in shown)
+        print(f"{'class':>5}  {'name':<28} {'n':>6} {'beta':>7} {'prob':>6}{head}  wins")
         for s in stats:
             wins = ", ".join(f"{k}={v}" for k, v in s.wins.items())
+            cells = "".join(f" {s.mean_metrics.get(k, float('nan')):>13.4f}" for k in shown)
             print(
                 f"{s.class_index:>5}  {_class_name(names, s.class_index)[:28]:<28} {s.count:>6} "
-                f"{s.mean_beta:>7.4f} {s.mean_prob:>6.3f}  {wins}"
+                f"{s.mean_beta:>7.4f} {s.mean_prob:>6.3f}{cells}  {wins}"
             )
         return 0
     if a.what == "top":
@@ -592,6 +623,12 @@ def _fmt(v: Any) -> str:
     return "" if math.isnan(v) else f"{v:.6g}"
 
 
+def _cmd_report(a: argparse.Namespace) -> int:
+    from pipeline.report import report_command
+
+    return report_command(a)
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
@@ -606,6 +643,7 @@ COMMANDS = {
     "status": _cmd_status,
     "query": _cmd_query,
     "export": _cmd_export,
+    "report": _cmd_report,
     "demo": _cmd_demo,
 }
 

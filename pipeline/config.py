@@ -45,7 +45,7 @@ TARGETS = ("predicted", "label")
 
 #: Optional per-image faithfulness metrics of the selected map, stored as
 #: ``metrics/<name>`` (computed with :mod:`unioncam.metrics`; each costs extra forwards).
-METRICS = ("average_drop", "increase", "insertion", "deletion")
+METRICS = ("average_drop", "increase", "insertion", "deletion", "ins_minus_del")
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,11 @@ class RunConfig:
     #: map storage.
     components: bool = False
     metrics: tuple[str, ...] = ()
+    #: Also score every pool member's map (``metrics/<metric>@<member>``, see
+    #: :func:`pipeline.evaluate.store_metric_names`); needs an insertion/deletion metric.
+    metrics_all_members: bool = False
+    #: RISE pixels per insertion/deletion step (224 at 224 px = 224 steps, the default).
+    metric_step: int = 224
     # --- how it is computed -------------------------------------------------------
     batch_size: int = 32
     #: Number of actors; ``None``: one per GPU in the cluster (CPU-only: CPUs // cpus_per_actor).
@@ -167,6 +172,15 @@ class RunConfig:
                 raise ValueError(f"unknown metric {m!r}; choose from {', '.join(METRICS)}")
         if len(set(self.metrics)) != len(self.metrics):
             raise ValueError(f"metrics must not repeat, got {self.metrics!r}")
+        pos("metric_step", self.metric_step)
+        if self.metrics_all_members and not set(self.metrics) & {
+            "insertion",
+            "deletion",
+            "ins_minus_del",
+        }:
+            raise ValueError(
+                "metrics_all_members needs insertion, deletion or ins_minus_del in metrics"
+            )
         if self.storage_options is not None and not isinstance(self.storage_options, dict):
             raise ValueError("storage_options must be a dict of fsspec options")
 
@@ -188,6 +202,9 @@ class RunConfig:
             "explainer": self.explainer,
             "components": bool(self.components),
             "metrics": list(self.metrics),
+            # Only when not the default, so stores made before these options still resume.
+            **({"metrics_all_members": True} if self.metrics_all_members else {}),
+            **({"metric_step": self.metric_step} if self.metric_step != 224 else {}),
         }
 
     def fingerprint(self) -> str:

@@ -302,6 +302,7 @@ def run(config: RunConfig) -> RunSummary:
     Raises ``ValueError`` (one line) for bad settings, manifests or mismatching stores,
     ``KeyboardInterrupt`` after a clean stop on Ctrl-C.
     """
+    from pipeline.evaluate import store_metric_names
     from pipeline.manifest import Manifest
     from pipeline.store import create_store, done_units
 
@@ -321,7 +322,7 @@ def run(config: RunConfig) -> RunSummary:
         map_size=resolved.map_size,
         pool=resolved.pool,
         components=resolved.components,
-        metrics=tuple(cfg.metrics),
+        metrics=store_metric_names(cfg.metrics, resolved.pool, cfg.metrics_all_members),
         attrs=attrs,
         overwrite=cfg.overwrite,
         storage_options=so,
@@ -350,7 +351,7 @@ def run(config: RunConfig) -> RunSummary:
         map_size=resolved.map_size,
         pool=resolved.pool,
         components=resolved.components,
-        metrics=tuple(cfg.metrics),
+        metrics=store_metric_names(cfg.metrics, resolved.pool, cfg.metrics_all_members),
         layer=cfg.layer,
         image_size=resolved.map_size,
     )

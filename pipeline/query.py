@@ -86,6 +86,7 @@ class ClassStats:
     mean_prob: float
     mean_scores: dict[str, float]  # β of each pool member
     wins: dict[str, int]  # how often each pool member was selected
+    mean_metrics: dict[str, float] = field(default_factory=dict)  # metrics/<name>, NaN-skipping
 
 
 @dataclass(frozen=True)
@@ -232,13 +233,25 @@ class StoreReader:
         if by not in ("class_explained", "label", "predicted"):
             raise ValueError(f"by must be class_explained, label or predicted, got {by!r}")
         p = len(self.pool)
+        metric_arrays = self._metric_arrays()
+        msum: dict[int, dict[str, float]] = {}
+        mcount: dict[int, dict[str, int]] = {}
         count: dict[int, int] = {}
         sums: dict[int, np.ndarray] = {}  # [beta_sel, prob, beta_0..beta_p-1]
         wins: dict[int, np.ndarray] = {}
-        for _start, a in self.iter_units([by, "scores", "selected", "prob", "status"]):
+        want = [by, "scores", "selected", "prob", "status", *metric_arrays.values()]
+        for _start, a in self.iter_units(want):
             ok = a["status"] == int(Status.OK)
             if not ok.any():
                 continue
+            for c in np.unique(a[by][ok]).tolist():
+                rows = ok & (a[by] == c)
+                for name, path in metric_arrays.items():
+                    v = a[path][rows].astype(np.float64)
+                    v = v[np.isfinite(v)]
+                    sums_c, counts_c = msum.setdefault(c, {}), mcount.setdefault(c, {})
+                    sums_c[name] = sums_c.get(name, 0.0) + float(v.sum())
+                    counts_c[name] = counts_c.get(name, 0) + int(v.size)
             cls = a[by][ok].astype(np.int64)
             sc = a["scores"][ok].astype(np.float64)
             sel = a["selected"][ok].astype(np.int64)
@@ -262,9 +275,22 @@ class StoreReader:
                     mean_prob=float(s[1]),
                     mean_scores={name: float(s[2 + i]) for i, name in enumerate(self.pool)},
                     wins={name: int(wins[c][i]) for i, name in enumerate(self.pool)},
+                    mean_metrics={
+                        k: (msum[c][k] / mcount[c][k] if mcount[c][k] else float("nan"))
+                        for k in msum.get(c, {})
+                    },
                 )
             )
         return out
+
+    def _metric_arrays(self) -> dict[str, str]:
+        """Stored metric name (``insertion@region:scorecam``) -> array path in the store."""
+        if "metrics" not in self.group:
+            return {}
+        return {
+            str(arr.attrs.get("name", key)): f"metrics/{key}"
+            for key, arr in self.group["metrics"].arrays()
+        }
 
     def _score_arrays(self, score: str) -> tuple[list[str], Any]:
         if score == "beta":

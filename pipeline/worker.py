@@ -173,7 +173,10 @@ class ExplainWorker:
         self.preprocess = pre
         method = UnionCAMConfig.from_dict(dict(config.method))
         # Components are a storage option of the run, not a result setting of the method.
-        method = dataclasses.replace(method, return_components=bool(ctx.components))
+        # ... and so are every member's maps when every member is scored.
+        method = dataclasses.replace(
+            method, return_components=bool(ctx.components) or config.metrics_all_members
+        )
         self.cam = UnionCAM(self.model, target_layer=ctx.layer, config=method)
         self.cam.__enter__()
 
@@ -406,6 +409,7 @@ class ExplainWorker:
         """
         if not self.ctx.metrics:
             return {}
+        from pipeline.evaluate import INS_DEL_METRICS, evaluate_batch, parse_metric_name
         from unioncam import metrics as M
 
         want = set(self.ctx.metrics)
@@ -420,14 +424,20 @@ class ExplainWorker:
                     out["average_drop"] = drop.float().cpu().numpy()
                 if "increase" in want:
                     out["increase"] = inc.float().cpu().numpy()
-            if want & {"insertion", "deletion"}:
-                r = M.insertion_deletion(
-                    self.model, x, res.maps, targets=res.classes, chunk_size=chunk
+            if any(parse_metric_name(n)[0] in INS_DEL_METRICS for n in want):
+                # selected map (and every pool member with metrics_all_members), named
+                # like the store's metrics/<name> arrays
+                ev = evaluate_batch(
+                    self.model,
+                    x,
+                    res,
+                    all_members=self.config.metrics_all_members,
+                    step=self.config.metric_step,
+                    chunk_size=chunk,
+                    channels_last=bool(self.cam.channels_last),
+                    autocast=self.config.method.get("autocast"),
                 )
-                if "insertion" in want:
-                    out["insertion"] = r.insertion.float().cpu().numpy()
-                if "deletion" in want:
-                    out["deletion"] = r.deletion.float().cpu().numpy()
+                out.update({name: ev[name] for name in self.ctx.metrics if name in ev})
         return out
 
     def shutdown(self) -> None:
