@@ -133,6 +133,19 @@ PRESETS: dict[str, UnionCAMConfig] = {
     # Group-CAM instead of Score-CAM as the region side: 32 masked forwards per
     # image instead of one per channel, for whole-dataset runs on a budget.
     "fast": UnionCAMConfig(region=("groupcam",), groups=32, name="fast"),
+    # Chosen on the tune half of the faithfulness study (benchmarks/faithfulness_frontier.py,
+    # benchmarks/results/faithfulness_protocol.md): a 7-member pool — Group-CAM, the denoised,
+    # Grad-CAM and Grad-CAM++ maps, and each fused with Group-CAM — kept by an 8-step
+    # insertion − deletion proxy instead of β, which rewards broad maps. 143 forwards per
+    # image whatever the layer's width (Score-CAM alone is one per channel).
+    "faithful": UnionCAMConfig(gradient=("denoised", "gradcam", "gradcam++"), region=("groupcam",),
+                               groups=32, include_gradient_maps=True, selection="insdel-8",
+                               name="faithful"),
+    # Same pool, kept by the drop of p_c when its top 20 % of pixels are removed: one forward
+    # per member, 50 forwards per image.
+    "faithful-fast": UnionCAMConfig(gradient=("denoised", "gradcam", "gradcam++"),
+                                    region=("groupcam",), groups=32, include_gradient_maps=True,
+                                    selection="drop-20", name="faithful-fast"),
 }
 
 

@@ -1,0 +1,707 @@
+"""Speed of the library's UnionCAM against peers and against plain forward passes.
+
+Not a test: it prints (and saves) a table of images/s and ratios. What it measures, why:
+
+1. **Peers.** On the same model, layer and real photos: this library's ``UnionCAM`` and
+   ``ScoreCAM`` against pytorch-grad-cam's ``ScoreCAM`` (PyPI ``grad-cam``) and torchcam's
+   ``ScoreCAM`` (PyPI ``torchcam``), each peer at its best batch size (swept first), and
+   against the public *per-image* UnionCAM code pattern (one image at a time, a Python loop
+   over channels with one batch-1 forward per masked input, numpy percentile), written
+   below as a faithful stand-in and checked to give the library's maps.
+2. **Forward-pass efficiency** = (time of the plain fp32 forwards the method needs, at the
+   fastest batch size and memory format) / (UnionCAM time). The count is the library's own
+   ``UnionCAMResult.forwards``; the fastest setting comes from a sweep of batch sizes x
+   {contiguous, channels_last}. 1.0 means UnionCAM costs exactly its forward passes.
+3. **Auto-tune check.** UnionCAM with its auto-tuned (chunk_size, channels_last) against a
+   sweep of fixed settings, to see whether the tuner picks well on this machine.
+4. **bf16 autocast.** Speed, and the maps' max deviation and selection agreement against fp32.
+
+Measurement hygiene, because the machine may be shared: every timed phase interleaves its
+candidates in rounds (A B C, B C A, C A B, ...) and keeps the median; the headline ratios
+are medians of per-round *paired* ratios, which cancel most of a load change between rounds.
+Wall time is the headline; process CPU time is recorded too as a load-insensitive check.
+Load averages are printed before and after.
+
+Usage (the README's numbers came from the defaults)::
+
+    python benchmarks/bench_unioncam.py                       # CPU: EfficientNet-Lite0, ~10 min idle
+    python benchmarks/bench_unioncam.py --n 4 --rounds 5      # more images / rounds
+    python benchmarks/bench_unioncam.py --device cuda         # ResNet-50 and VGG16, fp32 + bf16
+    python benchmarks/bench_unioncam.py --device cpu --models resnet50 --n 1 --rounds 1 --quick
+
+Results go to ``benchmarks/results/bench_unioncam_<tag>.{md,json}`` (tag defaults to the
+device; ``--out`` picks another folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's ScoreCAM draws a bar per image
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
+sys.path.insert(0, str(REPO))
+
+from unioncam import ScoreCAM, UnionCAM, load_model  # noqa: E402
+
+DEFAULT_LAYERS = {"efficientnet-lite0": "_blocks.15", "resnet50": "layer4", "vgg16": "features.29"}
+PROFILES = {
+    # Candidates are the ranges where each device's optimum was seen, plus the peers' defaults
+    # (pytorch-grad-cam 16, torchcam 32).
+    "cpu": dict(models="efficientnet-lite0", n=2, rounds=3, sweep_rounds=2,
+                fwd_batches="1,4,8,16,32,64", fwd_min_inputs=32, peer_batches="4,16,64",
+                lib_chunks="4,8,16,32"),
+    "cuda": dict(models="resnet50,vgg16", n=4, rounds=2, sweep_rounds=2,
+                 fwd_batches="32,64,128,256,512", fwd_min_inputs=512, peer_batches="64,128,256,512",
+                 lib_chunks="64,128,256,512"),
+}
+
+
+# ---------------------------------------------------------------------------- machine / timing
+def machine_line(device: torch.device) -> str:
+    """CPU model, cores, torch version (and the GPU, when used): where a number came from."""
+    cpu = platform.processor() or "unknown CPU"
+    flags = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        cpu = info.get("Model name", cpu).strip()
+        have = set(info.get("Flags", "").split())
+        flags = ", ".join(f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in have) or "none"
+    line = (f"{cpu}, {os.cpu_count()} logical cores (torch threads {torch.get_num_threads()}), "
+            f"bf16 CPU flags: {flags}; torch {torch.__version__}, Python {platform.python_version()}")
+    if device.type == "cuda":
+        line = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); host: " + line
+    return line
+
+
+_PEAK_LOAD = [0.0]  # highest 1-min load average seen while running
+
+
+def loadavg() -> str:
+    """The 1/5/15-minute load averages; also tracks the peak for the results' warning."""
+    try:
+        vals = Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        return "n/a"
+    _PEAK_LOAD[0] = max(_PEAK_LOAD[0], float(vals[0]))
+    return " ".join(vals)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float, float]:
+    """Run ``fn`` once: (result, wall seconds, process CPU seconds)."""
+    sync(device)
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - w0, time.process_time() - c0
+
+
+def interleaved(cands: dict[str, Callable[[], Any]], rounds: int, device: torch.device,
+                log: Callable[[str], None], label: str) -> dict[str, dict[str, list]]:
+    """Time every candidate once per round, rotating the order each round (A B C, B C A, ...)."""
+    names = list(cands)
+    rec: dict[str, dict[str, list]] = {k: {"wall": [], "cpu": [], "out": []} for k in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            out, wall, cpu = timed(cands[name], device)
+            rec[name]["wall"].append(wall)
+            rec[name]["cpu"].append(cpu)
+            rec[name]["out"].append(out)
+            log(f"  [{label} round {r + 1}/{rounds}] {name}: {wall:.2f} s wall, {cpu:.2f} s cpu"
+                f"  (load {loadavg()})")
+    return rec
+
+
+def median_paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num[r]/den[r]: robust to load changing between rounds."""
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
+
+# ---------------------------------------------------------------------------- inputs
+def load_photos(loaded, n: int, size: int = 224, folder: Path = SAMPLE
+                ) -> tuple[torch.Tensor, list[str]]:
+    """``n`` real ImageNet photos spread over the sample, preprocessed for ``loaded``."""
+    from PIL import Image
+
+    if not (folder / "labels.csv").exists():
+        raise SystemExit(f"--images: no labels.csv in {folder} (the ImageNet sample folder)")
+    with open(folder / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise SystemExit(f"--images: no photos listed in {folder / 'labels.csv'}")
+    pre = loaded.preprocess.with_size(size)
+    picks = [rows[round(i * (len(rows) - 1) / max(n - 1, 1))] for i in range(n)]
+    xs = []
+    for row in picks:
+        with Image.open(folder / row["file"]) as img:
+            xs.append(pre(img)[0])
+    return torch.stack(xs), [r["file"] for r in picks]
+
+
+@torch.no_grad()
+def unioncam_forward_count(model, layer_module, x: torch.Tensor) -> int:
+    """Forwards the paper's UnionCAM needs for ``x``, counted independently of the library.
+
+    One gradient pass per image, one masked forward per non-constant upsampled channel,
+    one zeros-baseline forward per batch, three confidence-gain forwards per image.
+    """
+    store: dict[str, torch.Tensor] = {}
+    handle = layer_module.register_forward_hook(lambda m, i, o: store.__setitem__("A", o))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    flat = store["A"].flatten(0, 1).float()
+    live = 0
+    for s in range(0, flat.shape[0], 256):
+        u = F.interpolate(flat[s:s + 256, None], x.shape[-2:], mode="bilinear",
+                          align_corners=False).flatten(1)
+        live += int((u.amax(1) > u.amin(1)).sum())
+    return x.shape[0] * 4 + live + 1
+
+
+# ---------------------------------------------------------------------------- the per-image stand-in
+def per_image_unioncam(model, layer_module, x1: torch.Tensor, theta: float = 10.0) -> dict:
+    """UnionCAM for ONE image (1x3xHxW) the way the public per-image code is written.
+
+    The pattern of the Score-CAM authors' code that UnionCAM's public code builds on: a
+    Python loop over channels, one batch-1 forward per masked input with a host sync per
+    channel, the percentile threshold in numpy on the CPU, one baseline forward per image.
+    """
+    H, W = x1.shape[-2:]
+    store: dict[str, torch.Tensor] = {}
+    handle = layer_module.register_forward_hook(lambda m, i, o: store.__setitem__("A", o))
+    try:
+        logits = model(x1)
+    finally:
+        handle.remove()
+    c = int(logits.argmax(1))
+    (G,) = torch.autograd.grad(logits[0, c], store["A"])
+    A, G = store["A"][0].detach(), G[0].detach()
+
+    def prob(inp: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(F.softmax(model(inp), dim=1)[0, c])
+
+    def norm(t: torch.Tensor) -> torch.Tensor:
+        return (t - t.min()) / (t.max() - t.min() + 1e-8)
+
+    def up(t: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(t[None, None], (H, W), mode="bilinear", align_corners=False)[0, 0]
+
+    # 1. denoising module: per-channel percentile threshold of the gradient (numpy, CPU)
+    L_den = torch.zeros(A.shape[1:], device=A.device)
+    for k in range(A.shape[0]):
+        g = G[k].cpu().numpy()
+        g_hat = np.where(g >= np.percentile(g.reshape(-1), theta), g, 0.0)
+        p = np.maximum(g_hat, 0.0)
+        L_den += torch.from_numpy(p / (p.sum() + 1e-8)).float().to(A.device) * A[k]
+    L_den = norm(up(L_den))
+    # 2. Score-CAM: one forward per non-constant channel
+    acc = torch.zeros(H, W, device=A.device)
+    forwards = 1
+    for k in range(A.shape[0]):
+        U = up(A[k])
+        if U.max() == U.min():
+            continue
+        acc += prob(x1 * ((U - U.min()) / (U.max() - U.min()))) * U
+        forwards += 1
+    L_reg = norm(F.relu(acc))
+    # 3-5. confidence gain against the zeros baseline, union, selection
+    p_base = prob(torch.zeros_like(x1))
+    b_den, b_reg = prob(x1 * L_den) - p_base, prob(x1 * L_reg) - p_base
+    L_fused = norm(b_den * L_den + b_reg * L_reg)
+    b_fused = prob(x1 * L_fused) - p_base
+    sel = 1 if b_fused > b_reg else 0
+    return {"map": (L_reg, L_fused)[sel], "selected": sel, "forwards": forwards + 4}
+
+
+def per_image_batch(model, layer_module, x: torch.Tensor) -> dict:
+    outs = [per_image_unioncam(model, layer_module, x[i:i + 1]) for i in range(x.shape[0])]
+    return {"maps": torch.stack([o["map"] for o in outs]).cpu(),
+            "selected": torch.tensor([o["selected"] for o in outs]),
+            "forwards": sum(o["forwards"] for o in outs)}
+
+
+# ---------------------------------------------------------------------------- methods
+def lib_unioncam(model, layer, x, **kw) -> dict:
+    with UnionCAM(model, layer, **kw) as cam:
+        res = cam(x)
+        setting = (cam.chunk_size, cam.channels_last)
+    return {"maps": res.maps.float().cpu(), "selected": res.selected.cpu(),
+            "forwards": res.forwards, "setting": setting}
+
+
+def lib_scorecam(model, layer, x, **kw) -> dict:
+    with ScoreCAM(model, layer, **kw) as cam:
+        maps = cam(x)
+        fwd = cam.last["forwards"] + x.shape[0]  # masked forwards + the clean pass
+        setting = (cam.chunk_size, cam.channels_last)
+    return {"maps": maps.cpu(), "forwards": fwd, "setting": setting}
+
+
+def gradcam_scorecam(model, layer_module, x, batch_size: int) -> dict:
+    """pytorch-grad-cam's ScoreCAM (its documented usage; ``batch_size`` attribute)."""
+    from pytorch_grad_cam import ScoreCAM as GCScoreCAM
+
+    with GCScoreCAM(model=model, target_layers=[layer_module]) as cam:
+        cam.batch_size = batch_size
+        maps = cam(input_tensor=x, targets=None)
+        k = cam.activations_and_grads.activations[0].shape[1]
+    return {"maps": torch.from_numpy(maps), "forwards": x.shape[0] * (1 + k)}
+
+
+def torchcam_scorecam(model, layer_name, x, batch_size: int) -> dict:
+    """torchcam's ScoreCAM: the model call fills its hook, ``cam(class_idx)`` does the rest."""
+    from torchcam.methods import ScoreCAM as TCScoreCAM
+
+    with TCScoreCAM(model, layer_name, batch_size=batch_size, input_shape=tuple(x.shape[1:])) as cam:
+        with torch.no_grad():
+            logits = model(x)
+        maps = cam(class_idx=logits.argmax(1).tolist())[0]
+        k = cam.hook_a[0].shape[1]
+    return {"maps": maps.cpu(), "forwards": x.shape[0] * (2 + k)}  # clean + torchcam's own + K
+
+
+def plain_forwards(model, x, count: int, batch: int, channels_last: bool,
+                   autocast: torch.dtype | None) -> dict:
+    """``count`` plain inference forwards in batches of ``batch`` (inputs prepared beforehand)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    inp = x[torch.arange(batch, device=x.device) % x.shape[0]].contiguous(memory_format=fmt)
+    amp = (torch.autocast(x.device.type, dtype=autocast) if autocast is not None
+           else contextlib.nullcontext())
+    model.to(memory_format=fmt)
+    try:
+        with torch.no_grad(), amp:
+            done = 0
+            while done < count:
+                b = min(batch, count - done)
+                model(inp[:b])
+                done += b
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+    return {"forwards": count}
+
+
+# ---------------------------------------------------------------------------- phases
+def forward_sweep(model, x, batches, min_inputs, rounds, device, autocast, log) -> dict:
+    """images/s of plain forwards per (batch, memory format), interleaved, warm.
+
+    Sweeps keep each candidate's best round, not its median: on a shared machine contention
+    only ever adds time, so the minimum is the least disturbed estimate of what a setting
+    can do, and choosing a setting needs exactly that.
+    """
+    cands: dict[str, Callable[[], Any]] = {}
+    for cl in (False, True):
+        for b in batches:
+            reps = max(1, math.ceil(min_inputs / b))
+
+            def run(b=b, cl=cl, reps=reps):
+                return plain_forwards(model, x, b * reps, b, cl, autocast)
+
+            plain_forwards(model, x, b, b, cl, autocast)  # warm-up: allocator, kernel choice
+            cands[f"{'channels_last' if cl else 'contiguous'}/{b}"] = run
+    rec = interleaved(cands, rounds, device, log, "forward sweep " + ("fp32" if autocast is None else "bf16"))
+    table = {}
+    for key, r in rec.items():
+        fmt, b = key.split("/")
+        n_inputs = r["out"][0]["forwards"]
+        table[key] = {"format": fmt, "batch": int(b), "inputs": n_inputs,
+                      "images_per_s": n_inputs / min(r["wall"]),
+                      "wall": r["wall"], "cpu": r["cpu"]}
+    best = max(table.values(), key=lambda v: v["images_per_s"])
+    return {"table": table, "best": {"batch": best["batch"],
+                                     "channels_last": best["format"] == "channels_last",
+                                     "images_per_s": best["images_per_s"]}}
+
+
+def best_batch(make: Callable[[int], Callable[[], Any]], batches, rounds, device, log,
+               label) -> tuple[int, dict]:
+    cands = {str(b): make(b) for b in batches}
+    rec = interleaved(cands, rounds, device, log, label)
+    best = {int(k): min(v["wall"]) for k, v in rec.items()}
+    return min(best, key=best.get), {str(k): v for k, v in best.items()}
+
+
+def bench_model(name: str, args, device: torch.device, log) -> dict:
+    loaded = load_model(name, device=device)
+    model = loaded.model.eval()
+    layer = args.layer or DEFAULT_LAYERS.get(name)
+    if layer is None:
+        raise SystemExit(f"--layer: no default layer for model {name!r}; pass one")
+    layer_module = dict(model.named_modules()).get(layer)
+    if layer_module is None:
+        raise SystemExit(f"--layer: no module named {layer!r} in {name}")
+    x, files = load_photos(loaded, args.n, args.size, Path(args.images))
+    x = x.to(device)
+    out: dict[str, Any] = {"model": name, "layer": layer, "size": args.size, "n": args.n,
+                           "files": files, "load_before": loadavg()}
+    log(f"== {name} @ {layer}, {args.n} photos at {args.size} px on {device} (load {loadavg()})")
+    precisions: list[tuple[str, torch.dtype | None]] = [("fp32", None)]
+    if args.bf16:
+        precisions.append(("bf16", torch.bfloat16))
+
+    # 1. plain forwards: fastest (batch, memory format) per precision
+    out["forward_sweep"] = {}
+    for pname, dt in precisions:
+        out["forward_sweep"][pname] = forward_sweep(
+            model, x, args.fwd_batches, args.fwd_min_inputs, args.sweep_rounds, device, dt, log)
+        log(f"  fastest plain {pname} forwards: {out['forward_sweep'][pname]['best']}")
+
+    # 2. the library's auto-tune (first call; cached afterwards), then fixed settings
+    tuned = {}
+    for pname, _dt in precisions:
+        kw = {"autocast": None if pname == "fp32" else pname}
+        r, wall, _ = timed(lambda kw=kw: lib_unioncam(model, layer, x[:1], **kw), device)
+        tuned[pname] = {"chunk_size": r["setting"][0], "channels_last": r["setting"][1],
+                        "first_call_s_incl_tuning": wall}
+        log(f"  auto-tuned {pname}: {tuned[pname]}")
+    out["autotune"] = tuned
+    # ScoreCAM alone: tuned under its own key (same model and precision: the cached result)
+    lib_scorecam(model, layer, x[:1])
+
+    if not args.quick:
+        cands = {"auto": lambda: lib_unioncam(model, layer, x[:1])}
+        for cl in (False, True):
+            for c in args.lib_chunks:
+                cands[f"chunk {c}, {'channels_last' if cl else 'contiguous'}"] = (
+                    lambda c=c, cl=cl: lib_unioncam(model, layer, x[:1], chunk_size=c,
+                                                    channels_last=cl))
+        rec = interleaved(cands, args.sweep_rounds, device, log, "library settings")
+        out["library_settings"] = {k: min(v["wall"]) for k, v in rec.items()}
+
+    # 3. peers at their best batch size (swept on one photo)
+    peers = {}
+    if "gradcam" in args.peers:
+        bs, table = best_batch(lambda b: (lambda: gradcam_scorecam(model, layer_module, x[:1], b)),
+                               args.peer_batches, args.sweep_rounds, device, log,
+                               "pytorch-grad-cam batch")
+        peers["gradcam"] = {"batch_size": bs, "sweep_s": table}
+    if "torchcam" in args.peers:
+        bs, table = best_batch(lambda b: (lambda: torchcam_scorecam(model, layer, x[:1], b)),
+                               args.peer_batches, args.sweep_rounds, device, log,
+                               "torchcam batch")
+        peers["torchcam"] = {"batch_size": bs, "sweep_s": table}
+    out["peers"] = peers
+
+    # 4. the main interleaved rounds, on all n photos
+    forwards = unioncam_forward_count(model, layer_module, x)
+    n_pi = min(args.per_image_n or args.n, args.n)
+    methods: dict[str, Callable[[], Any]] = {
+        "unioncam": lambda: lib_unioncam(model, layer, x),
+        "scorecam": lambda: lib_scorecam(model, layer, x),
+    }
+    if "gradcam" in peers:
+        methods["gradcam"] = lambda: gradcam_scorecam(model, layer_module, x,
+                                                      peers["gradcam"]["batch_size"])
+    if "torchcam" in peers:
+        methods["torchcam"] = lambda: torchcam_scorecam(model, layer, x,
+                                                        peers["torchcam"]["batch_size"])
+    if args.per_image:
+        methods["per_image"] = lambda: per_image_batch(model, layer_module, x[:n_pi])
+    for pname, dt in precisions:
+        best = out["forward_sweep"][pname]["best"]
+        methods[f"plain_{pname}"] = (lambda best=best, dt=dt: plain_forwards(
+            model, x, forwards, best["batch"], best["channels_last"], dt))
+        if pname != "fp32":
+            methods[f"unioncam_{pname}"] = lambda pname=pname: lib_unioncam(model, layer, x,
+                                                                            autocast=pname)
+    rec = interleaved(methods, args.rounds, device, log, "main")
+    images = {k: (n_pi if k == "per_image" else args.n) for k in methods}
+    rows = {}
+    for k, r in rec.items():
+        first = r["out"][0]
+        rows[k] = {
+            "images": images[k],
+            "median_wall_s": statistics.median(r["wall"]),
+            "median_cpu_s": statistics.median(r["cpu"]),
+            "images_per_s": images[k] / statistics.median(r["wall"]),
+            # how many times longer than UnionCAM per image (paired by round)
+            "time_vs_unioncam": median_paired_ratio(
+                [w / images[k] for w in r["wall"]],
+                [w / args.n for w in rec["unioncam"]["wall"]]),
+            "time_vs_unioncam_per_round": [
+                (w / images[k]) / (u / args.n)
+                for w, u in zip(r["wall"], rec["unioncam"]["wall"], strict=True)],
+            "cpu_time_vs_unioncam": median_paired_ratio(
+                [c / images[k] for c in r["cpu"]],
+                [c / args.n for c in rec["unioncam"]["cpu"]]),
+            "forwards_per_image": first["forwards"] / images[k],
+            "wall": r["wall"], "cpu": r["cpu"],
+        }
+        if "setting" in first:
+            rows[k]["setting"] = first["setting"]
+    out["methods"] = rows
+    out["plain_forwards_counted"] = forwards
+    out["library_forwards_reported"] = rec["unioncam"]["out"][0]["forwards"]
+    if out["library_forwards_reported"] != forwards:
+        log(f"  WARNING: the library reports {out['library_forwards_reported']} forwards, the "
+            f"independent count is {forwards}")
+
+    # 5. agreement: per-image stand-in vs library; bf16 vs fp32
+    lib = rec["unioncam"]["out"][0]
+    checks: dict[str, Any] = {}
+    if "per_image" in rec:
+        pi = rec["per_image"]["out"][0]
+        checks["per_image_max_abs_diff"] = float((pi["maps"] - lib["maps"][:n_pi]).abs().max())
+        checks["per_image_selection_agree"] = int((pi["selected"] == lib["selected"][:n_pi]).sum())
+        checks["per_image_n"] = n_pi
+    for pname, _dt in precisions[1:]:
+        lo = rec[f"unioncam_{pname}"]["out"][0]
+        checks[f"{pname}_max_abs_dev"] = float((lo["maps"] - lib["maps"]).abs().max())
+        checks[f"{pname}_mean_abs_dev"] = float((lo["maps"] - lib["maps"]).abs().mean())
+        checks[f"{pname}_selection_agree"] = int((lo["selected"] == lib["selected"]).sum())
+    out["checks"] = checks
+    out["load_after"] = loadavg()
+    return out
+
+
+# ---------------------------------------------------------------------------- report
+NOTES = {
+    "unioncam": "this library, auto-tuned chunk/format {setting}",
+    "unioncam_bf16": "this library, bf16 autocast, auto-tuned {setting}",
+    "scorecam": "this library's Score-CAM alone, auto-tuned {setting}",
+    "gradcam": "pytorch-grad-cam ScoreCAM, batch_size={bs} (best swept); align_corners=True "
+               "masks, softmax over channel logits",
+    "torchcam": "torchcam ScoreCAM, batch_size={bs} (best swept); softmax over channels of "
+                "logit differences",
+    "per_image": "public per-image pattern: batch-1 forward per channel, numpy percentile "
+                 "({n} photo(s))",
+    "plain_fp32": "the plain fp32 forwards UnionCAM ran, fastest batch {b}, {fmt}",
+    "plain_bf16": "the same count of plain bf16 forwards, fastest batch {b}, {fmt}",
+}
+LABELS = {"unioncam": "UnionCAM (this library)", "unioncam_bf16": "UnionCAM bf16 (this library)",
+          "scorecam": "Score-CAM (this library)", "gradcam": "Score-CAM (pytorch-grad-cam)",
+          "torchcam": "Score-CAM (torchcam)", "per_image": "UnionCAM, per-image public pattern",
+          "plain_fp32": "plain fp32 forwards (ideal)", "plain_bf16": "plain bf16 forwards"}
+
+
+def fmt_setting(s) -> str:
+    return f"chunk {s[0]}, {'channels_last' if s[1] else 'contiguous'}" if s else "?"
+
+
+def model_markdown(m: dict) -> list[str]:
+    rows = m["methods"]
+    L = [f"### {m['model']} @ `{m['layer']}`, {m['n']} photos at {m['size']} px",
+         "",
+         f"Load average (1/5/15 min) before {m['load_before']}, after {m['load_after']}.",
+         "",
+         "| method | images/s | time per image vs UnionCAM | range over rounds | CPU-time ratio "
+         "| forwards/image | notes |",
+         "|---|---:|---:|---:|---:|---:|---|"]
+    for k, r in rows.items():
+        peer = m["peers"].get(k, {})
+        best = m["forward_sweep"].get(k.removeprefix("plain_"), {}).get("best", {})
+        note = NOTES[k].format(setting=fmt_setting(r.get("setting")), bs=peer.get("batch_size"),
+                               n=r["images"], b=best.get("batch"),
+                               fmt="channels_last" if best.get("channels_last") else "contiguous")
+        pr = r["time_vs_unioncam_per_round"]
+        L.append(f"| {LABELS[k]} | {r['images_per_s']:.3g} | {r['time_vs_unioncam']:.2f}x | "
+                 f"{min(pr):.2f}-{max(pr):.2f} | {r['cpu_time_vs_unioncam']:.2f}x | "
+                 f"{r['forwards_per_image']:.0f} | {note} |")
+    L += ["", "*images/s*: images / median wall time of the timed call (all photos in one call). "
+          "*time per image vs UnionCAM*: the method's wall time per image divided by UnionCAM's "
+          "in the same round, median over rounds (above 1 = UnionCAM is faster); *range*: the "
+          "lowest and highest of those per-round ratios; *CPU-time ratio*: the same with process "
+          "CPU time. The plain-forward rows' value is the **forward-pass efficiency**.", ""]
+    # targets
+    t = targets(m)
+    L += ["| target | measured | met |", "|---|---:|---|"]
+    for name, val, goal, ok in t:
+        L.append(f"| {name} | {val} | {'yes' if ok else 'NO'} ({goal}) |")
+    c = m["checks"]
+    L.append("")
+    if "per_image_max_abs_diff" in c:
+        L.append(f"Per-image stand-in vs library maps: max |diff| {c['per_image_max_abs_diff']:.2e}, "
+                 f"selection agrees on {c['per_image_selection_agree']}/{c['per_image_n']} photos.")
+    if "bf16_max_abs_dev" in c:
+        L.append(f"bf16 vs fp32 UnionCAM maps: max |dev| {c['bf16_max_abs_dev']:.3f}, mean |dev| "
+                 f"{c['bf16_mean_abs_dev']:.4f}, selection agrees on {c['bf16_selection_agree']}/"
+                 f"{m['n']} photos.")
+    L.append("")
+    # sweeps
+    for pname, sw in m["forward_sweep"].items():
+        batches = sorted({v["batch"] for v in sw["table"].values()})
+        L += [f"Plain {pname} forwards, images/s by batch size (best of interleaved rounds):", "",
+              "| format | " + " | ".join(str(b) for b in batches) + " |",
+              "|---|" + "---:|" * len(batches)]
+        for fmt in ("contiguous", "channels_last"):
+            vals = [sw["table"][f"{fmt}/{b}"]["images_per_s"] for b in batches]
+            L.append(f"| {fmt} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
+        L.append("")
+    at = m["autotune"]
+    L.append("Auto-tune picked: " + "; ".join(
+        f"{p}: chunk {v['chunk_size']}, {'channels_last' if v['channels_last'] else 'contiguous'} "
+        f"(first call incl. tuning {v['first_call_s_incl_tuning']:.1f} s)" for p, v in at.items()))
+    if "library_settings" in m:
+        ls = m["library_settings"]
+        auto = ls["auto"]
+        L += ["", "UnionCAM on one photo, fixed settings vs auto (best-of-rounds wall s; lower is "
+                  "better):",
+              "", "| setting | s | vs auto |", "|---|---:|---:|"]
+        for k, v in sorted(ls.items(), key=lambda kv: kv[1]):
+            L.append(f"| {k} | {v:.2f} | {v / auto:.2f}x |")
+    for p, info in m["peers"].items():
+        L.append("")
+        L.append(f"{LABELS[p]} batch-size sweep on one photo (best-of-rounds wall s): "
+                 + ", ".join(f"{b}: {s:.2f}" for b, s in info["sweep_s"].items())
+                 + f" -> {info['batch_size']}")
+    L.append("")
+    return L
+
+
+def targets(m: dict) -> list[tuple[str, str, str, bool]]:
+    rows = m["methods"]
+    t = []
+    eff = rows["plain_fp32"]["time_vs_unioncam"]
+    t.append(("forward-pass efficiency (fp32)", f"{eff:.2f}", ">= 0.9", eff >= 0.9))
+    if "per_image" in rows:
+        v = rows["per_image"]["time_vs_unioncam"]
+        t.append(("UnionCAM speed-up over the per-image pattern", f"{v:.2f}x", ">= 2x", v >= 2))
+    peers = [rows[k]["time_vs_unioncam"] for k in ("gradcam", "torchcam") if k in rows]
+    if peers:
+        v = min(peers)
+        t.append(("UnionCAM speed-up over the faster peer Score-CAM", f"{v:.2f}x", ">= 1.2x",
+                  v >= 1.2))
+    if "plain_bf16" in rows:
+        v = rows["plain_bf16"]["time_vs_unioncam"] / rows["unioncam_bf16"]["time_vs_unioncam"]
+        t.append(("forward-pass efficiency (bf16)", f"{v:.2f}", "report", True))
+        s = 1 / rows["unioncam_bf16"]["time_vs_unioncam"]
+        t.append(("bf16 speed-up over fp32 UnionCAM", f"{s:.2f}x", "report", True))
+    return t
+
+
+def write_results(res: dict, out_dir: Path, tag: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L = [f"## UnionCAM speed benchmark ({tag})", "",
+         f"Machine: {res['machine']}", "",
+         f"Command: `{res['command']}`; total {res.get('total_s', 0):.0f} s; "
+         f"load average before {res['load_before']}, after {res.get('load_after', '?')}.", ""]
+    if res.get("busy"):
+        L += [f"**Note:** the machine was shared and loaded (load average up to {res['busy']} on "
+              f"{os.cpu_count()} cores) while this ran: absolute images/s are depressed and noisy; "
+              "the paired ratios are the meaningful numbers.", ""]
+    for m in res["models"]:
+        L += model_markdown(m)
+    md = out_dir / f"bench_unioncam_{tag}.md"
+    md.write_text("\n".join(L) + "\n")
+
+    def clean(o):
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items() if k != "out"}
+        if isinstance(o, list | tuple):
+            return [clean(v) for v in o]
+        return o
+
+    (out_dir / f"bench_unioncam_{tag}.json").write_text(json.dumps(clean(res), indent=1))
+    return md
+
+
+# ---------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--models", help="comma list (default: per device profile)")
+    p.add_argument("--layer", help="target layer (default: per model, e.g. _blocks.15)")
+    p.add_argument("--n", type=int, help="photos per timed call (default cpu 2, cuda 4)")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--rounds", type=int, help="interleaved rounds of the main comparison")
+    p.add_argument("--sweep-rounds", type=int, help="interleaved rounds of each sweep")
+    p.add_argument("--fwd-batches", help="batch sizes of the plain-forward sweep")
+    p.add_argument("--fwd-min-inputs", type=int, help="inputs per plain-forward measurement")
+    p.add_argument("--peer-batches", help="batch sizes swept for each peer")
+    p.add_argument("--lib-chunks", help="fixed chunk sizes compared with the auto-tune")
+    p.add_argument("--peers", default="gradcam,torchcam", help="peers to run ('' for none)")
+    p.add_argument("--per-image-n", type=int, default=None,
+                   help="photos for the slow per-image pattern (default cpu: all, cuda: 1)")
+    p.add_argument("--no-per-image", dest="per_image", action="store_false")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    p.add_argument("--quick", action="store_true", help="skip the library fixed-settings sweep")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--images", default=os.environ.get("UNIONCAM_SAMPLE", str(SAMPLE)),
+                   help="folder with labels.csv and the JPEGs (default ../shared/data/"
+                        "imagenet-sample, or $UNIONCAM_SAMPLE)")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--tag", help="results file suffix (default: the device type)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible to torch")
+    if device.type not in PROFILES:
+        raise SystemExit(f"--device must be cpu or cuda, got {args.device!r}")
+    prof = PROFILES[device.type]
+    for key, val in prof.items():
+        if getattr(args, key) is None:
+            setattr(args, key, val)
+    for key in ("fwd_batches", "peer_batches", "lib_chunks"):
+        try:
+            setattr(args, key, [int(v) for v in str(getattr(args, key)).split(",") if v])
+        except ValueError:
+            raise SystemExit(f"--{key.replace('_', '-')}: expected a comma list of ints, "
+                             f"got {getattr(args, key)!r}") from None
+    args.models = [m for m in args.models.split(",") if m]
+    args.peers = [m for m in args.peers.split(",") if m]
+    if args.per_image_n is None and device.type == "cuda":
+        args.per_image_n = 1
+    args.device_t = device
+    args.tag = args.tag or device.type
+    if args.n < 1 or args.rounds < 1 or args.sweep_rounds < 1:
+        raise SystemExit("--n, --rounds and --sweep-rounds must be >= 1")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device_t
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    res: dict[str, Any] = {"machine": machine_line(device), "load_before": loadavg(),
+                           "command": "python benchmarks/bench_unioncam.py "
+                                      + " ".join(sys.argv[1:] if argv is None else argv),
+                           "models": []}
+    log(f"machine: {res['machine']}")
+    log(f"load average before: {res['load_before']}")
+    for name in args.models:
+        m = bench_model(name, args, device, log)
+        res["models"].append(m)
+        peak = _PEAK_LOAD[0]
+        res["total_s"] = time.perf_counter() - t_start
+        res["load_after"] = loadavg()
+        res["busy"] = f"{peak:.1f}" if peak > 1.5 * (os.cpu_count() or 1) else None
+        md = write_results(res, Path(args.out), args.tag)  # after each model: partial results survive
+    print(md.read_text())
+    log(f"load average after: {res['load_after']}; wrote {md} and its .json")
+
+
+if __name__ == "__main__":
+    main()
