@@ -147,6 +147,12 @@ def run_pipeline(manifest, store, method, size, batch, actors, cpus_per_actor, *
 
 
 def part_throughput(args, tmp: Path, results: dict) -> None:
+    """Library alone vs pipeline, interleaved ``--repeats`` times, best of each.
+
+    The library-alone loop runs in a Ray task with the same CPU reservation as the
+    pipeline's actor (same process niceness, OMP settings and thread count), and the two
+    are alternated so that load from other processes hits both alike.
+    """
     import ray
 
     from pipeline.manifest import build_from_list
@@ -156,23 +162,36 @@ def part_throughput(args, tmp: Path, results: dict) -> None:
     rows = sample_rows(args.images)
     m = build_from_list(rows, tmp / "m.parquet", unit_size=args.unit_size)
     cpus = os.cpu_count() or 1
-    lib = bench_library(rows, method, args.image_size, args.batch_size, cpus)
+    lib_task = ray.remote(num_cpus=cpus)(bench_library)
 
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR")
     try:
-        s1 = run_pipeline(m.uri, tmp / "s1.zarr", method, args.image_size, args.batch_size, 1, cpus)
+        lib, s1, s2 = 0.0, None, None
+        for _ in range(args.repeats):
+            lib = max(
+                lib,
+                ray.get(lib_task.remote(rows, method, args.image_size, args.batch_size, cpus, 2)),
+            )
+            r1 = run_pipeline(
+                m.uri, tmp / "s1.zarr", method, args.image_size, args.batch_size, 1, cpus
+            )
+            if s1 is None or r1.actors[0].images_per_s > s1.actors[0].images_per_s:
+                s1 = r1
+            if cpus >= 2 and "actors" in args.parts:
+                r2 = run_pipeline(
+                    m.uri, tmp / "s2.zarr", method, args.image_size, args.batch_size, 2, cpus // 2
+                )
+                if s2 is None or r2.images_per_s > s2.images_per_s:
+                    s2 = r2
         a1 = s1.actors[0]
         rows_out = [
-            ["library alone (pre-decoded tensors, best of 3)", f"1 x {cpus} threads", lib, 1.0, "-", "-"],
+            ["library alone (pre-decoded tensors, in a Ray task)", f"1 x {cpus} threads", lib, 1.0, "-", "-"],
             ["pipeline, steady (decode+explain+write)", f"1 actor x {cpus} CPU",
              a1.images_per_s, a1.images_per_s / lib, a1.compute_s / a1.active_s, "-"],
             ["pipeline, end-to-end (incl. actor start)", f"1 actor x {cpus} CPU",
              s1.images_per_s, s1.images_per_s / lib, "-", f"{s1.wall_s:.1f}"],
         ]  # fmt: skip
-        if cpus >= 2 and "actors" in args.parts:
-            s2 = run_pipeline(
-                m.uri, tmp / "s2.zarr", method, args.image_size, args.batch_size, 2, cpus // 2
-            )
+        if s2 is not None:
             active = max(a.active_s for a in s2.actors)
             steady2 = sum(a.images for a in s2.actors) / active
             share2 = sum(a.compute_s for a in s2.actors) / sum(a.active_s for a in s2.actors)
@@ -185,7 +204,8 @@ def part_throughput(args, tmp: Path, results: dict) -> None:
         ray.shutdown()
     table(
         f"Throughput: {args.images} ImageNet JPEGs, efficientnet-lite0 @ {args.image_size}px, "
-        f"preset {args.preset!r}, batch {args.batch_size}, units of {args.unit_size}",
+        f"preset {args.preset!r}, batch {args.batch_size}, units of {args.unit_size}, "
+        f"best of {args.repeats} interleaved rounds",
         [
             "what",
             "workers",
@@ -326,6 +346,7 @@ def main(argv=None) -> int:
     p.add_argument("--scale-unit-size", type=int, default=8)
     p.add_argument("--scale-actors", type=int, default=8)
     p.add_argument("--scale-image-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=2, help="interleaved library/pipeline rounds")
     p.add_argument("--keep", action="store_true", help="keep the temporary stores")
     args = p.parse_args(argv)
     print(f"machine: {machine()}")

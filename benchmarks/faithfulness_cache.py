@@ -11,9 +11,10 @@ scores, in the pool's order — exactly what ``UnionCAM.__call__`` does).
 
 One file per image under ``<cache>/<layer>/<stem>.pt``, written atomically, so
 an interrupted run resumes where it stopped. Which metrics an image gets
-depends on its half (see :data:`HALF_OF`): the *tune* half gets the cheap
-16-step RISE curves of every candidate (enough to tune rules), the *report*
-half gets the default 224-px-step RISE curves of the maps the report needs.
+depends on its half (:func:`half_of`): the *tune* half gets the cheap 16-step
+RISE curves of every candidate (enough to tune rules), the *report* half gets
+RISE at :data:`REPORT_STEP` px per step (and, for a few images, at the
+metric's default 224 px per step) for the maps the report needs.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+#: Mirrors ``unioncam.union.DEFAULT_PRESET`` (a test checks it); a literal here keeps
+#: ``unioncam --help`` free of the torch import.
+DEFAULT_PRESET = "faithful"
+
 __all__ = ["main", "build_parser", "load_class_names"]
 
 EXIT_USAGE = 2
@@ -189,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("method (UnionCAM settings)")
     g.add_argument(
-        "--preset", default="paper", help="paper (default) or fast (Group-CAM region side)"
+        "--preset", default=DEFAULT_PRESET,
+        help=f"method preset: {DEFAULT_PRESET} (default), paper (the paper's exact method), "
+        "faithful-fast or fast (Group-CAM region side)"
     )
     g.add_argument("--region", help="region methods, comma separated (scorecam, groupcam)")
     g.add_argument(

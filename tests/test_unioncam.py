@@ -81,7 +81,7 @@ def reference_unioncam(model, layer_module, x: torch.Tensor, theta: float = 10.0
 @pytest.fixture(scope="module")
 def library_result(effnet, photos):
     x, _ = photos
-    with UnionCAM(effnet.model, LAYER, chunk_size=16, channels_last=False, return_components=True) as cam:
+    with UnionCAM(effnet.model, LAYER, "paper", chunk_size=16, channels_last=False, return_components=True) as cam:
         return cam(x)
 
 
@@ -122,7 +122,7 @@ def test_result_shapes_and_ranges(photos, library_result):
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 def test_chunk_size_does_not_change_results(effnet, photos, library_result, chunk):
     x, _ = photos
-    with UnionCAM(effnet.model, LAYER, chunk_size=chunk, channels_last=False) as cam:
+    with UnionCAM(effnet.model, LAYER, "paper", chunk_size=chunk, channels_last=False) as cam:
         res = cam(x[:2])
     torch.testing.assert_close(res.maps, library_result.maps[:2], atol=1e-5, rtol=0)
     torch.testing.assert_close(res.scores, library_result.scores[:2], atol=1e-5, rtol=0)
@@ -131,7 +131,7 @@ def test_chunk_size_does_not_change_results(effnet, photos, library_result, chun
 
 def test_batch_composition_does_not_change_results(effnet, photos, library_result):
     x, _ = photos
-    with UnionCAM(effnet.model, LAYER, chunk_size=16, channels_last=False) as cam:
+    with UnionCAM(effnet.model, LAYER, "paper", chunk_size=16, channels_last=False) as cam:
         alone = cam(x[4:5])
         pair = cam(x[[3, 1]])
     torch.testing.assert_close(alone.maps[0], library_result.maps[4], atol=1e-5, rtol=0)
@@ -141,7 +141,7 @@ def test_batch_composition_does_not_change_results(effnet, photos, library_resul
 
 def test_channels_last_is_exact(effnet, photos, library_result):
     x, _ = photos
-    with UnionCAM(effnet.model, LAYER, chunk_size=16, channels_last=True) as cam:
+    with UnionCAM(effnet.model, LAYER, "paper", chunk_size=16, channels_last=True) as cam:
         res = cam(x[:2])
     torch.testing.assert_close(res.maps, library_result.maps[:2], atol=1e-4, rtol=0)
     assert torch.equal(res.selected, library_result.selected[:2])
@@ -187,7 +187,13 @@ def test_blur_baseline_changes_baseline_probs(effnet, photos, library_result):
     assert not torch.allclose(res.baseline_probs, library_result.baseline_probs[:2])
 
 
-def test_config_roundtrip_and_presets():
+def test_config_roundtrip_and_presets(effnet):
+    from pipeline import cli
+    from unioncam import DEFAULT_PRESET
+
+    assert cli.DEFAULT_PRESET == DEFAULT_PRESET
+    with UnionCAM(effnet.model) as cam:  # no config: the default preset, not the paper's
+        assert cam.config == UnionCAMConfig.preset(DEFAULT_PRESET)
     cfg = UnionCAMConfig.preset("paper")
     assert cfg == UnionCAMConfig()
     assert UnionCAMConfig.from_dict(cfg.to_dict()) == cfg

@@ -14,7 +14,7 @@ from unioncam.gradient import (
 from unioncam.hooks import TargetLayer, find_target_layer, resolve_layer
 from unioncam.models import LoadedModel, Preprocessing, load_model
 from unioncam.region import GroupCAM, ScoreCAM
-from unioncam.union import PRESETS, UnionCAM, UnionCAMConfig, UnionCAMResult
+from unioncam.union import DEFAULT_PRESET, PRESETS, UnionCAM, UnionCAMConfig, UnionCAMResult
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "UnionCAMConfig",
     "UnionCAMResult",
     "PRESETS",
+    "DEFAULT_PRESET",
     "GradientCAM",
     "GradCAM",
     "GradCAMPlusPlus",
