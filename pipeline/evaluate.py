@@ -337,7 +337,7 @@ def compare_methods(
     ``return_components=True``: one gradient pass, Score-CAM's masked forwards once. The
     paper's UnionCAM is then re-selected from that call's β of ``region:scorecam`` and
     ``fused:denoised+scorecam`` (ties to Score-CAM, as in the library), so it is exactly
-    the map ``UnionCAM(model, layer)`` gives, and its scores are gathered from those two
+    the map ``UnionCAM(model, layer, "paper")`` gives, and its scores are gathered from those two
     members' (no extra forwards).
 
     ``targets``: the class to explain per image (``None`` = the predicted class).

@@ -1308,17 +1308,9 @@ def _command_text(a: argparse.Namespace) -> str:
 
 def report_command(a: argparse.Namespace) -> int:
     """Run the parsed ``report`` command; errors propagate (the caller prints one line)."""
-    so = None
-    if a.storage_option:
-        so = {}
-        for pair in a.storage_option:
-            k, sep, v = pair.partition("=")
-            if not sep or not k:
-                raise ReportError(f"--storage-option expects KEY=VALUE, got {pair!r}")
-            try:
-                so[k] = json.loads(v)
-            except json.JSONDecodeError:
-                so[k] = v
+    from pipeline.cli import _storage_options  # one parser for --storage-option
+
+    so = _storage_options(a.storage_option)
     methods = tuple(s.strip() for s in a.methods.split(",") if s.strip())
     path = build_report(
         a.out_dir, store=a.store, image_dir=a.images, model=a.model, weights=a.weights,

@@ -172,7 +172,7 @@ def test_compare_methods_returns_every_method_and_the_paper_unioncam(effnet, bat
                 + s.insertion_curve[:, -1])) / (n_curve - 1)  # fmt: skip
         np.testing.assert_allclose(area, s.insertion, atol=1e-5)
     # UnionCAM here is exactly the paper's UnionCAM run on its own
-    with UnionCAM(effnet.model, LAYER, chunk_size=CHUNK, channels_last=False) as cam:
+    with UnionCAM(effnet.model, LAYER, "paper", chunk_size=CHUNK, channels_last=False) as cam:
         paper = cam(x)
     np.testing.assert_array_equal(c.selected, paper.selected.numpy())
     np.testing.assert_allclose(c["unioncam"].maps, paper.maps.numpy(), atol=1e-4)
