@@ -371,7 +371,9 @@ class ExplainWorker:
                 )
             out = {
                 "maps": res.maps.float().cpu().numpy(),
-                "scores": res.scores.float().cpu().numpy(),
+                # The store's ``scores`` are the confidence gains β of every member (what
+                # queries call "beta"), also when the method selects by another criterion.
+                "scores": _beta(res).float().cpu().numpy(),
                 "selected": res.selected.cpu().numpy(),
                 "class_explained": res.classes.cpu().numpy(),
                 "prob": res.probs.float().cpu().numpy(),
@@ -446,6 +448,12 @@ class ExplainWorker:
             self.cam.__exit__(None, None, None)
             self.cam = None
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _beta(res: Any) -> Any:
+    """β of every pool member: ``res.beta`` (newer library) or ``res.scores`` (β selection)."""
+    beta = getattr(res, "beta", None)
+    return res.scores if beta is None else beta
 
 
 class _hook_paused:

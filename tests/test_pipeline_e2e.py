@@ -118,7 +118,7 @@ def reference(data):
         res = cam(torch.stack(xs))
     return {
         "maps": res.maps.numpy(),
-        "scores": res.scores.numpy(),
+        "scores": (res.scores if getattr(res, "beta", None) is None else res.beta).numpy(),
         "selected": res.selected.numpy(),
         "classes": res.classes.numpy(),
         "probs": res.probs.numpy(),
