@@ -12,7 +12,7 @@
 #
 #     run(command="bash benchmarks/gpu_check.sh", carry=["benchmarks/out/gpu_carry"], timeout_s=540)
 #
-# Back under $OUT: gpu_check.log, pytest_cuda.log, bench_cuda.log and
+# (`bash benchmarks/gpu_check.sh tests` runs the CUDA tests alone.) Back under $OUT: gpu_check.log, pytest_cuda.log, bench_cuda.log and
 # bench_unioncam_cuda.{md,json} (written after each model, so a timeout keeps what finished).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,6 +63,8 @@ log "pytest -m cuda on: $files"
 timeout 120 "$PY" -m pytest -q -rs -m cuda -p no:cacheprovider $files 2>&1 | tee "$OUT/pytest_cuda.log"
 rc_tests=${PIPESTATUS[0]}
 log "cuda tests exit code $rc_tests"
+
+[[ "${1:-}" == "tests" ]] && exit "$rc_tests"  # a rerun of the tests alone
 
 # 2. The speed benchmark on CUDA (its profile: ResNet-50 then VGG16, fp32 + bf16).
 timeout 330 "$PY" benchmarks/bench_unioncam.py --device cuda --images "$SAMPLE" \

@@ -19,6 +19,7 @@ from unioncam import (
     find_target_layer,
     resolve_layer,
 )
+from unioncam.base import _CPU_CHUNKS
 from unioncam.gradient import denoise_gradient
 from unioncam.ops import minmax
 
@@ -202,22 +203,29 @@ def test_autotune_picks_a_setting_and_is_exact(effnet, photos):
         fixed = cam(x[:2])
     with UnionCAM(effnet.model, "_blocks.4", region="groupcam", groups=4) as cam:
         tuned = cam(x[:2])
-        assert cam.chunk_size in (4, 8, 16, 32) and cam.channels_last in (True, False)
+        assert cam.chunk_size in _CPU_CHUNKS and cam.channels_last in (True, False)
     torch.testing.assert_close(tuned.maps, fixed.maps, atol=1e-4, rtol=0)
     assert effnet.model._conv_stem.weight.is_contiguous()
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_matches_cpu(effnet, photos):
+def test_bf16_autocast_is_close_to_fp32(effnet, photos):
+    """bf16 is an option, never the default: outputs stay fp32 and the maps stay close.
+
+    The deviation on 224-px photos is measured in the benchmark; this pins the contract
+    (fp32 outputs in [0, 1], same classes, maps strongly correlated).
+    """
     x, _ = photos
-    with UnionCAM(effnet.model, "_blocks.4", chunk_size=16, channels_last=False) as cam:
-        cpu = cam(x[:3])
-    model = effnet.model.cuda()
-    try:
-        with UnionCAM(model, "_blocks.4", chunk_size=64) as cam:
-            gpu = cam(x[:3].cuda())
-    finally:
-        effnet.model.cpu()
-    torch.testing.assert_close(gpu.maps.cpu(), cpu.maps, atol=1e-3, rtol=0)
-    assert torch.equal(gpu.selected.cpu(), cpu.selected)
+    # The paper's pool: with a 7-member pool bf16 noise flips near-tied selections, so
+    # whole maps change and a correlation says nothing about autocast itself.
+    with UnionCAM(effnet.model, "_blocks.4", "paper", chunk_size=8) as cam:
+        ref = cam(x[:3])
+    with UnionCAM(effnet.model, "_blocks.4", "paper", chunk_size=8, autocast="bf16") as cam:
+        low = cam(x[:3])
+    assert low.maps.dtype == torch.float32 and low.scores.dtype == torch.float32
+    assert float(low.maps.min()) >= 0 and float(low.maps.max()) <= 1
+    assert torch.equal(low.classes, ref.classes)
+    a, b = low.maps.flatten(1).double(), ref.maps.flatten(1).double()
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    corr = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    assert bool((corr > 0.85).all()), corr
+    print("bf16 vs fp32: corr", corr.tolist(), "max dev", float((low.maps - ref.maps).abs().max()))

@@ -216,3 +216,27 @@ def test_proxy_rules_pick_the_known_map_where_beta_picks_the_broad_one():
     # every ranking-based rule finds the patch
     ranking_rules = [n for n in SELECTIONS if n.startswith(("insdel-", "keep-remove-", "drop-"))]
     assert ranking_rules and all(picks[n] == 2 for n in ranking_rules), picks
+
+
+def test_a_flat_map_never_wins_a_ranking_rule(effnet, sample_dir, sample_labels):
+    """A real case: at 96 px, Group-CAM (8 groups) on photo 42 comes out flat (all 0).
+
+    Its insdel score would only measure the raster order its ties fall back to: before the
+    guard it scored +0.23 and was selected. Under ranking rules a flat member gets −inf.
+    """
+    x, _ = load_batch(effnet, sample_dir, sample_labels, [0, 42], 96)
+    kw = dict(gradient=("gradcam",), region=("groupcam",), groups=8, chunk_size=8,
+              channels_last=False, include_gradient_maps=True, return_components=True)
+    with UnionCAM(effnet.model, LAYER, UnionCAMConfig(**kw, selection="insdel-4")) as cam:
+        res = cam(x)
+    maps = torch.stack([res.components[k] for k in res.pool], 1).flatten(2)
+    flat = maps.amax(-1) <= maps.amin(-1)
+    assert bool(flat.any()), "the data no longer gives a flat member; pick another photo"
+    assert torch.equal(torch.isinf(res.scores), flat)
+    assert not bool(flat.gather(1, res.selected[:, None]).any())
+    sel = res.maps.flatten(1)
+    assert bool((sel.amax(1) > sel.amin(1)).all())
+    # β is a soft-mask score and keeps its finite value (a flat 0 map: β = 0 exactly)
+    with UnionCAM(effnet.model, LAYER, UnionCAMConfig(**kw)) as cam:
+        ref = cam(x)
+    assert bool(torch.isfinite(ref.scores).all())

@@ -37,6 +37,13 @@ name                   score of member L                                        
 ``insdel-<S>``         S-step RISE: AUC(ins) − AUC(del) at f = k/S, k = 0..S       2(S − 1)    3
 =====================  ==========================================================  ==========  =========
 
+A constant map (a component that came out flat, e.g. Group-CAM with every
+group scored 0) has no ranking: a ranking rule would score the raster order
+its ties fall back to, which once scored +0.23 and won. So under the
+ranking rules (``drop``, ``keep-remove``, ``insdel``) such a member's score is
+−inf: it is kept only when every member is constant. ``beta`` and
+``beta-blur`` score the map as a mask and need no such guard.
+
 ``insdel-<S>`` is *exactly* :func:`unioncam.metrics.insertion_deletion`'s
 insertion − deletion with ``step = H·W / S`` when S divides H·W (trapezoid
 rule, endpoints p(b), p(x), p(0) computed once per image): selecting by it is
@@ -52,22 +59,30 @@ import torch
 
 from unioncam.metrics import gaussian_blur
 
-__all__ = ["SELECTIONS", "RULE_COSTS", "register", "rule_forwards", "top_ranks"]
+__all__ = ["SELECTIONS", "RULE_COSTS", "RANKING_RULES", "register", "rule_forwards", "top_ranks"]
 
 Rule = Callable[..., tuple[torch.Tensor, int]]
 SELECTIONS: dict[str, Rule] = {}
 # name -> (forwards per pool member per image, forwards per image)
 RULE_COSTS: dict[str, tuple[int, int]] = {}
+# Rules that only look at the map's pixel ranking (see UnionCAM's constant-map guard).
+RANKING_RULES: set[str] = set()
 
 INSDEL_STEPS = (2, 3, 4, 6, 8, 12, 16)
 PERCENTS = (5, 10, 20, 30, 50)
 
 
-def register(name: str, per_member: int = 0, per_image: int = 0) -> Callable[[Rule], Rule]:
-    """Register a rule under ``name`` with its forward-pass cost (see :func:`rule_forwards`)."""
+def register(name: str, per_member: int = 0, per_image: int = 0,
+             ranking: bool = False) -> Callable[[Rule], Rule]:
+    """Register a rule under ``name`` with its forward-pass cost (see :func:`rule_forwards`).
+
+    ``ranking=True`` marks a rule that scores only the order of the map's pixels.
+    """
     def deco(fn: Rule) -> Rule:
         SELECTIONS[name] = fn
         RULE_COSTS[name] = (per_member, per_image)
+        if ranking:
+            RANKING_RULES.add(name)
         return fn
 
     return deco
@@ -204,7 +219,7 @@ def _make_insdel(steps: int) -> Rule:
 
 
 for _pct in PERCENTS:
-    register(f"drop-{_pct}", per_member=1, per_image=1)(_make_drop(_pct))
-    register(f"keep-remove-{_pct}", per_member=2)(_make_keep_remove(_pct))
+    register(f"drop-{_pct}", per_member=1, per_image=1, ranking=True)(_make_drop(_pct))
+    register(f"keep-remove-{_pct}", per_member=2, ranking=True)(_make_keep_remove(_pct))
 for _s in INSDEL_STEPS:
-    register(f"insdel-{_s}", per_member=2 * (_s - 1), per_image=3)(_make_insdel(_s))
+    register(f"insdel-{_s}", per_member=2 * (_s - 1), per_image=3, ranking=True)(_make_insdel(_s))

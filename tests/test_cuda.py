@@ -1,0 +1,124 @@
+"""The library on a CUDA GPU.
+
+What the CPU cannot show: the same maps and selection on the GPU as on the CPU,
+no host synchronisation that grows with the number of masked forwards, an
+auto-tuned setting that is exact there too, and bf16 autocast close to fp32.
+Skipped cleanly without a GPU (``benchmarks/gpu_check.sh`` runs them on one);
+the CPU halves of these checks (chunk and batch invariance, auto-tune
+exactness, bf16 closeness) run everywhere in ``test_cams.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from unioncam import UnionCAM
+from unioncam.base import _GPU_CHUNKS
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture
+def fp32_exact():
+    """Plain fp32 on the GPU: cuDNN convolutions default to TF32, which is not fp32."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.fixture
+def gpu_model(effnet):
+    """The session's EfficientNet-Lite0, on the GPU for one test and back afterwards."""
+    yield effnet.model.cuda()
+    effnet.model.cpu()
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+
+
+@pytest.mark.parametrize("config", ["paper", "faithful"])
+def test_cuda_matches_cpu(effnet, photos, fp32_exact, config):
+    x, _ = photos
+    with UnionCAM(effnet.model, "_blocks.4", config, chunk_size=16, channels_last=False) as cam:
+        cpu = cam(x[:3])
+    model = effnet.model.cuda()
+    try:
+        with UnionCAM(model, "_blocks.4", config, chunk_size=64) as cam:
+            gpu = cam(x[:3].cuda())
+    finally:
+        effnet.model.cpu()
+    assert gpu.maps.device.type == "cuda"
+    torch.testing.assert_close(gpu.maps.cpu(), cpu.maps, atol=1e-4, rtol=0)
+    # β is a soft-mask score: fp32-close. The faithful preset's insdel scores count pixels by
+    # rank, and a 1e-6 change of a map can swap tied pixels at a step's edge (seen: 1.5e-3).
+    tol = 1e-5 if config == "paper" else 5e-3
+    torch.testing.assert_close(gpu.scores.cpu(), cpu.scores, atol=tol, rtol=0)
+    assert torch.equal(gpu.selected.cpu(), cpu.selected)
+    assert torch.equal(gpu.classes.cpu(), cpu.classes)
+
+
+def test_host_syncs_do_not_grow_with_masked_forwards(gpu_model, photos):
+    """No .item()/.cpu() in the chunk loop: 4-image chunks sync as often as one big chunk."""
+    x = photos[0][:2].cuda()
+    counts, where = [], []
+    for chunk in (4, 512):
+        with UnionCAM(gpu_model, "_blocks.4", "paper", chunk_size=chunk,
+                      channels_last=False) as cam:
+            cam(x)  # first call: layer resolution, warm-up
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as rec:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    res = cam(x)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+        # The library's own syncs (torch itself was seen adding a one-off elsewhere, once per
+        # process, which is not the library's to fix).
+        syncs = [w for w in rec if "synchroniz" in str(w.message)
+                 and f"{os.sep}unioncam{os.sep}" in w.filename]
+        counts.append(len(syncs))
+        where.append(sorted(f"{os.path.basename(w.filename)}:{w.lineno}" for w in syncs))
+        assert res.forwards > 80  # the paper's pool: one forward per non-constant channel
+    # ~20 chunks of 4 against 1 chunk of 512: the per-batch syncs are fixed, the loop adds none.
+    assert counts[0] == counts[1], where
+    # exactly the two documented ones: the NaN/Inf check of the batch and the count of
+    # non-constant channels that sizes Score-CAM's forwards
+    assert [s.split(":")[0] for s in where[1]] == ["base.py", "region.py"], where
+
+
+def test_autotune_on_cuda_is_exact(gpu_model, photos, fp32_exact):
+    x = photos[0][:2].cuda()
+    with UnionCAM(gpu_model, "_blocks.4", region="groupcam", groups=8, chunk_size=32,
+                  channels_last=False) as cam:
+        fixed = cam(x)
+    with UnionCAM(gpu_model, "_blocks.4", region="groupcam", groups=8) as cam:
+        tuned = cam(x)
+        assert cam.chunk_size in _GPU_CHUNKS and cam.channels_last in (True, False)
+    # Another chunk size and memory format make cuDNN pick other fp32 algorithms: rounding-level
+    # changes of the probabilities, amplified by min-max normalisation (seen: 2.2e-4).
+    torch.testing.assert_close(tuned.maps, fixed.maps, atol=1e-3, rtol=0)
+    assert gpu_model._conv_stem.weight.is_contiguous()  # memory format restored
+
+
+def test_bf16_autocast_on_cuda_is_close_to_fp32(gpu_model, photos):
+    x = photos[0][:3].cuda()  # the CPU test's photos (test_cams.py: correlation 0.94-0.98)
+    with UnionCAM(gpu_model, "_blocks.4", "paper", chunk_size=128) as cam:
+        ref = cam(x)
+    with UnionCAM(gpu_model, "_blocks.4", "paper", chunk_size=128, autocast="bf16") as cam:
+        low = cam(x)
+    assert low.maps.dtype == torch.float32 and low.scores.dtype == torch.float32
+    assert float(low.maps.min()) >= 0 and float(low.maps.max()) <= 1
+    assert torch.equal(low.classes, ref.classes)
+    assert bool((_corr(low.maps, ref.maps) > 0.85).all()), _corr(low.maps, ref.maps)
