@@ -288,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q = qs.add_parser("top", help="top-k (or bottom-k) rows by a score")
     q.add_argument(
-        "--by", default="beta", help="beta, prob, baseline_prob, beta:<pool member>, metrics/<name>"
+        "--by", default="beta",
+        help="beta, prob, baseline_prob, beta:<pool member>, metrics/<name>; selection, "
+        "selection:<pool member> for runs that select by a rule other than beta",
     )
     q.add_argument("-k", type=int, default=10)
     q.add_argument("--bottom", action="store_true", help="smallest first")
@@ -581,6 +583,9 @@ def export_csv(reader: Any, path: str, names: list[str]) -> int:
         "baseline_prob",
         "selected",
     ] + [f"beta:{p}" for p in reader.pool]
+    with_sel = "selection_scores" in reader.group  # a run that selected by another rule than β
+    if with_sel:
+        cols += [f"selection:{p}" for p in reader.pool]
     n = 0
     arrays = [
         "status",
@@ -592,7 +597,7 @@ def export_csv(reader: Any, path: str, names: list[str]) -> int:
         "baseline_prob",
         "selected",
         "scores",
-    ]
+    ] + (["selection_scores"] if with_sel else [])
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(cols)
@@ -617,6 +622,8 @@ def export_csv(reader: Any, path: str, names: list[str]) -> int:
                         reader.pool[sel] if 0 <= sel < len(reader.pool) else "",
                     ]
                     + [_fmt(v) for v in np.asarray(a["scores"][i]).tolist()]
+                    + ([_fmt(v) for v in np.asarray(a["selection_scores"][i]).tolist()]
+                       if with_sel else [])
                 )
                 n += 1
     return n

@@ -161,6 +161,7 @@ class Resolved:
     components: tuple[str, ...]
     preprocess: dict[str, Any]
     weights: str | None
+    selection: str | None = None  # the rule's name when it is not β (stored separately)
 
 
 def resolve(config: RunConfig) -> Resolved:
@@ -207,7 +208,9 @@ def resolve(config: RunConfig) -> Resolved:
         "mean": list(pre.mean),
         "std": list(pre.std),
     }
-    return Resolved(cfg, size, tuple(method.pool), components, preprocess, loaded.weights)
+    selection = None if method.selection == "beta" else method.selection
+    return Resolved(cfg, size, tuple(method.pool), components, preprocess, loaded.weights,
+                    selection)
 
 
 def store_attrs(res: Resolved, manifest: Any) -> dict[str, Any]:
@@ -304,7 +307,7 @@ def run(config: RunConfig) -> RunSummary:
     """
     from pipeline.evaluate import store_metric_names
     from pipeline.manifest import Manifest
-    from pipeline.store import create_store, done_units
+    from pipeline.store import create_store, done_units, read_layout
 
     t0 = time.perf_counter()
     if "://" not in config.store:
@@ -323,10 +326,14 @@ def run(config: RunConfig) -> RunSummary:
         pool=resolved.pool,
         components=resolved.components,
         metrics=store_metric_names(cfg.metrics, resolved.pool, cfg.metrics_all_members),
+        selection=resolved.selection,
         attrs=attrs,
         overwrite=cfg.overwrite,
         storage_options=so,
     )
+    # What the store holds decides what actors write: a store resumed from before
+    # ``selection_scores`` existed has none, whatever the rule.
+    stored_selection = read_layout(cfg.store, storage_options=so).selection
     done = done_units(cfg.store, storage_options=so)
     todo = [u for u in range(manifest.num_units) if u not in done]
     if cfg.max_units is not None:
@@ -354,6 +361,7 @@ def run(config: RunConfig) -> RunSummary:
         metrics=store_metric_names(cfg.metrics, resolved.pool, cfg.metrics_all_members),
         layer=cfg.layer,
         image_size=resolved.map_size,
+        selection=stored_selection,
     )
     sizes = {u: _unit_rows(manifest, u) for u in todo}
     del manifest  # the actors read rows themselves; the driver keeps only unit sizes

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -70,10 +70,12 @@ MEMBER_SEP = "@"
 #: The methods :func:`compare_methods` knows, in the order a report lists them. Any gradient
 #: method of :mod:`unioncam.gradient` (``xgradcam``, ``layercam``, ``denoised-gradcam``...)
 #: is accepted too.
-METHODS = ("unioncam", "gradcam", "gradcam++", "scorecam", "groupcam", "denoised", "fused")
+METHODS = ("unioncam", "faithful", "gradcam", "gradcam++", "scorecam", "groupcam", "denoised",
+           "fused")
 
 METHOD_LABELS = {
-    "unioncam": "UnionCAM",
+    "unioncam": "UnionCAM (paper)",
+    "faithful": "UnionCAM (faithful preset, the default)",
     "gradcam": "Grad-CAM",
     "gradcam++": "Grad-CAM++",
     "scorecam": "Score-CAM",
@@ -296,7 +298,7 @@ def _check_methods(methods: Sequence[str]) -> tuple[str, ...]:
 
     if isinstance(methods, str):
         methods = (methods,)
-    known = ("unioncam", "fused", *_REGION, *GRADIENT_METHODS)
+    known = ("unioncam", "faithful", "fused", *_REGION, *GRADIENT_METHODS)
     out = []
     for m in methods:
         if m not in known:
@@ -331,8 +333,10 @@ def compare_methods(
     insertion/deletion scores (RISE, :func:`unioncam.metrics.insertion_deletion`).
 
     ``methods``: any of :data:`METHODS` (``unioncam`` = the paper's configuration: pool
-    {Score-CAM, fused(denoised, Score-CAM)}, selection by confidence gain) or another
-    gradient method name. Every map comes from ONE UnionCAM call with
+    {Score-CAM, fused(denoised, Score-CAM)}, selection by confidence gain; ``faithful`` = the
+    library's default preset, run as its own UnionCAM call because its pool and selection
+    rule differ; ``theta``/``baseline``/``autocast`` and the chunking apply to it too, its
+    Group-CAM keeps the preset's 32 groups) or another gradient method name. Every map comes from ONE UnionCAM call with
     ``gradient=(denoised, gradcam, gradcam++, ...)``, ``region=(scorecam[, groupcam])`` and
     ``return_components=True``: one gradient pass, Score-CAM's masked forwards once. The
     paper's UnionCAM is then re-selected from that call's β of ``region:scorecam`` and
@@ -349,6 +353,7 @@ def compare_methods(
     from unioncam import UnionCAM, UnionCAMConfig
     from unioncam.gradient import GRADIENT_METHODS, GradientCAM
     from unioncam.metrics import insertion_deletion
+    from unioncam.union import PRESETS
 
     methods = _check_methods(methods)
     want = set(methods)
@@ -391,6 +396,17 @@ def compare_methods(
                 classes, probs = cam.last["classes"], cam.last["probs"]
             explain_fw += x.shape[0]
         beta = {}
+    if "faithful" in want:
+        fcfg = replace(PRESETS["faithful"], theta=theta, baseline=baseline, autocast=autocast,
+                       chunk_size=chunk_size, channels_last=channels_last)
+        with UnionCAM(model, layer, fcfg) as cam:
+            fres = cam(x, targets)
+            if not region:
+                tuned_chunk, tuned_cl = cam.chunk_size, bool(cam.channels_last)
+        comp["faithful"] = fres.maps
+        explain_fw += fres.forwards
+        if classes is None:
+            classes, probs = fres.classes, fres.probs
     t_explain = time.perf_counter() - t0
 
     pool = ("region:scorecam", "fused:denoised+scorecam")
@@ -402,6 +418,8 @@ def compare_methods(
         selected = torch.full((n,), -1, dtype=torch.long, device=x.device)
 
     def key_of(m: str) -> str:
+        if m == "faithful":
+            return m
         if m == "fused":
             return pool[1]
         if m in _REGION:

@@ -9,8 +9,11 @@ on a run that is still going see only finished units.
 
 Score names accepted by :meth:`StoreReader.top_k` (see :meth:`StoreReader.score_names`):
 ``beta`` (β of the selected map), ``prob`` (p of the explained class), ``baseline_prob``,
-``beta:<pool member>`` (e.g. ``beta:region:scorecam``) and ``metrics/<name>`` if the run
-stored metrics.
+``beta:<pool member>`` (e.g. ``beta:region:scorecam``), ``metrics/<name>`` if the run
+stored metrics, and, when the run selected by a rule other than β (the default ``faithful``
+preset selects by ``insdel-8``), ``selection`` (the selected member's score under that rule)
+and ``selection:<pool member>``. Rows whose score is NaN or ±inf (a flat map under a ranking
+rule scores −inf) are left out of a top-k, in either direction.
 """
 
 from __future__ import annotations
@@ -154,6 +157,8 @@ class StoreReader:
 
     def score_names(self) -> list[str]:
         names = ["beta", "prob", "baseline_prob"] + [f"beta:{p}" for p in self.pool]
+        if "selection_scores" in self.group:
+            names += ["selection"] + [f"selection:{p}" for p in self.pool]
         if "metrics" in self.group:
             names += [f"metrics/{k}" for k in sorted(self.group["metrics"].array_keys())]
         return names
@@ -299,14 +304,20 @@ class StoreReader:
             ]
         if score in ("prob", "baseline_prob"):
             return [score], lambda a: a[score]
-        if score.startswith("beta:"):
-            name = score[5:]
+        if score == "selection" and "selection_scores" in self.group:
+            return ["selection_scores", "selected"], lambda a: a["selection_scores"][
+                np.arange(len(a["selected"])), np.maximum(a["selected"], 0)
+            ]
+        for prefix, array in (("beta:", "scores"), ("selection:", "selection_scores")):
+            if not score.startswith(prefix) or array not in self.group:
+                continue
+            name = score[len(prefix):]
             if name not in self.pool:
                 raise ValueError(
                     f"unknown pool member {name!r}; the pool is {', '.join(self.pool)}"
                 )
             i = self.pool.index(name)
-            return ["scores"], lambda a: a["scores"][:, i]
+            return [array], lambda a, array=array, i=i: a[array][:, i]
         if score.startswith("metrics/") and score in self.group:
             return [score], lambda a: a[score]
         raise ValueError(f"unknown score {score!r}; choose from {', '.join(self.score_names())}")
@@ -403,6 +414,8 @@ class StoreReader:
             else str(out["status"])
         )
         out["scores"] = np.asarray(g["scores"][r], dtype=np.float64).tolist()
+        if "selection_scores" in g:
+            out["selection_scores"] = np.asarray(g["selection_scores"][r], np.float64).tolist()
         out["orig_size"] = tuple(int(v) for v in np.asarray(g["orig_size"][r]))
         out["crop_box"] = tuple(int(v) for v in np.asarray(g["crop_box"][r]))
         out["error"] = _as_str(np.asarray(g["error"][r]).item()) if "error" in g else ""

@@ -597,9 +597,9 @@ def _read_store_scalars(
         raise ReportError(str(e)) from None
     done = sorted(done_units(store, storage_options))
     names = list(layout.metrics)
-    from pipeline.store import _safe  # the store's own name mapping (no second copy of it)
+    from pipeline.store import safe_name  # the store's own name mapping
 
-    paths = {n: f"metrics/{_safe(n)}" for n in names}
+    paths = {n: f"metrics/{safe_name(n)}" for n in names}
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("status", "selected", "prob", by)}
     cols.update({n: [] for n in names})
     rows: list[np.ndarray] = []
@@ -638,7 +638,7 @@ def _store_sample(
     seed: int,
     by: str,
 ) -> ReportSample:
-    from pipeline.store import _safe
+    from pipeline.store import safe_name
 
     d = _read_store_scalars(store, by=by, storage_options=storage_options)
     layout, group, pool, ok = d["layout"], d["group"], d["pool"], d["ok"]
@@ -699,7 +699,7 @@ def _store_sample(
     if gallery > 0:
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(rows.size, size=min(gallery, rows.size), replace=False))
-        comps = [c for c in layout.components if f"components/{_safe(c)}" in group]
+        comps = [c for c in layout.components if f"components/{safe_name(c)}" in group]
         reader = None
         try:
             from pipeline.query import open_reader
@@ -721,7 +721,7 @@ def _store_sample(
                     missing_photo += 1
             maps = {"unioncam": np.asarray(group["maps"][r], dtype=np.float32)}
             for c in comps:
-                maps[c] = np.asarray(group[f"components/{_safe(c)}"][r], dtype=np.float32)
+                maps[c] = np.asarray(group[f"components/{safe_name(c)}"][r], dtype=np.float32)
             s = int(sel[j])
             c = int(classes[j])
             g_items.append(GalleryItem(
@@ -824,7 +824,7 @@ def _plt():
 
 
 _COLORS = {
-    "unioncam": "#d62728", "gradcam": "#1f77b4", "gradcam++": "#17becf", "scorecam": "#2ca02c",
+    "unioncam": "#d62728", "faithful": "#e377c2", "gradcam": "#1f77b4", "gradcam++": "#17becf", "scorecam": "#2ca02c",
     "groupcam": "#9467bd", "denoised": "#ff7f0e", "fused": "#8c564b",
 }  # fmt: skip
 

@@ -50,6 +50,7 @@ __all__ = [
     "StoreLayout",
     "StoreMismatchError",
     "create_store",
+    "safe_name",
     "done_units",
     "finalize_store",
     "marker_key",
@@ -135,7 +136,10 @@ class ArraySpec:
         return np.full((rows, *self.trailing), self.fill, dtype=np.dtype(self.dtype))
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """The array key a component or metric name is stored under (``fused:a+b`` -> ``fused_a_b``):
+    pool names hold characters that are path separators or awkward in Zarr keys; the original
+    name stays in the array's ``name`` attribute."""
     return _SAFE_NAME.sub("_", name)
 
 
@@ -149,9 +153,14 @@ class StoreLayout:
     pool: tuple[str, ...]
     components: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
+    # The selection rule when it is not β (e.g. "insdel-8"): its scores get their own array,
+    # because ``scores`` always holds β. None for β (nothing extra to store).
+    selection: str | None = None
     format: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        if self.selection == "beta":  # β is ``scores`` itself: nothing extra to store
+            object.__setattr__(self, "selection", None)
         for what, v in (("num_rows", self.num_rows), ("unit_size", self.unit_size)):
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise StoreError(f"{what} must be a positive integer, got {v!r}")
@@ -162,7 +171,7 @@ class StoreLayout:
         if len(self.pool) > 32767:
             raise StoreError(f"pool has {len(self.pool)} members; at most 32767 are supported")
         for group, names in (("components", self.components), ("metrics", self.metrics)):
-            safe = [_safe(n) for n in names]
+            safe = [safe_name(n) for n in names]
             if len(set(safe)) != len(safe) or any(not n for n in names):
                 raise StoreError(f"{group} names must be unique and non-empty: {list(names)}")
 
@@ -185,6 +194,7 @@ class StoreLayout:
             "pool": list(self.pool),
             "components": list(self.components),
             "metrics": list(self.metrics),
+            "selection": self.selection,
         }
 
     @classmethod
@@ -196,6 +206,7 @@ class StoreLayout:
             pool=tuple(d["pool"]),
             components=tuple(d.get("components", ())),
             metrics=tuple(d.get("metrics", ())),
+            selection=d.get("selection"),
             format=int(d.get("format", FORMAT_VERSION)),
         )
 
@@ -213,6 +224,12 @@ class StoreLayout:
                              "description": "confidence gain of every pool member"}),
             ArraySpec("selected", ("image",), sel_dtype, -1,
                       attrs={"description": "index into pool of the selected map"}),
+            *([ArraySpec("selection_scores", ("image", "pool"), "f4", nan, (p,),
+                         attrs={"pool": list(self.pool), "rule": self.selection,
+                                "description": "every pool member's score under the selection "
+                                               "rule; the highest is selected (-inf: a flat "
+                                               "map, which a ranking rule cannot score)"})]
+              if self.selection else []),
             ArraySpec("class_explained", ("image",), "i4", -1),
             ArraySpec("label", ("image",), "i4", -1, attrs={"description": "-1 = no label"}),
             ArraySpec("predicted", ("image",), "i4", -1),
@@ -229,12 +246,12 @@ class StoreLayout:
         ]  # fmt: skip
         for name in self.components:
             specs.append(
-                ArraySpec(f"components/{_safe(name)}", ("image", "y", "x"), "f2", nan, (h, w),
+                ArraySpec(f"components/{safe_name(name)}", ("image", "y", "x"), "f2", nan, (h, w),
                           sharded=True, attrs={"name": name})
             )  # fmt: skip
         for name in self.metrics:
             specs.append(
-                ArraySpec(f"metrics/{_safe(name)}", ("image",), "f4", nan, attrs={"name": name})
+                ArraySpec(f"metrics/{safe_name(name)}", ("image",), "f4", nan, attrs={"name": name})
             )
         return specs
 
@@ -248,9 +265,9 @@ class StoreLayout:
         """Accepted write_unit keys -> Zarr path (``components/<original name>`` too)."""
         out = {spec.name: spec.name for spec in self.arrays()}
         for n in self.components:
-            out[f"components/{n}"] = f"components/{_safe(n)}"
+            out[f"components/{n}"] = f"components/{safe_name(n)}"
         for n in self.metrics:
-            out[f"metrics/{n}"] = f"metrics/{_safe(n)}"
+            out[f"metrics/{n}"] = f"metrics/{safe_name(n)}"
         return out
 
 
@@ -365,6 +382,7 @@ def create_store(
     pool: Sequence[str],
     components: Sequence[str] = (),
     metrics: Sequence[str] = (),
+    selection: str | None = None,
     attrs: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
@@ -372,7 +390,8 @@ def create_store(
     """Create the store (DRIVER ONLY), or reuse a matching one to resume.
 
     An existing store is reused when its layout (rows, unit size, map size, pool,
-    components, metrics) and every ``*fingerprint`` key of ``attrs`` (e.g.
+    components, metrics, selection rule; a store without ``selection_scores`` matches any rule
+    and keeps none) and every ``*fingerprint`` key of ``attrs`` (e.g.
     ``manifest_fingerprint``, ``config_fingerprint``) equal the stored ones; its attributes
     are then updated with ``attrs``. Otherwise :class:`StoreMismatchError` (one line) unless
     ``overwrite``, which deletes the old store, markers included. A path that holds
@@ -390,6 +409,7 @@ def create_store(
         pool=tuple(str(p) for p in pool),
         components=tuple(str(c) for c in components),
         metrics=tuple(str(m) for m in metrics),
+        selection=None if selection in (None, "beta") else str(selection),
     )
     user_attrs = redact(dict(attrs or {}))
     if LAYOUT_ATTR in user_attrs:
@@ -428,6 +448,10 @@ def _mismatch(
     old: StoreLayout, new: StoreLayout, old_attrs: Mapping[str, Any], new_attrs: Mapping[str, Any]
 ) -> str | None:
     od, nd = old.to_dict(), new.to_dict()
+    if od.get("selection") is None:
+        # A store made before ``selection_scores`` existed (or a β run): it simply has no such
+        # array; the config fingerprint below still refuses another selection rule.
+        nd["selection"] = None
     for key in nd:
         if od.get(key) != nd[key]:
             return f"{key}: store has {_short(od.get(key))}, this run {_short(nd[key])}"

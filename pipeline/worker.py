@@ -63,6 +63,7 @@ class UnitContext:
     metrics: tuple[str, ...]
     layer: str | None
     image_size: int
+    selection: str | None = None  # a non-β selection rule: its scores are stored too
 
 
 def empty_unit_arrays(n: int, ctx: UnitContext) -> dict[str, np.ndarray]:
@@ -75,6 +76,8 @@ def empty_unit_arrays(n: int, ctx: UnitContext) -> dict[str, np.ndarray]:
         "maps": np.full((n, s, s), np.nan, dtype=np.float16),
         "scores": np.full((n, p), np.nan, dtype=np.float32),
         "selected": np.full((n,), -1, dtype=np.int16),
+        **({"selection_scores": np.full((n, p), np.nan, dtype=np.float32)}
+           if ctx.selection else {}),
         "class_explained": np.full((n,), -1, dtype=np.int32),
         "label": np.full((n,), -1, dtype=np.int32),
         "predicted": np.full((n,), -1, dtype=np.int32),
@@ -179,6 +182,9 @@ class ExplainWorker:
         )
         self.cam = UnionCAM(self.model, target_layer=ctx.layer, config=method)
         self.cam.__enter__()
+        # Auto-tune now (seconds, once per actor) rather than inside the first unit.
+        s = ctx.image_size
+        self.cam.prepare(torch.zeros(1, 3, s, s, device=self.device))
 
     # ------------------------------------------------------------------ info
     def ready(self) -> dict[str, Any]:
@@ -375,6 +381,8 @@ class ExplainWorker:
                 # queries call "beta"), also when the method selects by another criterion.
                 "scores": _beta(res).float().cpu().numpy(),
                 "selected": res.selected.cpu().numpy(),
+                **({"selection_scores": res.scores.float().cpu().numpy()}
+                   if self.ctx.selection else {}),
                 "class_explained": res.classes.cpu().numpy(),
                 "prob": res.probs.float().cpu().numpy(),
                 "baseline_prob": res.baseline_probs.float().cpu().numpy(),

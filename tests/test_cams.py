@@ -229,3 +229,50 @@ def test_bf16_autocast_is_close_to_fp32(effnet, photos):
     corr = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
     assert bool((corr > 0.85).all()), corr
     print("bf16 vs fp32: corr", corr.tolist(), "max dev", float((low.maps - ref.maps).abs().max()))
+
+
+def test_prepare_tunes_ahead_and_changes_no_result(effnet, photos, monkeypatch):
+    """``prepare`` (what a pipeline actor calls before pulling work) only moves the tuning."""
+    import unioncam.base as base
+
+    x, _ = photos
+    monkeypatch.setattr(base, "_TUNED", {})  # other tests' cached choices must not hide it
+    calls = []
+    measure = base.BaseCAM._measure_settings
+    monkeypatch.setattr(base.BaseCAM, "_measure_settings",
+                        lambda self, ex: calls.append(tuple(ex.shape)) or measure(self, ex))
+    with UnionCAM(effnet.model, "_blocks.4", region="groupcam", groups=4, chunk_size=8) as cam:
+        assert cam.channels_last is None and cam.layer is None
+        cam.prepare(torch.zeros(1, *x.shape[1:], dtype=torch.float64))
+        assert calls == [(1, *x.shape[1:])]  # tuned now, in fp32 like a call
+        assert cam.channels_last in (True, False) and cam.layer is not None
+        ahead = cam(x[:2])
+        assert len(calls) == 1  # ... and not again on the first real batch
+        with pytest.raises(ValueError, match="3 channels"):
+            cam.prepare(torch.zeros(1, 1, *x.shape[2:]))
+        chosen = cam.channels_last
+    with UnionCAM(effnet.model, "_blocks.4", region="groupcam", groups=4, chunk_size=8,
+                  channels_last=chosen) as cam:
+        plain = cam(x[:2])
+    torch.testing.assert_close(ahead.maps, plain.maps, atol=1e-5, rtol=0)
+    assert effnet.model._conv_stem.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("given, run_cl", [("channels_last", False), ("contiguous", True)])
+def test_the_model_comes_back_in_its_own_memory_format(effnet, photos, given, run_cl):
+    """Whatever format the CAM runs in, the user's model is returned as it was given."""
+    x, _ = photos
+    model = effnet.model
+    fmt = torch.channels_last if given == "channels_last" else torch.contiguous_format
+    model.to(memory_format=fmt)
+    try:
+        with UnionCAM(model, "_blocks.4", region="groupcam", groups=4, chunk_size=8,
+                      channels_last=run_cl) as cam:
+            cam(x[:1])
+            w = model._conv_stem.weight
+            assert w.is_contiguous(memory_format=torch.channels_last if run_cl
+                                   else torch.contiguous_format)
+        assert model._conv_stem.weight.is_contiguous(memory_format=fmt)
+        assert model._conv_stem.weight.is_contiguous() == (given == "contiguous")
+    finally:
+        model.to(memory_format=torch.contiguous_format)

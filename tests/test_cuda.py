@@ -64,7 +64,10 @@ def test_cuda_matches_cpu(effnet, photos, fp32_exact, config):
     # rank, and a 1e-6 change of a map can swap tied pixels at a step's edge (seen: 1.5e-3).
     tol = 1e-5 if config == "paper" else 5e-3
     torch.testing.assert_close(gpu.scores.cpu(), cpu.scores, atol=tol, rtol=0)
-    assert torch.equal(gpu.selected.cpu(), cpu.selected)
+    # the same member, unless two members tie within that tolerance
+    g, c = gpu.selected.cpu(), cpu.selected
+    for i in (g != c).nonzero()[:, 0].tolist():
+        assert abs(float(cpu.scores[i, g[i]] - cpu.scores[i, c[i]])) <= 2 * tol, i
     assert torch.equal(gpu.classes.cpu(), cpu.classes)
 
 

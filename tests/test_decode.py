@@ -303,3 +303,29 @@ def test_load_row_with_real_preprocessing(tmp_path: Path, rgb: Image.Image) -> N
     assert status is Status.MISSING and "missing.jpg" in msg
     t, *_, status, msg = load_row(Row(4, None, None, data=b"garbage bytes"), pre)
     assert t is None and status is Status.UNSUPPORTED and "row 4" in msg
+
+
+def test_preprocessing_equals_torchvision_transforms() -> None:
+    """The numpy preprocessing is torchvision's Resize/CenterCrop/ToTensor/Normalize.
+
+    It is numpy (not torch) so that decode threads never start OpenMP teams, which slowed
+    the model in the main thread by 1.45x for the rest of the process (README, pipeline
+    benchmark). Values must not change for it.
+    """
+    import torch
+    from torchvision import transforms as T
+
+    from unioncam.models import Preprocessing
+
+    files = sorted(SAMPLE.glob("*.JPEG"))[:6]
+    assert files, f"no photos in {SAMPLE}"
+    for size in (224, 96):
+        pre = Preprocessing().with_size(size)
+        ref = T.Compose([T.Resize(pre.resize_size), T.CenterCrop(pre.crop_size), T.ToTensor(),
+                         T.Normalize(pre.mean, pre.std)])
+        for f in files:
+            img = Image.open(f).convert("RGB")
+            got, box = pre(img)
+            assert got.dtype == torch.float32 and got.is_contiguous()
+            torch.testing.assert_close(got, ref(img), atol=1e-6, rtol=0)
+            assert box == pre.crop_box(*img.size)

@@ -408,3 +408,47 @@ def test_components_metrics_and_label_targets(data, ray_cluster, reference, tmp_
         assert np.isfinite(v).all() and ((v >= 0) & (v <= 1)).all()
     # The prediction is still recorded separately: the model's argmax on the same input.
     np.testing.assert_array_equal(g["predicted"][:], reference["classes"][:UNIT])
+
+
+def test_a_non_beta_selection_rule_stores_its_scores_and_queries_rank_by_them(
+    complete, data, ray_cluster, tmp_path
+):
+    """``scores`` stays β; a rule like ``drop-20`` (or the default preset's ``insdel-8``) gets
+    its own ``selection_scores`` array, whose row maximum is the stored ``selected``."""
+    rows = data["rows"][:UNIT]
+    m = build_from_list(rows, tmp_path / "m_sel.parquet", unit_size=UNIT)
+    # a fixed format: the actor and this process must not tune to different ones, since a
+    # rank-based score can move by 1e-3 when a map moves by 1e-6 (tied pixels at the edge)
+    method = UnionCAMConfig.preset("fast", groups=4, chunk_size=16, channels_last=False,
+                                   selection="drop-20")
+    store = tmp_path / "sel.zarr"
+    s = run(make_config(m.uri, store, method=method.to_dict(), actors=1))
+    assert s.complete and s.images_ok == UNIT
+    g = open_store(str(store))
+    sel_scores = np.asarray(g["selection_scores"][:])
+    assert g["selection_scores"].attrs["rule"] == "drop-20"
+    assert g["selection_scores"].metadata.dimension_names == ("image", "pool")
+    np.testing.assert_array_equal(g["selected"][:], sel_scores.argmax(1))
+    # the library on the same inputs: the same rule scores, and β still in ``scores``
+    loaded = load_model("efficientnet-lite0")
+    pre = loaded.preprocess.with_size(SIZE)
+    x = torch.stack([load_row(Row(i, uri, None, None), pre)[0] for i, (uri, _) in enumerate(rows)])
+    with UnionCAM(loaded.model, config=method) as cam:
+        res = cam(x)
+    np.testing.assert_allclose(sel_scores, res.scores.numpy(), atol=1e-4)
+    np.testing.assert_allclose(g["scores"][:], res.beta.numpy(), atol=1e-4)
+    reader = open_reader(str(store))
+    assert "selection" in reader.score_names()
+    top = reader.top_k("selection", 1)
+    best = sel_scores[np.arange(UNIT), sel_scores.argmax(1)].argmax()
+    assert top[0].row_id == best and top[0].score == pytest.approx(float(sel_scores.max(1)[best]))
+    # the CSV export carries them next to β
+    from pipeline.cli import export_csv
+
+    assert export_csv(reader, str(tmp_path / "sel.csv"), []) == UNIT
+    with open(tmp_path / "sel.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    first = res.pool[0]
+    assert float(table[0][f"selection:{first}"]) == pytest.approx(float(sel_scores[0, 0]), rel=1e-5)
+    # a β run has no such array (it would duplicate ``scores``)
+    assert "selection_scores" not in open_store(str(complete["store"]))

@@ -176,7 +176,12 @@ def test_compare_methods_returns_every_method_and_the_paper_unioncam(effnet, bat
         paper = cam(x)
     np.testing.assert_array_equal(c.selected, paper.selected.numpy())
     np.testing.assert_allclose(c["unioncam"].maps, paper.maps.numpy(), atol=1e-4)
-    # ... and its scores are those of the member it selected
+    # the faithful row is the library's default preset run on its own (its 32 groups, not 8)
+    with UnionCAM(effnet.model, LAYER, "faithful", chunk_size=CHUNK, channels_last=False) as cam:
+        faithful = cam(x)
+    np.testing.assert_allclose(c["faithful"].maps, faithful.maps.numpy(), atol=1e-5)
+    assert not np.allclose(c["faithful"].maps, c["unioncam"].maps, atol=1e-3)
+    # ... and the paper UnionCAM's scores are those of the member it selected
     for i, s in enumerate(c.selected.tolist()):
         member = c["scorecam"] if s == 0 else c["fused"]
         assert c["unioncam"].insertion[i] == member.insertion[i]
@@ -187,7 +192,7 @@ def test_compare_methods_returns_every_method_and_the_paper_unioncam(effnet, bat
     with torch.no_grad():
         pred = effnet.model(x).argmax(1).numpy()
     np.testing.assert_array_equal(c.classes, pred)
-    assert c.forwards["metrics"] == 3 * 3 + 2 * 3 * 6 * (n_curve - 2)
+    assert c.forwards["metrics"] == 3 * 3 + 2 * 3 * 7 * (n_curve - 2)  # 7 distinct maps scored
 
 
 def test_compare_methods_subsets_and_errors(effnet, batch):
@@ -376,8 +381,9 @@ def test_report_from_an_image_folder_resumes_from_its_cache(effnet, sample_dir, 
               chunk_size=CHUNK, n_boot=300, gallery=3, keep_cache=True)  # fmt: skip
     path = build_report(tmp_path / "rep", **kw)
     md = _check_figures(path)
-    for label in ("UnionCAM", "Grad-CAM", "Grad-CAM++", "Score-CAM", "Group-CAM",
-                  "Denoised (L_den)", "Fused (L_fused)"):  # fmt: skip
+    for label in ("UnionCAM (paper)", "UnionCAM (faithful preset, the default)", "Grad-CAM",
+                  "Grad-CAM++", "Score-CAM", "Group-CAM", "Denoised (L_den)",
+                  "Fused (L_fused)"):  # fmt: skip
         assert f"| {label} |" in md or f"| **{label}** |" in md, label
     assert "curves.png" in md and "gallery.png" in md
     info = json.loads((path.parent / "report.json").read_text())

@@ -223,6 +223,28 @@ def test_resume_mismatch_overwrite(tmp_path: Path) -> None:
     assert (precious / "thesis.tex").exists() and (plain / "zarr.json").exists()
 
 
+def test_selection_scores_array_and_resume_rules(tmp_path: Path) -> None:
+    """A non-β rule gets ``selection_scores``; β gets none; an older store without it resumes."""
+    path = tmp_path / "sel.zarr"
+    g = _make(path, selection="insdel-8")
+    assert g["selection_scores"].attrs["rule"] == "insdel-8"
+    assert g["selection_scores"].metadata.dimension_names == ("image", "pool")
+    data = _unit_data(0, 4, 8)
+    data["selection_scores"] = np.full((4, len(POOL)), -np.inf, dtype=np.float32)
+    write_unit(path, 0, data)
+    assert np.isneginf(open_store(path)["selection_scores"][:4]).all()
+    with pytest.raises(StoreMismatchError, match="selection"):
+        _make(path, selection="drop-20")  # another rule: another array's meaning
+    assert "selection_scores" not in _make(tmp_path / "beta.zarr", selection="beta")
+    # a store without the array (β, or made before it existed) resumes under any rule and
+    # keeps none: the config fingerprint is what refuses a changed method
+    old = tmp_path / "old.zarr"
+    _make(old)
+    resumed = _make(old, selection="insdel-8")
+    assert "resumed_at" in resumed.attrs and "selection_scores" not in resumed
+    assert read_layout(old).selection is None
+
+
 # ------------------------------------------------------------------------------ readers
 def test_xarray_and_finalize(tmp_path: Path) -> None:
     import xarray as xr

@@ -111,6 +111,7 @@ class BaseCAM:
         self._hook: ActivationHook | None = None
         self._eval = None
         self._restore_format: bool = False
+        self._orig_format: torch.memory_format | None = None  # the model's, while entered
         self._entered = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -130,8 +131,9 @@ class BaseCAM:
                 self._hook.remove()
                 self._hook = None
             if self._restore_format:
-                self.model.to(memory_format=torch.contiguous_format)
+                self.model.to(memory_format=self._orig_format or torch.contiguous_format)
                 self._restore_format = False
+            self._orig_format = None
         finally:
             if self._eval is not None:
                 self._eval.__exit__(None, None, None)
@@ -143,6 +145,17 @@ class BaseCAM:
         while self._entered > 0:
             self.__exit__(None, None, None)
 
+    def prepare(self, example: torch.Tensor) -> None:
+        """Resolve the layer, register the hook and auto-tune now, for inputs like ``example``.
+
+        The first call does this anyway; calling it ahead keeps the one-off tuning (seconds)
+        out of the first real batch, e.g. in a pipeline actor before it pulls work, where
+        it would otherwise be charged to the first unit. Only ``example``'s shape, dtype and
+        device matter.
+        """
+        validate_inputs(example, None)
+        self._prepare(example.float())  # as a call would see it (UnionCAM runs in fp32)
+
     def _prepare(self, x: torch.Tensor) -> None:
         """Resolve the layer, register the hook and pick the memory format (first call)."""
         if self._entered == 0:
@@ -150,13 +163,15 @@ class BaseCAM:
         if self._hook is None:
             self.layer = resolve_layer(self.model, self._target_spec, x)
             self._hook = ActivationHook(self.layer)
+        if self._orig_format is None:
+            self._orig_format = model_format(self.model)
         if self.chunk_size is None or self.channels_last is None:
             self._autotune(x)
-        if self.channels_last and not self._restore_format:
-            p = next(self.model.parameters(), None)
-            if p is None or not p.is_contiguous(memory_format=torch.channels_last) or p.dim() != 4:
-                self.model.to(memory_format=torch.channels_last)
-                self._restore_format = True
+        want = torch.channels_last if self.channels_last else torch.contiguous_format
+        if want != self._orig_format and not self._restore_format:
+            # run in the chosen format (either way), give the model back as it came
+            self.model.to(memory_format=want)
+            self._restore_format = True
 
     def _amp(self, device: torch.device):
         if self.autocast is None:
@@ -272,8 +287,8 @@ class BaseCAM:
         same setting, and a first-run slowdown of up to 2× per new shape), and
         a single timing picked contiguous over a channels_last that was 25%
         faster. So every candidate gets a warm-up forward, then is timed over
-        at least ``_TUNE_MIN_IMAGES`` images in each of ``_TUNE_ROUNDS``
-        interleaved rounds, and scored by its best round (interference only
+        at least ``_TUNE_MIN_IMAGES`` images (on a GPU: two forwards) in each of
+        ``_TUNE_ROUNDS`` interleaved rounds, and scored by its best round (interference only
         ever slows a run down). Candidates far behind after a round are
         dropped, which keeps the first call's overhead to seconds.
         """
@@ -290,9 +305,7 @@ class BaseCAM:
         if len(sizes) == 1 and len(formats) == 1:
             return sizes[0], formats[0]
         min_images = 0 if cuda else _TUNE_MIN_IMAGES
-        p = next((q for q in self.model.parameters() if q.dim() == 4), None)
-        was_cl = p is not None and p.is_contiguous(memory_format=torch.channels_last) \
-            and not p.is_contiguous()
+        before = model_format(self.model)
         best: dict[tuple[int, bool], float] = {(s, f): float("inf") for f in formats for s in sizes}
         hook_on = self._hook.enabled if self._hook else False
         if self._hook:
@@ -325,7 +338,7 @@ class BaseCAM:
                                 run(batch, 1)  # warm-up: allocator, kernel selection
                             reps = max(2 if cuda else 1, -(-min_images // size))
                             best[(size, cl)] = min(best[(size, cl)], run(batch, reps))
-                        except torch.OutOfMemoryError:
+                        except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError: 2.4+)
                             # Too big for this device: drop it and every larger size.
                             for s in sizes:
                                 if s >= size:
@@ -340,11 +353,24 @@ class BaseCAM:
                 slack = 2.0 if rnd == 0 else 1.3
                 best = {c: t for c, t in best.items() if t <= slack * lead}
         finally:
-            self.model.to(memory_format=torch.channels_last if was_cl
-                          else torch.contiguous_format)
+            self.model.to(memory_format=before)
             if self._hook:
                 self._hook.enabled = hook_on
         return min(best, key=best.__getitem__)
+
+
+def model_format(model: nn.Module) -> torch.memory_format:
+    """channels_last if the model's 4-D weights are laid out so, else contiguous.
+
+    Looks for a weight whose two layouts differ (a 1×1 kernel is both), so a
+    channels_last model is recognised whatever its first layer is.
+    """
+    for q in model.parameters():
+        if q.dim() == 4 and not q.is_contiguous():
+            if q.is_contiguous(memory_format=torch.channels_last):
+                return torch.channels_last
+            break
+    return torch.contiguous_format
 
 
 def softmax_gather(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

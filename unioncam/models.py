@@ -22,6 +22,7 @@ import importlib
 import os
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -66,20 +67,25 @@ class Preprocessing:
         return int(self.resize_size * width / height), self.resize_size
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-        from torchvision.transforms import functional as TF
+        """Resize, center-crop and normalise in numpy; only the result becomes a tensor.
 
+        Why numpy: this runs in a pipeline actor's decode threads, and a torch op big enough
+        to go parallel makes each such thread start its own OpenMP team, after which the
+        model in the main thread ran 1.45x slower for the rest of the process (measured on
+        2 cores: 5.3 -> 3.6 images/s). The float32 operations and their order are those of
+        ``(t.float() / 255 - mean) / std``, so the values are the same.
+        """
         if image.mode != "RGB":
             image = image.convert("RGB")
         w, h = image.size
         new_w, new_h = self._resized(w, h)
         img = image.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
-        t = TF.pil_to_tensor(img)
         left = int(round((new_w - self.crop_size) / 2.0))
         top = int(round((new_h - self.crop_size) / 2.0))
-        t = t[:, top:top + self.crop_size, left:left + self.crop_size].float().div_(255)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (t - mean) / std, self.crop_box(w, h)
+        a = np.asarray(img)[top:top + self.crop_size, left:left + self.crop_size]
+        a = a.astype(np.float32) / np.float32(255)
+        a = (a - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))), self.crop_box(w, h)
 
 
 @dataclass

@@ -59,30 +59,22 @@ import torch
 
 from unioncam.metrics import gaussian_blur
 
-__all__ = ["SELECTIONS", "RULE_COSTS", "RANKING_RULES", "register", "rule_forwards", "top_ranks"]
+__all__ = ["SELECTIONS", "RULE_COSTS", "register", "rule_forwards", "top_ranks"]
 
 Rule = Callable[..., tuple[torch.Tensor, int]]
 SELECTIONS: dict[str, Rule] = {}
 # name -> (forwards per pool member per image, forwards per image)
 RULE_COSTS: dict[str, tuple[int, int]] = {}
-# Rules that only look at the map's pixel ranking (see UnionCAM's constant-map guard).
-RANKING_RULES: set[str] = set()
 
 INSDEL_STEPS = (2, 3, 4, 6, 8, 12, 16)
 PERCENTS = (5, 10, 20, 30, 50)
 
 
-def register(name: str, per_member: int = 0, per_image: int = 0,
-             ranking: bool = False) -> Callable[[Rule], Rule]:
-    """Register a rule under ``name`` with its forward-pass cost (see :func:`rule_forwards`).
-
-    ``ranking=True`` marks a rule that scores only the order of the map's pixels.
-    """
+def register(name: str, per_member: int = 0, per_image: int = 0) -> Callable[[Rule], Rule]:
+    """Register a rule under ``name`` with its forward-pass cost (see :func:`rule_forwards`)."""
     def deco(fn: Rule) -> Rule:
         SELECTIONS[name] = fn
         RULE_COSTS[name] = (per_member, per_image)
-        if ranking:
-            RANKING_RULES.add(name)
         return fn
 
     return deco
@@ -110,6 +102,12 @@ def top_ranks(pool_maps: torch.Tensor) -> torch.Tensor:
     src = torch.arange(h * w, device=pool_maps.device, dtype=torch.int32).expand(n, p, h * w)
     rank.scatter_(-1, order, src)
     return rank
+
+
+def unranked(scores: torch.Tensor, pool_maps: torch.Tensor) -> torch.Tensor:
+    """−inf for flat members: a ranking rule has no ranking to score in a constant map."""
+    flat = pool_maps.flatten(2)
+    return scores.masked_fill(flat.amax(-1) <= flat.amin(-1), float("-inf"))
 
 
 def _probes(cam, x: torch.Tensor, pool_maps: torch.Tensor, classes: torch.Tensor,
@@ -180,7 +178,7 @@ def _make_drop(pct: int) -> Rule:
         n, p, h, w = pool_maps.shape
         clean = cam.probs_of(x, classes)
         probs = _probes(cam, x, pool_maps, classes, [_pixels(pct / 100, h, w)], ["del"], None)
-        return clean[:, None] - probs[..., 0], n * p + n
+        return unranked(clean[:, None] - probs[..., 0], pool_maps), n * p + n
 
     rule.__doc__ = (f"Drop of p_c when the top {pct}% of the map's pixels are set to 0: "
                     f"p(x) − del_{pct / 100:g}(L). One forward per member, one per image.")
@@ -192,7 +190,7 @@ def _make_keep_remove(pct: int) -> Rule:
         n, p, h, w = pool_maps.shape
         m = _pixels(pct / 100, h, w)
         probs = _probes(cam, x, pool_maps, classes, [m, m], ["ins", "del"], gaussian_blur(x))
-        return probs[..., 0] - probs[..., 1], 2 * n * p
+        return unranked(probs[..., 0] - probs[..., 1], pool_maps), 2 * n * p
 
     rule.__doc__ = (f"Keep the top {pct}% on the blurred image minus remove it from the clean "
                     f"one: ins_f(L) − del_f(L), f = {pct / 100:g}. Two forwards per member.")
@@ -211,7 +209,7 @@ def _make_insdel(steps: int) -> Rule:
         ins_mid, del_mid = probs[..., : steps - 1].sum(-1), probs[..., steps - 1:].sum(-1)
         ins = (ins_mid + 0.5 * (p_blur + p_clean)) / steps
         dele = (del_mid + 0.5 * (p_clean + p_zero)) / steps
-        return ins - dele, 2 * (steps - 1) * n * p + 3 * n
+        return unranked(ins - dele, pool_maps), 2 * (steps - 1) * n * p + 3 * n
 
     rule.__doc__ = (f"{steps}-step insertion − deletion AUC (RISE, trapezoid): "
                     f"2·{steps - 1} forwards per member, 3 per image.")
@@ -219,7 +217,7 @@ def _make_insdel(steps: int) -> Rule:
 
 
 for _pct in PERCENTS:
-    register(f"drop-{_pct}", per_member=1, per_image=1, ranking=True)(_make_drop(_pct))
-    register(f"keep-remove-{_pct}", per_member=2, ranking=True)(_make_keep_remove(_pct))
+    register(f"drop-{_pct}", per_member=1, per_image=1)(_make_drop(_pct))
+    register(f"keep-remove-{_pct}", per_member=2)(_make_keep_remove(_pct))
 for _s in INSDEL_STEPS:
-    register(f"insdel-{_s}", per_member=2 * (_s - 1), per_image=3, ranking=True)(_make_insdel(_s))
+    register(f"insdel-{_s}", per_member=2 * (_s - 1), per_image=3)(_make_insdel(_s))

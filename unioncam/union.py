@@ -33,7 +33,7 @@ from unioncam.gradient import GRADIENT_METHODS, gradient_map
 from unioncam.metrics import gaussian_blur
 from unioncam.ops import minmax, upsample
 from unioncam.region import REGION_METHODS, group_cam, score_cam
-from unioncam.selection import RANKING_RULES, SELECTIONS
+from unioncam.selection import SELECTIONS
 
 __all__ = ["UnionCAMConfig", "UnionCAMResult", "UnionCAM", "PRESETS", "DEFAULT_PRESET", "BASELINES"]
 
@@ -287,10 +287,6 @@ class UnionCAM(BaseCAM):
         stacked = torch.stack([comp[k] for k in pool], 1)
         scores, spent = SELECTIONS[cfg.selection](self, x, stacked, classes, beta_pool)
         forwards += spent
-        if cfg.selection in RANKING_RULES:
-            # A flat map has no pixel ranking to score (see unioncam.selection).
-            flat = stacked.flatten(2)
-            scores = scores.masked_fill(flat.amax(-1) <= flat.amin(-1), float("-inf"))
         selected = scores.argmax(1)  # first maximum: earlier members win ties
         maps = stacked.gather(1, selected[:, None, None, None].expand(n, 1, *size))[:, 0]
         return UnionCAMResult(
