@@ -104,7 +104,7 @@ def top_ranks(pool_maps: torch.Tensor) -> torch.Tensor:
     return rank
 
 
-def unranked(scores: torch.Tensor, pool_maps: torch.Tensor) -> torch.Tensor:
+def _unranked(scores: torch.Tensor, pool_maps: torch.Tensor) -> torch.Tensor:
     """−inf for flat members: a ranking rule has no ranking to score in a constant map."""
     flat = pool_maps.flatten(2)
     return scores.masked_fill(flat.amax(-1) <= flat.amin(-1), float("-inf"))
@@ -178,7 +178,7 @@ def _make_drop(pct: int) -> Rule:
         n, p, h, w = pool_maps.shape
         clean = cam.probs_of(x, classes)
         probs = _probes(cam, x, pool_maps, classes, [_pixels(pct / 100, h, w)], ["del"], None)
-        return unranked(clean[:, None] - probs[..., 0], pool_maps), n * p + n
+        return _unranked(clean[:, None] - probs[..., 0], pool_maps), n * p + n
 
     rule.__doc__ = (f"Drop of p_c when the top {pct}% of the map's pixels are set to 0: "
                     f"p(x) − del_{pct / 100:g}(L). One forward per member, one per image.")
@@ -190,7 +190,7 @@ def _make_keep_remove(pct: int) -> Rule:
         n, p, h, w = pool_maps.shape
         m = _pixels(pct / 100, h, w)
         probs = _probes(cam, x, pool_maps, classes, [m, m], ["ins", "del"], gaussian_blur(x))
-        return unranked(probs[..., 0] - probs[..., 1], pool_maps), 2 * n * p
+        return _unranked(probs[..., 0] - probs[..., 1], pool_maps), 2 * n * p
 
     rule.__doc__ = (f"Keep the top {pct}% on the blurred image minus remove it from the clean "
                     f"one: ins_f(L) − del_f(L), f = {pct / 100:g}. Two forwards per member.")
@@ -209,7 +209,7 @@ def _make_insdel(steps: int) -> Rule:
         ins_mid, del_mid = probs[..., : steps - 1].sum(-1), probs[..., steps - 1:].sum(-1)
         ins = (ins_mid + 0.5 * (p_blur + p_clean)) / steps
         dele = (del_mid + 0.5 * (p_clean + p_zero)) / steps
-        return unranked(ins - dele, pool_maps), 2 * (steps - 1) * n * p + 3 * n
+        return _unranked(ins - dele, pool_maps), 2 * (steps - 1) * n * p + 3 * n
 
     rule.__doc__ = (f"{steps}-step insertion − deletion AUC (RISE, trapezoid): "
                     f"2·{steps - 1} forwards per member, 3 per image.")
