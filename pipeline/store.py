@@ -255,11 +255,14 @@ class StoreLayout:
             )
         return specs
 
-    def empty_unit(self, u: int) -> dict[str, np.ndarray]:
-        """Fill-valued arrays for unit ``u``, keyed as :func:`write_unit` expects; a worker
-        fills in what it computed (everything else stays "not available")."""
-        start, stop = self.unit_range(u)
-        return {spec.name: spec.empty(stop - start) for spec in self.arrays()}
+    def empty_rows(self, n: int) -> dict[str, np.ndarray]:
+        """Fill-valued arrays for ``n`` rows, keyed as :func:`write_unit` accepts them
+        (components and metrics by their original names); a worker fills in what it
+        computed, and everything else stays "not available"."""
+        original = {f"{group}/{safe_name(name)}": f"{group}/{name}"
+                    for group, names in (("components", self.components), ("metrics", self.metrics))
+                    for name in names}  # fmt: skip
+        return {original.get(spec.name, spec.name): spec.empty(n) for spec in self.arrays()}
 
     def _aliases(self) -> dict[str, str]:
         """Accepted write_unit keys -> Zarr path (``components/<original name>`` too)."""

@@ -67,32 +67,17 @@ class UnitContext:
 
 
 def empty_unit_arrays(n: int, ctx: UnitContext) -> dict[str, np.ndarray]:
-    """Arrays for ``n`` rows, every row pre-marked as "not explained" (NaN / -1)."""
-    from pipeline.decode import Status
+    """Arrays for ``n`` rows, every row pre-marked as "not explained" (NaN / -1).
 
-    s = ctx.map_size
-    p = len(ctx.pool)
-    arrays: dict[str, np.ndarray] = {
-        "maps": np.full((n, s, s), np.nan, dtype=np.float16),
-        "scores": np.full((n, p), np.nan, dtype=np.float32),
-        "selected": np.full((n,), -1, dtype=np.int16),
-        **({"selection_scores": np.full((n, p), np.nan, dtype=np.float32)}
-           if ctx.selection else {}),
-        "class_explained": np.full((n,), -1, dtype=np.int32),
-        "label": np.full((n,), -1, dtype=np.int32),
-        "predicted": np.full((n,), -1, dtype=np.int32),
-        "prob": np.full((n,), np.nan, dtype=np.float32),
-        "baseline_prob": np.full((n,), np.nan, dtype=np.float32),
-        "orig_size": np.full((n, 2), -1, dtype=np.int32),
-        "crop_box": np.full((n, 4), -1, dtype=np.int32),
-        "status": np.full((n,), int(Status.PENDING), dtype=np.uint8),
-        "error": np.array([""] * n, dtype=object),
-    }
-    for name in ctx.components:
-        arrays[f"components/{name}"] = np.full((n, s, s), np.nan, dtype=np.float16)
-    for name in ctx.metrics:
-        arrays[f"metrics/{name}"] = np.full((n,), np.nan, dtype=np.float32)
-    return arrays
+    The store's layout is the one list of arrays, dtypes and fill values; the worker
+    only says which options this run has.
+    """
+    from pipeline.store import StoreLayout
+
+    layout = StoreLayout(num_rows=n, unit_size=n, map_size=(ctx.map_size, ctx.map_size),
+                         pool=ctx.pool, components=ctx.components, metrics=ctx.metrics,
+                         selection=ctx.selection)  # fmt: skip
+    return layout.empty_rows(n)
 
 
 def quiet_load_model(model: str, weights: str | None) -> Any:
