@@ -19,7 +19,7 @@ from unioncam import (
     find_target_layer,
     resolve_layer,
 )
-from unioncam.base import _CPU_CHUNKS
+from unioncam.engine import _CPU_CHUNKS
 from unioncam.gradient import denoise_gradient
 from unioncam.ops import minmax
 
@@ -51,8 +51,8 @@ def test_parity_with_pytorch_grad_cam(effnet, photos, ours, theirs):
     model = effnet.model
     layer = resolve_layer(model, STEM)
     with ours(model, STEM, chunk_size=8) as cam:
-        mine = cam(x)
-        classes = cam.last["classes"]
+        res = cam(x)
+        mine, classes = res.maps, res.target
     # pytorch-grad-cam hooks a module's every call and keeps the last; give it the stem only.
     stem = nn.Sequential(model._conv_stem, model._bn0, layer.module)
     rest = _AfterStem(model)
@@ -90,7 +90,7 @@ ALL_METHODS = [
     lambda m, layer: DenoisedCAM(m, layer, chunk_size=4),
     lambda m, layer: ScoreCAM(m, layer, chunk_size=4),
     lambda m, layer: GroupCAM(m, layer, groups=2, chunk_size=4),
-    lambda m, layer: UnionCAM(m, layer, region="groupcam", groups=2, chunk_size=4),
+    lambda m, layer: UnionCAM(m, layer, "fast", groups=2, chunk_size=4),
 ]
 
 
@@ -150,10 +150,8 @@ def test_reused_module_calls_are_told_apart(effnet, photos):
     """The stem call (48×48 at 96 px) and the head call (3×3) of the same module."""
     x, _ = photos
     with GradCAM(effnet.model, "_swish#0") as stem, GradCAM(effnet.model, "_swish") as head:
-        stem(x[:1])
-        head(x[:1])
-        assert stem.last["raw"].shape[-2:] == (48, 48)
-        assert head.last["raw"].shape[-2:] == (3, 3)
+        assert stem(x[:1]).raw.shape[-2:] == (48, 48)
+        assert head(x[:1]).raw.shape[-2:] == (3, 3)
     with pytest.raises(ValueError, match="called 2 time"), GradCAM(effnet.model, "_swish#5") as cam:
         cam(x[:1])
 
@@ -180,7 +178,7 @@ def test_nan_image_is_named(effnet, photos):
 def test_class_out_of_range_and_non_4d_layer(effnet, photos):
     x, _ = photos
     with pytest.raises(ValueError, match=r"target of image 0 is 1000, outside \[0, 1000\)"), \
-            UnionCAM(effnet.model, "_blocks.4", region="groupcam", groups=2) as cam:
+            UnionCAM(effnet.model, "_blocks.4", "fast", groups=2) as cam:
         cam(x[:2], targets=torch.tensor([1000, 3]))
     with pytest.raises(ValueError, match="output must be N×K×h×w"), \
             GradCAM(effnet.model, "_fc") as cam:
@@ -198,10 +196,10 @@ def test_used_outside_context_manager_is_an_error(effnet, photos):
 
 def test_autotune_picks_a_setting_and_is_exact(effnet, photos):
     x, _ = photos
-    with UnionCAM(effnet.model, "_blocks.4", region="groupcam", groups=4, chunk_size=8,
+    with UnionCAM(effnet.model, "_blocks.4", "fast", groups=4, chunk_size=8,
                   channels_last=False) as cam:
         fixed = cam(x[:2])
-    with UnionCAM(effnet.model, "_blocks.4", region="groupcam", groups=4) as cam:
+    with UnionCAM(effnet.model, "_blocks.4", "fast", groups=4) as cam:
         tuned = cam(x[:2])
         assert cam.chunk_size in _CPU_CHUNKS and cam.channels_last in (True, False)
     torch.testing.assert_close(tuned.maps, fixed.maps, atol=1e-4, rtol=0)
@@ -221,9 +219,9 @@ def test_bf16_autocast_is_close_to_fp32(effnet, photos):
         ref = cam(x[:3])
     with UnionCAM(effnet.model, "_blocks.4", "paper", chunk_size=8, autocast="bf16") as cam:
         low = cam(x[:3])
-    assert low.maps.dtype == torch.float32 and low.scores.dtype == torch.float32
+    assert low.maps.dtype == torch.float32 and low.selection_score.dtype == torch.float32
     assert float(low.maps.min()) >= 0 and float(low.maps.max()) <= 1
-    assert torch.equal(low.classes, ref.classes)
+    assert torch.equal(low.target, ref.target)
     a, b = low.maps.flatten(1).double(), ref.maps.flatten(1).double()
     a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
     corr = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
@@ -233,15 +231,15 @@ def test_bf16_autocast_is_close_to_fp32(effnet, photos):
 
 def test_prepare_tunes_ahead_and_changes_no_result(effnet, photos, monkeypatch):
     """``prepare`` (what a pipeline actor calls before pulling work) only moves the tuning."""
-    import unioncam.base as base
+    import unioncam.engine as engine
 
     x, _ = photos
-    monkeypatch.setattr(base, "_TUNED", {})  # other tests' cached choices must not hide it
+    monkeypatch.setattr(engine, "_TUNED", {})  # other tests' cached choices must not hide it
     calls = []
-    measure = base.BaseCAM._measure_settings
-    monkeypatch.setattr(base.BaseCAM, "_measure_settings",
+    measure = engine.Engine._measure
+    monkeypatch.setattr(engine.Engine, "_measure",
                         lambda self, ex: calls.append(tuple(ex.shape)) or measure(self, ex))
-    with UnionCAM(effnet.model, "_blocks.4", region="groupcam", groups=4, chunk_size=8) as cam:
+    with UnionCAM(effnet.model, "_blocks.4", "fast", groups=4, chunk_size=8) as cam:
         assert cam.channels_last is None and cam.layer is None
         cam.prepare(torch.zeros(1, *x.shape[1:], dtype=torch.float64))
         assert calls == [(1, *x.shape[1:])]  # tuned now, in fp32 like a call
@@ -251,7 +249,7 @@ def test_prepare_tunes_ahead_and_changes_no_result(effnet, photos, monkeypatch):
         with pytest.raises(ValueError, match="3 channels"):
             cam.prepare(torch.zeros(1, 1, *x.shape[2:]))
         chosen = cam.channels_last
-    with UnionCAM(effnet.model, "_blocks.4", region="groupcam", groups=4, chunk_size=8,
+    with UnionCAM(effnet.model, "_blocks.4", "fast", groups=4, chunk_size=8,
                   channels_last=chosen) as cam:
         plain = cam(x[:2])
     torch.testing.assert_close(ahead.maps, plain.maps, atol=1e-5, rtol=0)
@@ -266,7 +264,7 @@ def test_the_model_comes_back_in_its_own_memory_format(effnet, photos, given, ru
     fmt = torch.channels_last if given == "channels_last" else torch.contiguous_format
     model.to(memory_format=fmt)
     try:
-        with UnionCAM(model, "_blocks.4", region="groupcam", groups=4, chunk_size=8,
+        with UnionCAM(model, "_blocks.4", "fast", groups=4, chunk_size=8,
                       channels_last=run_cl) as cam:
             cam(x[:1])
             w = model._conv_stem.weight
@@ -276,3 +274,62 @@ def test_the_model_comes_back_in_its_own_memory_format(effnet, photos, given, ru
         assert model._conv_stem.weight.is_contiguous() == (given == "contiguous")
     finally:
         model.to(memory_format=torch.contiguous_format)
+
+
+def test_gradient_cams_cost_no_tuning(effnet, photos, monkeypatch):
+    """A Grad-CAM runs no masked forwards, so it must never pay for tuning them."""
+    import unioncam.engine as engine
+
+    x, _ = photos
+    monkeypatch.setattr(engine, "_TUNED", {})
+    calls = []
+    monkeypatch.setattr(engine.Engine, "_measure", lambda self, ex: calls.append(1) or (4, False))
+    with GradCAM(effnet.model, "_blocks.4") as cam:
+        cam.prepare(x[:1])
+        res = cam(x[:2])
+    assert calls == [] and cam.chunk_size is None and cam.channels_last is None
+    assert res.forwards == 2 and res.maps.shape == (2, *x.shape[-2:])
+    with ScoreCAM(effnet.model, "_blocks.4") as cam:  # a region method does tune, once
+        cam(x[:1])
+        cam(x[:1])
+    assert calls == [1]
+
+
+def test_metrics_scored_with_the_cam_keep_its_memory_format(effnet, photos):
+    """Scoring maps through the CAM (its engine) keeps the format the CAM runs in.
+
+    The pipeline's ``--metrics`` used to score with its own copy of the model state and put
+    the model back to contiguous after the first batch while the CAM believed it ran in
+    channels_last: results equal, speed lost. One engine owns the state now.
+    """
+    from unioncam.metrics import average_drop_increase, insertion_deletion
+
+    x, _ = photos
+    model = effnet.model
+    with UnionCAM(model, "_blocks.4", "fast", groups=4, chunk_size=8, channels_last=True) as cam:
+        res = cam(x[:2])
+        assert model._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+        insertion_deletion(cam, x[:2], res.maps, res.target, step=96 * 96 // 4)
+        average_drop_increase(cam, x[:2], res.maps, res.target)
+        assert cam.channels_last is True
+        assert model._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+        again = cam(x[:2])
+    torch.testing.assert_close(again.maps, res.maps, atol=1e-6, rtol=0)
+    assert model._conv_stem.weight.is_contiguous()  # given back as it came
+
+
+def test_every_method_is_made_by_name_and_returns_one_result_type(tiny):
+    from unioncam import METHODS, CAMResult, make_cam
+
+    x = torch.randn(2, 3, 8, 8)
+    assert set(METHODS) == {"gradcam", "gradcam++", "xgradcam", "layercam", "denoised",
+                            "scorecam", "groupcam", "unioncam"}
+    for name in METHODS:
+        kw = {"groups": 2} if name in ("groupcam", "unioncam") else {}
+        with make_cam(name, tiny, "4", chunk_size=4, **kw) as cam:
+            res = cam(x)
+        assert isinstance(res, CAMResult), name
+        assert res.maps.shape == (2, 8, 8) and res.target.shape == (2,) and res.forwards >= 2
+        assert not hasattr(cam, "last")
+    with pytest.raises(ValueError, match="unknown method 'gradcam2'; choose from gradcam"):
+        make_cam("gradcam2", tiny)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from unioncam import UnionCAM
-from unioncam.base import _GPU_CHUNKS
+from unioncam.engine import _GPU_CHUNKS
 
 pytestmark = [
     pytest.mark.cuda,
@@ -63,12 +63,12 @@ def test_cuda_matches_cpu(effnet, photos, fp32_exact, config):
     # β is a soft-mask score: fp32-close. The faithful preset's insdel scores count pixels by
     # rank, and a 1e-6 change of a map can swap tied pixels at a step's edge (seen: 1.5e-3).
     tol = 1e-5 if config == "paper" else 5e-3
-    torch.testing.assert_close(gpu.scores.cpu(), cpu.scores, atol=tol, rtol=0)
+    torch.testing.assert_close(gpu.selection_score.cpu(), cpu.selection_score, atol=tol, rtol=0)
     # the same member, unless two members tie within that tolerance
     g, c = gpu.selected.cpu(), cpu.selected
     for i in (g != c).nonzero()[:, 0].tolist():
-        assert abs(float(cpu.scores[i, g[i]] - cpu.scores[i, c[i]])) <= 2 * tol, i
-    assert torch.equal(gpu.classes.cpu(), cpu.classes)
+        assert abs(float(cpu.selection_score[i, g[i]] - cpu.selection_score[i, c[i]])) <= 2 * tol, i
+    assert torch.equal(gpu.target.cpu(), cpu.target)
 
 
 def test_host_syncs_do_not_grow_with_masked_forwards(gpu_model, photos):
@@ -103,10 +103,10 @@ def test_host_syncs_do_not_grow_with_masked_forwards(gpu_model, photos):
 
 def test_autotune_on_cuda_is_exact(gpu_model, photos, fp32_exact):
     x = photos[0][:2].cuda()
-    with UnionCAM(gpu_model, "_blocks.4", region="groupcam", groups=8, chunk_size=32,
+    with UnionCAM(gpu_model, "_blocks.4", "fast", groups=8, chunk_size=32,
                   channels_last=False) as cam:
         fixed = cam(x)
-    with UnionCAM(gpu_model, "_blocks.4", region="groupcam", groups=8) as cam:
+    with UnionCAM(gpu_model, "_blocks.4", "fast", groups=8) as cam:
         tuned = cam(x)
         assert cam.chunk_size in _GPU_CHUNKS and cam.channels_last in (True, False)
     # Another chunk size and memory format make cuDNN pick other fp32 algorithms: rounding-level
@@ -121,7 +121,7 @@ def test_bf16_autocast_on_cuda_is_close_to_fp32(gpu_model, photos):
         ref = cam(x)
     with UnionCAM(gpu_model, "_blocks.4", "paper", chunk_size=128, autocast="bf16") as cam:
         low = cam(x)
-    assert low.maps.dtype == torch.float32 and low.scores.dtype == torch.float32
+    assert low.maps.dtype == torch.float32 and low.selection_score.dtype == torch.float32
     assert float(low.maps.min()) >= 0 and float(low.maps.max()) <= 1
-    assert torch.equal(low.classes, ref.classes)
+    assert torch.equal(low.target, ref.target)
     assert bool((_corr(low.maps, ref.maps) > 0.85).all()), _corr(low.maps, ref.maps)

@@ -18,11 +18,11 @@ from unioncam.metrics import (
     InsDelResult,
     average_drop_increase,
     energy_pointing_game,
-    gaussian_blur,
     insertion_deletion,
     pointing_game,
     softmax_prob,
 )
+from unioncam.ops import gaussian_blur
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SAMPLE = SHARED / "data" / "imagenet-sample"
@@ -339,7 +339,7 @@ def test_targets_none_uses_argmax_and_autocast_runs(cnn_case):
     assert torch.equal(r.targets, pred)
     r2 = insertion_deletion(model, x, sal[:, 0], pred, step=64)
     torch.testing.assert_close(r.insertion, r2.insertion, atol=1e-6, rtol=0)
-    r3 = insertion_deletion(model, x, sal[:, 0], pred, step=64, autocast=torch.bfloat16)
+    r3 = insertion_deletion(model, x, sal[:, 0], pred, step=64, autocast="bf16")
     assert r3.insertion.dtype == torch.float32
     torch.testing.assert_close(r3.insertion, r2.insertion, atol=0.05, rtol=0)
 

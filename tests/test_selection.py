@@ -15,9 +15,10 @@ from conftest import load_batch
 from torch import nn
 
 from unioncam import UnionCAM, UnionCAMConfig
-from unioncam.base import BaseCAM
-from unioncam.metrics import gaussian_blur, insertion_deletion
-from unioncam.selection import RULE_COSTS, SELECTIONS, rule_forwards, top_ranks
+from unioncam.cam import BaseCAM
+from unioncam.metrics import insertion_deletion
+from unioncam.ops import gaussian_blur, pixel_ranks
+from unioncam.selection import SELECTION_RULES, rule_forwards
 from unioncam.union import PRESETS
 
 LAYER = "_blocks.4"
@@ -58,12 +59,12 @@ def small(effnet, sample_dir, sample_labels):
 def pool(effnet, small):
     """A 3-member pool of real maps (Group-CAM side to keep it cheap) and its β."""
     cfg = UnionCAMConfig(gradient=("gradcam",), region=("groupcam",), groups=4,
-                         include_gradient_maps=True, chunk_size=8, channels_last=False,
-                         return_components=True)
+                         include_gradient_maps=True, selection="beta", chunk_size=8,
+                         channels_last=False, return_components=True)
     with UnionCAM(effnet.model, LAYER, cfg) as cam:
         res = cam(small)
     maps = torch.stack([res.components[k] for k in res.pool], 1)
-    return maps, res.classes, res.beta
+    return maps, res.target, res.beta
 
 
 def _run_rule(effnet, x, maps, classes, beta, name, chunk=8):
@@ -71,7 +72,7 @@ def _run_rule(effnet, x, maps, classes, beta, name, chunk=8):
         cam.gradient_pass(x, classes, need_grad=False)  # registers the hook, like UnionCAM does
         counter = ForwardCounter(effnet.model)
         try:
-            scores, claimed = SELECTIONS[name](cam, x, maps, classes, beta)
+            scores, claimed = SELECTION_RULES[name](cam, x, maps, classes, beta)
         finally:
             counter.close()
     return scores, claimed, counter.images
@@ -94,8 +95,9 @@ def test_rules_score_every_member_and_cost_what_they_claim(effnet, small, pool):
 
 
 def test_registered_costs_follow_each_family_formula():
-    assert set(RULE_COSTS) == set(SELECTIONS)
-    for name, cost in RULE_COSTS.items():
+    for name in SELECTION_RULES:
+        info = SELECTION_RULES.info(name)
+        cost = (info["per_member"], info["per_image"])
         family, _, param = name.rpartition("-")
         expected = {"insdel": lambda s: (2 * (int(s) - 1), 3),
                     "keep-remove": lambda _: (2, 0), "drop": lambda _: (1, 1)}
@@ -104,7 +106,7 @@ def test_registered_costs_follow_each_family_formula():
         else:
             assert name in ("beta", "beta-blur"), name
     assert rule_forwards("insdel-8", 5, 7) == 5 * (14 * 7 + 3)
-    with pytest.raises(ValueError, match="selection: unknown rule 'nope'"):
+    with pytest.raises(ValueError, match="unknown selection rule 'nope'"):
         rule_forwards("nope", 1, 1)
 
 
@@ -126,42 +128,48 @@ def test_insdel_rule_is_the_rise_metric_at_that_step(effnet, small, pool):
     torch.testing.assert_close(scores, ref.ins_minus_del, atol=2e-5, rtol=0)
 
 
-def test_top_ranks_follow_the_metric_ordering():
+def test_pixel_ranks_follow_the_metric_ordering():
     """Ties go to the lower flat index, as in insertion_deletion's stable sort."""
     m = torch.tensor([[[[0.5, 1.0], [0.5, 0.0]]]])
-    assert top_ranks(m).view(-1).tolist() == [1, 0, 2, 3]
+    assert pixel_ranks(m).view(-1).tolist() == [1, 0, 2, 3]
 
 
 def test_union_cam_counts_the_rule_forwards_and_keeps_beta(effnet, small):
     base = dict(gradient=("gradcam",), region=("groupcam",), groups=4, chunk_size=8,
-                channels_last=False, include_gradient_maps=True)
+                channels_last=False, include_gradient_maps=True, selection="beta")
     with UnionCAM(effnet.model, LAYER, UnionCAMConfig(**base)) as cam:
         ref = cam(small)
-    with UnionCAM(effnet.model, LAYER, UnionCAMConfig(**base, selection="insdel-3")) as cam:
+    with UnionCAM(effnet.model, LAYER, UnionCAMConfig(**{**base, "selection": "insdel-3"})) as cam:
         counter = ForwardCounter(effnet.model)
         try:
             res = cam(small)
         finally:
             counter.close()
-    n, p = res.scores.shape
+    n, p = res.selection_score.shape
     assert res.forwards == ref.forwards + rule_forwards("insdel-3", n, p)
     # UnionCAM's count = real forwards (its gradient pass is one forward per image)
     assert counter.images == res.forwards
     torch.testing.assert_close(res.beta, ref.beta, atol=1e-5, rtol=0)
-    assert torch.equal(res.selected, res.scores.argmax(1))
+    assert torch.equal(res.selected, res.selection_score.argmax(1))
 
 
 def test_presets(effnet, small):
-    assert PRESETS["paper"] == UnionCAMConfig()  # the paper's configuration, unchanged
+    assert PRESETS["paper"] == UnionCAMConfig.preset("paper")  # the paper's method, by name
     assert PRESETS["paper"].selection == "beta" and PRESETS["paper"].region == ("scorecam",)
+    assert PRESETS["paper"].gradient == ("denoised",) and not PRESETS["paper"].include_gradient_maps
     for name, cfg in PRESETS.items():
-        assert cfg.name == name
-        assert cfg.selection in SELECTIONS
+        assert cfg.preset_name == name
+        assert cfg.selection in SELECTION_RULES
+    assert UnionCAMConfig.preset("paper", theta=20).preset_name is None  # overrides: no name
+    assert UnionCAMConfig.preset("paper", chunk_size=4).preset_name == "paper"  # speed only
     # the faithful preset costs what the README says: 143 forwards per image at any layer
     with UnionCAM(effnet.model, LAYER, "faithful", chunk_size=16, channels_last=False) as cam:
         res = cam(small[:1])
-    assert len(res.pool) == 7 and res.scores.shape == (1, 7)
+    assert len(res.pool) == 7 and res.selection_score.shape == (1, 7)
     assert res.forwards == 1 + 33 + 1 + 4 + 3 + rule_forwards("insdel-8", 1, 7) == 143
+    assert PRESETS["faithful"].forwards_per_image() == 143
+    assert PRESETS["faithful-fast"].forwards_per_image() == 50
+    assert PRESETS["paper"].forwards_per_image(channels=320) == 325  # upper bound for Score-CAM
 
 
 # ---------------------------------------------------------------------------- behaviour
@@ -209,12 +217,12 @@ def test_proxy_rules_pick_the_known_map_where_beta_picks_the_broad_one():
         cam.gradient_pass(x, classes, need_grad=False)
         base = cam.probs_of(torch.zeros_like(x), classes)
         beta = cam.probs_of(x * maps[0][:, None], classes.repeat(3))[None] - base
-        picks = {name: int(SELECTIONS[name](cam, x, maps, classes, beta)[0].argmax(1))
-                 for name in SELECTIONS}
+        picks = {name: int(SELECTION_RULES[name](cam, x, maps, classes, beta)[0].argmax(1))
+                 for name in SELECTION_RULES}
     # β rewards the broad mask (x ⊙ L ≈ x); so does β on the blurred image.
     assert picks["beta"] == 0 and picks["beta-blur"] == 0
     # every ranking-based rule finds the patch
-    ranking_rules = [n for n in SELECTIONS if n.startswith(("insdel-", "keep-remove-", "drop-"))]
+    ranking_rules = [n for n in SELECTION_RULES if n.startswith(("insdel-", "keep-remove-", "drop-"))]
     assert ranking_rules and all(picks[n] == 2 for n in ranking_rules), picks
 
 
@@ -232,11 +240,11 @@ def test_a_flat_map_never_wins_a_ranking_rule(effnet, sample_dir, sample_labels)
     maps = torch.stack([res.components[k] for k in res.pool], 1).flatten(2)
     flat = maps.amax(-1) <= maps.amin(-1)
     assert bool(flat.any()), "the data no longer gives a flat member; pick another photo"
-    assert torch.equal(torch.isinf(res.scores), flat)
+    assert torch.equal(torch.isinf(res.selection_score), flat)
     assert not bool(flat.gather(1, res.selected[:, None]).any())
     sel = res.maps.flatten(1)
     assert bool((sel.amax(1) > sel.amin(1)).all())
     # β is a soft-mask score and keeps its finite value (a flat 0 map: β = 0 exactly)
-    with UnionCAM(effnet.model, LAYER, UnionCAMConfig(**kw)) as cam:
+    with UnionCAM(effnet.model, LAYER, UnionCAMConfig(**kw, selection="beta")) as cam:
         ref = cam(x)
-    assert bool(torch.isfinite(ref.scores).all())
+    assert bool(torch.isfinite(ref.selection_score).all())

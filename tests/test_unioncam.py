@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unioncam import UnionCAM, UnionCAMConfig
+from unioncam import DEFAULT_PRESET, PRESETS, UnionCAM, UnionCAMConfig
 
 LAYER = "_blocks.4"  # 40 channels: keeps the naive Score-CAM loop affordable on 2 cores
 
@@ -92,15 +92,15 @@ def test_matches_naive_reference_on_real_photos(effnet, photos, library_result):
     assert res.pool == ("region:scorecam", "fused:denoised+scorecam")
     for i in range(2):  # the naive loop is slow; two real photos are enough to pin it down
         ref = reference_unioncam(effnet.model, layer, x[i:i + 1])
-        assert int(res.classes[i]) == ref["class"]
+        assert int(res.target[i]) == ref["class"]
         torch.testing.assert_close(res.components["gradient:denoised"][i], ref["den"], atol=1e-4, rtol=0)
         torch.testing.assert_close(res.components["region:scorecam"][i], ref["reg"], atol=1e-4, rtol=0)
         torch.testing.assert_close(res.components["fused:denoised+scorecam"][i], ref["fused"],
                                    atol=1e-4, rtol=0)
-        torch.testing.assert_close(res.scores[i], torch.tensor(ref["scores"]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(res.selection_score[i], torch.tensor(ref["scores"]), atol=1e-4, rtol=0)
         assert int(res.selected[i]) == ref["selected"]
         torch.testing.assert_close(res.maps[i], ref["maps"], atol=1e-4, rtol=0)
-        assert abs(float(res.baseline_probs[i]) - ref["p_base"]) < 1e-6
+        assert abs(float(res.baseline_prob[i]) - ref["p_base"]) < 1e-6
 
 
 def test_result_shapes_and_ranges(photos, library_result):
@@ -108,13 +108,13 @@ def test_result_shapes_and_ranges(photos, library_result):
     res = library_result
     n, _, h, w = x.shape
     assert res.maps.shape == (n, h, w) and res.maps.dtype == torch.float32
-    assert res.scores.shape == (n, 2) and res.selected.shape == (n,)
+    assert res.selection_score.shape == (n, 2) and res.selected.shape == (n,)
     assert float(res.maps.min()) >= 0.0 and float(res.maps.max()) <= 1.0 + 1e-6
-    assert torch.equal(res.selected, res.scores.argmax(1))
+    assert torch.equal(res.selected, res.selection_score.argmax(1))
     # the selected map is the pool member it names
     for i, name in enumerate(res.selected_names):
         assert torch.equal(res.maps[i], res.components[name][i])
-    assert (res.probs > 0).all() and (res.probs <= 1).all()
+    assert (res.prob > 0).all() and (res.prob <= 1).all()
     # 1 gradient pass + 40 Score-CAM masks (minus constant channels) + baseline + 3 β per image
     assert n * 2 + 1 + 3 * n <= res.forwards <= n * (1 + 40 + 3) + 1
 
@@ -125,7 +125,7 @@ def test_chunk_size_does_not_change_results(effnet, photos, library_result, chun
     with UnionCAM(effnet.model, LAYER, "paper", chunk_size=chunk, channels_last=False) as cam:
         res = cam(x[:2])
     torch.testing.assert_close(res.maps, library_result.maps[:2], atol=1e-5, rtol=0)
-    torch.testing.assert_close(res.scores, library_result.scores[:2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(res.selection_score, library_result.selection_score[:2], atol=1e-5, rtol=0)
     assert torch.equal(res.selected, library_result.selected[:2])
 
 
@@ -136,7 +136,7 @@ def test_batch_composition_does_not_change_results(effnet, photos, library_resul
         pair = cam(x[[3, 1]])
     torch.testing.assert_close(alone.maps[0], library_result.maps[4], atol=1e-5, rtol=0)
     torch.testing.assert_close(pair.maps, library_result.maps[[3, 1]], atol=1e-5, rtol=0)
-    torch.testing.assert_close(pair.scores, library_result.scores[[3, 1]], atol=1e-5, rtol=0)
+    torch.testing.assert_close(pair.selection_score, library_result.selection_score[[3, 1]], atol=1e-5, rtol=0)
 
 
 def test_channels_last_is_exact(effnet, photos, library_result):
@@ -153,57 +153,57 @@ def test_channels_last_is_exact(effnet, photos, library_result):
 def test_given_targets_are_explained(effnet, photos):
     x, labels = photos
     targets = [int(labels[0]), None]
-    with UnionCAM(effnet.model, LAYER, region="groupcam", groups=8, chunk_size=16) as cam:
+    with UnionCAM(effnet.model, LAYER, "fast", groups=8, chunk_size=16) as cam:
         res = cam(x[:2], targets=targets)
         pred = cam(x[:2])
-    assert int(res.classes[0]) == int(labels[0])
-    assert int(res.classes[1]) == int(pred.classes[1])
+    assert int(res.target[0]) == int(labels[0])
+    assert int(res.target[1]) == int(pred.target[1])
 
 
 def test_generalised_pool(effnet, photos):
     x, _ = photos
     cfg = UnionCAMConfig(gradient=("denoised", "gradcam++"), region=("scorecam", "groupcam"),
-                         groups=8, include_gradient_maps=True, chunk_size=32, return_components=True)
+                         groups=8, include_gradient_maps=True, selection="beta", chunk_size=32,
+                         return_components=True)
     with UnionCAM(effnet.model, LAYER, cfg) as cam:
         res = cam(x[:2])
     assert res.pool == ("region:scorecam", "region:groupcam", "fused:denoised+scorecam",
                         "fused:denoised+groupcam", "fused:gradcam+++scorecam",
                         "fused:gradcam+++groupcam", "gradient:denoised", "gradient:gradcam++")
-    assert res.scores.shape == (2, 8)
-    assert torch.equal(res.selected, res.scores.argmax(1))
+    assert res.selection_score.shape == (2, 8)
+    assert torch.equal(res.selected, res.selection_score.argmax(1))
     # every pool member's β is p(x ⊙ L) − p(x_b): recompute one by hand
     i, name = 1, "fused:denoised+groupcam"
     with torch.no_grad():
-        p = F.softmax(effnet.model(x[i:i + 1] * res.components[name][i]), 1)[0, res.classes[i]]
+        p = F.softmax(effnet.model(x[i:i + 1] * res.components[name][i]), 1)[0, res.target[i]]
     j = res.pool.index(name)
-    assert abs(float(p - res.baseline_probs[i]) - float(res.scores[i, j])) < 1e-5
+    assert abs(float(p - res.baseline_prob[i]) - float(res.beta[i, j])) < 1e-5
+    assert torch.equal(res.selection_score, res.beta)  # the paper's rule selects by β
 
 
 def test_blur_baseline_changes_baseline_probs(effnet, photos, library_result):
     x, _ = photos
-    with UnionCAM(effnet.model, LAYER, baseline="blur", region="groupcam", groups=4,
+    with UnionCAM(effnet.model, LAYER, "fast", baseline="blur", groups=4,
                   chunk_size=16) as cam:
         res = cam(x[:2])
-    assert not torch.allclose(res.baseline_probs, library_result.baseline_probs[:2])
+    assert not torch.allclose(res.baseline_prob, library_result.baseline_prob[:2])
 
 
 def test_config_roundtrip_and_presets(effnet):
-    from pipeline import cli
-    from unioncam import DEFAULT_PRESET
-
-    assert cli.DEFAULT_PRESET == DEFAULT_PRESET
     with UnionCAM(effnet.model) as cam:  # no config: the default preset, not the paper's
         assert cam.config == UnionCAMConfig.preset(DEFAULT_PRESET)
+    assert UnionCAMConfig() == PRESETS[DEFAULT_PRESET]  # one default: the config's own
+    assert UnionCAMConfig().preset_name == DEFAULT_PRESET
     cfg = UnionCAMConfig.preset("paper")
-    assert cfg == UnionCAMConfig()
+    assert cfg != UnionCAMConfig() and cfg.preset_name == "paper"
     assert UnionCAMConfig.from_dict(cfg.to_dict()) == cfg
     fast = UnionCAMConfig.preset("fast", theta=20)
     assert fast.region == ("groupcam",) and fast.theta == 20
     assert fast.fingerprint() != cfg.fingerprint()
-    assert UnionCAMConfig(chunk_size=4).fingerprint() == cfg.fingerprint()
+    assert UnionCAMConfig.preset("paper", chunk_size=4).fingerprint() == cfg.fingerprint()
     with pytest.raises(ValueError, match="unknown preset"):
         UnionCAMConfig.preset("nope")
-    with pytest.raises(ValueError, match="gradient: unknown method"):
+    with pytest.raises(ValueError, match=r"unknown gradient method 'gradcam\+'"):
         UnionCAMConfig(gradient=("gradcam+",))
     with pytest.raises(ValueError, match="theta"):
         UnionCAMConfig(theta=150)

@@ -52,15 +52,15 @@ def resolve_layer(model: nn.Module, target_layer: str | nn.Module | TargetLayer 
         return target_layer
     if target_layer is None:
         if example is None:
-            raise ValueError("target_layer=None needs an example input to find the layer")
+            raise ValueError("layer=None needs an example input to find the layer")
         return find_target_layer(model, example)
     if isinstance(target_layer, nn.Module):
         for name, module in model.named_modules():
             if module is target_layer:
                 return TargetLayer(name, module)
-        raise ValueError("target_layer: the given module is not a submodule of the model")
+        raise ValueError("layer: the given module is not a submodule of the model")
     if not isinstance(target_layer, str):
-        raise ValueError(f"target_layer must be a str, a module or None, not {type(target_layer).__name__}")
+        raise ValueError(f"layer must be a str, a module or None, not {type(target_layer).__name__}")
     match = _CALL_RE.match(target_layer)
     assert match is not None
     name, call = match.group("name"), int(match.group("call") or -1)
@@ -68,7 +68,7 @@ def resolve_layer(model: nn.Module, target_layer: str | nn.Module | TargetLayer 
     if name not in modules or name == "":
         candidates = [n for n, m in model.named_modules() if n and len(list(m.children())) == 0]
         hint = ", ".join(candidates[-5:])
-        raise ValueError(f"target_layer: no module named {name!r} in the model (last leaf modules: {hint})")
+        raise ValueError(f"layer: no module named {name!r} in the model (last leaf modules: {hint})")
     return TargetLayer(name, modules[name], call)
 
 
@@ -103,7 +103,7 @@ def find_target_layer(model: nn.Module, example: torch.Tensor) -> TargetLayer:
         for h in handles:
             h.remove()
     if not records:
-        raise ValueError("target_layer: the model has no module with a 4-D spatial output; name one")
+        raise ValueError("layer: the model has no module with a 4-D spatial output; name one")
     last = records[-1][3]
     same = [r for r in records if r[3] is last]
     # Hooks fire innermost first, so the outermost producer of the tensor comes last.
@@ -159,11 +159,11 @@ class ActivationHook:
             out = self._calls[self.layer.call]
         except IndexError:
             raise ValueError(
-                f"target_layer {self.layer}: the module was called {len(self._calls)} time(s)"
+                f"layer {self.layer}: the module was called {len(self._calls)} time(s)"
             ) from None
         if not isinstance(out, torch.Tensor) or out.dim() != 4:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"target_layer {self.layer}: output must be N×K×h×w, got {shape}")
+            raise ValueError(f"layer {self.layer}: output must be N×K×h×w, got {shape}")
         return out
 
     def remove(self) -> None:

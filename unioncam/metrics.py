@@ -14,8 +14,11 @@ Implemented metrics (all device-agnostic: they run where ``x`` lives):
 
 Why this module is written the way it is: insertion/deletion needs
 ``2 * N * M * n_steps`` forward passes, far more than fit in memory at once. So every
-(image, map, step) input is a *job* with a flat index; jobs are materialised lazily, a
-chunk of ``chunk_size`` at a time, regardless of which image or map they belong to. A job's
+(image, map, step) input is a *job* with a flat index in the one forward engine's queue
+(:class:`unioncam.engine.Engine`); jobs are materialised lazily, a chunk at a time,
+regardless of which image or map they belong to. Pass a CAM (an engine) as ``model`` to
+score with its tuned chunk size, memory format and precision; a bare ``nn.Module`` gets
+an engine with ``chunk_size`` (default 64) in the model's own memory format. A job's
 input depends only on its own image, map and step, so results do not depend on the chunk
 size or on which batch an image arrives in (up to the model's own batch-size numerics).
 No host synchronisation happens inside the chunk loops (no ``.item()``/``.cpu()``); the
@@ -28,27 +31,26 @@ Conventions shared by all functions:
   image, e.g. several methods at once); results are then ``N`` or ``N x M``.
 * ``targets`` is ``None`` (the model's predicted class on ``x``), a sequence of ``N`` ints,
   or an integer tensor of shape ``N``.
-* The model must return logits ``B x K`` and should be in eval mode (it is not modified).
+* The model must return logits ``B x K``; it runs in eval mode and is given back as it came.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from unioncam.engine import Engine, check_autocast, model_format
+from unioncam.ops import gaussian_blur, pixel_ranks
 
 __all__ = [
     "InsDelResult",
     "auc",
     "average_drop_increase",
     "energy_pointing_game",
-    "gaussian_blur",
-    "gaussian_kernel1d",
     "insertion_deletion",
     "pointing_game",
     "softmax_prob",
@@ -56,63 +58,12 @@ __all__ = [
 
 Targets = Tensor | Sequence[int] | None
 Baseline = str | Tensor
+DEFAULT_CHUNK = 64
 
 
 # --------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------
-
-
-def gaussian_kernel1d(
-    kernel: int = 11, sigma: float = 5.0, *, dtype: torch.dtype = torch.float32, device=None
-) -> Tensor:
-    """Normalised 1-D Gaussian ``exp(-d^2 / (2 sigma^2))`` on ``d = -(k//2) .. k//2``.
-
-    The 2-D blur kernel is the outer product of this with itself (sums to 1). RISE builds its
-    kernel by ``scipy.ndimage.gaussian_filter`` of an 11x11 delta (reflect mode), which is a
-    slightly different, flatter shape; we use the plain truncated Gaussian because it is
-    exactly reproducible and separable.
-    """
-    if not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
-        raise ValueError(f"blur kernel must be a positive odd int, got {kernel!r}")
-    if not (isinstance(sigma, int | float) and sigma > 0 and math.isfinite(sigma)):
-        raise ValueError(f"blur sigma must be a positive finite number, got {sigma!r}")
-    d = torch.arange(kernel, dtype=torch.float64) - (kernel // 2)
-    k = torch.exp(-(d**2) / (2.0 * float(sigma) ** 2))
-    return (k / k.sum()).to(dtype=dtype, device=device)
-
-
-def gaussian_blur(
-    x: Tensor, kernel: int = 11, sigma: float = 5.0, *, padding: str = "zeros"
-) -> Tensor:
-    """Blur ``N x C x H x W`` images with a depthwise Gaussian (separable, same output size).
-
-    ``padding="zeros"`` (default) matches RISE's ``conv2d(..., padding=klen//2)``: pixels near
-    the border are pulled towards 0, i.e. towards the dataset mean in normalised space.
-    ``padding="reflect"`` mirrors the image instead (needs ``H, W > kernel // 2``).
-    Separable 1-D passes give exactly the 2-D outer-product convolution for both paddings,
-    at ``2k`` instead of ``k^2`` multiply-adds per pixel.
-    """
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f"gaussian_blur: x must be a N x C x H x W tensor, got shape {_shape(x)}")
-    if padding not in ("zeros", "reflect"):
-        raise ValueError(f"gaussian_blur: padding must be 'zeros' or 'reflect', got {padding!r}")
-    n, c, h, w = x.shape
-    pad = kernel // 2
-    if padding == "reflect" and (h <= pad or w <= pad):
-        raise ValueError(f"gaussian_blur: padding='reflect' needs H and W > {pad}, got {h}x{w}")
-    dtype = x.dtype if x.is_floating_point() else torch.float32
-    k = gaussian_kernel1d(kernel, sigma, dtype=dtype, device=x.device)
-    kw = k.view(1, 1, 1, kernel).expand(c, 1, 1, kernel)
-    kh = k.view(1, 1, kernel, 1).expand(c, 1, kernel, 1)
-    y = x.to(dtype)
-    if padding == "zeros":
-        y = F.conv2d(y, kw, padding=(0, pad), groups=c)
-        y = F.conv2d(y, kh, padding=(pad, 0), groups=c)
-    else:
-        y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="reflect"), kw, groups=c)
-        y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode="reflect"), kh, groups=c)
-    return y
 
 
 def auc(curve: Tensor) -> Tensor:
@@ -134,6 +85,19 @@ def _check_pos_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def _engine(model: nn.Module | Engine, chunk_size: int | None, autocast: str | None) -> Engine:
+    """The engine to score with: the CAM's own (shared state), or one for a bare model."""
+    if chunk_size is not None:
+        _check_pos_int(chunk_size, "chunk_size")
+    check_autocast(autocast)
+    if isinstance(model, Engine):
+        return model
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module or an Engine, got {type(model).__name__}")
+    return Engine(model, chunk_size=chunk_size or DEFAULT_CHUNK, autocast=autocast,
+                  channels_last=model_format(model) == torch.channels_last)
 
 
 def _check_x(x) -> None:
@@ -188,104 +152,41 @@ def _check_targets(targets: Targets, n: int, device) -> Tensor | None:
     return t
 
 
-def _check_model_output(logits, targets: Tensor) -> None:
-    """One-off check on the first forward: 2-D logits and every target < number of classes."""
-    if not isinstance(logits, Tensor) or logits.dim() != 2:
-        raise ValueError(f"model must return B x K logits, got {_shape(logits)}")
-    k = logits.shape[1]
-    big = targets >= k
-    if bool(big.any()):
-        i = int(big.nonzero()[0, 0])
-        raise ValueError(f"target of image {i} is {int(targets[i])}, model has {k} classes")
+def _clean_probs(engine: Engine, x: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(target, prob)`` on the clean images; ``targets=None`` picks the argmax class.
 
-
-def _autocast_ctx(device: torch.device, autocast: torch.dtype | None):
-    if autocast is None:  # leave any autocast context of the caller in force
-        return contextlib.nullcontext()
-    if not isinstance(autocast, torch.dtype):
-        raise ValueError(f"autocast must be None or a torch.dtype, got {autocast!r}")
-    return torch.autocast(device_type=device.type, dtype=autocast)
-
-
-def _forward_probs(
-    model: nn.Module, inputs: Tensor, cls: Tensor, autocast: torch.dtype | None
-) -> Tensor:
-    """Softmax probability (float32) of class ``cls[b]`` for every input ``b``."""
-    with _autocast_ctx(inputs.device, autocast):
-        logits = model(inputs)
-    return logits.float().softmax(dim=1).gather(1, cls[:, None]).squeeze(1)
-
-
-def _run_jobs(
-    model: nn.Module,
-    n_jobs: int,
-    make_inputs: Callable[[Tensor], Tensor],
-    job_image: Callable[[Tensor], Tensor],
-    targets: Tensor,
-    chunk_size: int,
-    autocast: torch.dtype | None,
-    device: torch.device,
-) -> Tensor:
-    """Probabilities of ``n_jobs`` lazily built inputs, ``chunk_size`` forward passes at a time.
-
-    ``make_inputs(idx)`` builds the inputs of jobs ``idx`` (a 1-D long tensor);
-    ``job_image(idx)`` says which image each job explains (to pick its target class).
+    Validates the target range against the model's output once (one host sync), so that
+    the long job loops that follow never need to.
     """
-    out = torch.empty(n_jobs, dtype=torch.float32, device=device)
-    with torch.no_grad():
-        for a in range(0, n_jobs, chunk_size):
-            idx = torch.arange(a, min(a + chunk_size, n_jobs), device=device)
-            out[a : a + idx.numel()] = _forward_probs(
-                model, make_inputs(idx), targets[job_image(idx)], autocast
-            )
-    return out
-
-
-def _class_probs(
-    model: nn.Module,
-    x: Tensor,
-    targets: Tensor | None,
-    chunk_size: int,
-    autocast: torch.dtype | None,
-) -> tuple[Tensor, Tensor]:
-    """``(targets, prob)`` on the clean images; ``targets=None`` picks the argmax class.
-
-    Validates the model output and the target range on the first chunk (one host sync),
-    so that the long job loops that follow never need to.
-    """
-    n = x.shape[0]
-    cls = torch.empty(n, dtype=torch.long, device=x.device)
-    probs = torch.empty(n, dtype=torch.float32, device=x.device)
-    with torch.no_grad():
-        for a in range(0, n, chunk_size):
-            b = min(a + chunk_size, n)
-            with _autocast_ctx(x.device, autocast):
-                logits = model(x[a:b])
-            if a == 0:
-                _check_model_output(logits, targets if targets is not None else cls[:0])
-            p = logits.float().softmax(dim=1)
-            c = p.argmax(dim=1) if targets is None else targets[a:b]
-            cls[a:b] = c
-            probs[a:b] = p.gather(1, c[:, None]).squeeze(1)
-    return cls, probs
+    p = engine.softmax(x)
+    if targets is None:
+        t = p.argmax(1)
+    else:
+        big = targets >= p.shape[1]
+        if bool(big.any()):
+            i = int(big.nonzero()[0, 0])
+            raise ValueError(f"target of image {i} is {int(targets[i])}, model has {p.shape[1]} classes")
+        t = targets
+    return t, p.gather(1, t[:, None])[:, 0]
 
 
 def softmax_prob(
-    model: nn.Module,
+    model: nn.Module | Engine,
     x: Tensor,
     targets: Targets = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     *,
-    autocast: torch.dtype | None = None,
+    autocast: str | None = None,
 ) -> Tensor:
     """Softmax probability (float32, shape ``N``) of each image's target class.
 
     ``targets=None`` gives the probability of the predicted (argmax) class.
     """
     _check_x(x)
-    _check_pos_int(chunk_size, "chunk_size")
+    eng = _engine(model, chunk_size, autocast)
     t = _check_targets(targets, x.shape[0], x.device)
-    return _class_probs(model, x, t, chunk_size, autocast)[1]
+    with eng:
+        return _clean_probs(eng, x, t)[1]
 
 
 def _baseline(spec: Baseline, x: Tensor, name: str, blur_kernel: int, blur_sigma: float) -> Tensor:
@@ -339,19 +240,19 @@ class InsDelResult:
 
 
 def insertion_deletion(
-    model: nn.Module,
+    model: nn.Module | Engine,
     x: Tensor,
     saliency: Tensor,
     targets: Targets = None,
     *,
     step: int = 224,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     insertion_baseline: Baseline = "blur",
     deletion_baseline: Baseline = "zeros",
     blur_kernel: int = 11,
     blur_sigma: float = 5.0,
     return_curves: bool = False,
-    autocast: torch.dtype | None = None,
+    autocast: str | None = None,
 ) -> InsDelResult:
     """RISE insertion and deletion AUC of saliency maps.
 
@@ -369,14 +270,16 @@ def insertion_deletion(
     rule with spacing ``1/n_steps``, in ``[0, 1]``.
 
     Forward passes: ``N`` (clean images) + ``2N`` (the two baselines, shared by all maps)
-    + ``2 * N * M * (n_steps - 1)`` (intermediate steps), run ``chunk_size`` at a time.
+    + ``2 * N * M * (n_steps - 1)`` (intermediate steps), through the engine's chunk queue
+    (``model`` may be a CAM: its engine is used; ``chunk_size``/``autocast`` then apply only
+    to a bare model).
     """
     _check_x(x)
     n, c, h, w = x.shape
     sal, multi = _check_saliency(saliency, x)
     m = sal.shape[1]
     step = _check_pos_int(step, "step")
-    chunk_size = _check_pos_int(chunk_size, "chunk_size")
+    eng = _engine(model, chunk_size, autocast)
     t = _check_targets(targets, n, x.device)
     ins_base = _baseline(insertion_baseline, x, "insertion_baseline", blur_kernel, blur_sigma)
     del_base = _baseline(deletion_baseline, x, "deletion_baseline", blur_kernel, blur_sigma)
@@ -384,55 +287,40 @@ def insertion_deletion(
     hw = h * w
     n_steps = -(-hw // step)
     n_mid = n_steps - 1  # steps 1 .. n_steps-1 depend on the map; 0 and n_steps do not
+    rank = pixel_ranks(sal)  # N x M x H x W: the ordering the selection rules share
 
-    # rank[n, m, p] = position of pixel p in the descending, index-stable ordering.
-    order = torch.sort(sal.reshape(n, m, hw), dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(hw, device=x.device).expand(n, m, hw))
-    rank = rank.view(n, m, h, w)
+    with eng:
+        t, p_clean = _clean_probs(eng, x, t)
 
-    t, p_clean = _class_probs(model, x, t, chunk_size, autocast)
+        # One bank of 3N images [insertion baselines | clean images | deletion baselines];
+        # every job input is a gather from it, so nothing per-step is ever stored.
+        bank = torch.cat([ins_base, x, del_base])
 
-    # One bank of 3N images [insertion baselines | clean images | deletion baselines]; every
-    # job input is a gather from it, so nothing per-step is ever stored.
-    bank = torch.cat([ins_base, x, del_base])
+        # Endpoint jobs 0..2N-1: insertion baseline of image i, then deletion baseline of i.
+        ends = torch.arange(2 * n, device=x.device)
+        p_ends = eng.probs(2 * n, lambda idx: bank[idx + n * (idx >= n)], t[ends % n], x.device)
 
-    # Endpoint jobs 0..2N-1: insertion baseline of image i, then deletion baseline of image i.
-    p_ends = _run_jobs(
-        model,
-        2 * n,
-        lambda idx: bank[idx + n * (idx >= n)],
-        lambda idx: idx % n,
-        t,
-        chunk_size,
-        autocast,
-        x.device,
-    )
+        # Step jobs, ordered (kind, image, map, k): kind 0 = insertion, 1 = deletion. Switched
+        # pixels come from bank[N + img + N*kind] (clean / deletion baseline), the others from
+        # bank[img + N*kind] (insertion baseline / clean).
+        per_kind = n * m * n_mid
+        if per_kind > 0:
+            jobs = torch.arange(2 * per_kind, device=x.device)
+            job_target = t[(jobs % per_kind) // (m * n_mid)]
 
-    # Step jobs, ordered (kind, image, map, k): kind 0 = insertion, 1 = deletion. Switched
-    # pixels come from bank[N + img + N*kind] (clean / deletion baseline), the others from
-    # bank[img + N*kind] (insertion baseline / clean).
-    per_kind = n * m * n_mid
-    if per_kind > 0:
+            def make_inputs(idx: Tensor) -> Tensor:
+                kind = idx // per_kind
+                r = idx % per_kind
+                k = r % n_mid + 1
+                nm = r // n_mid
+                img, mp = nm // m, nm % m
+                mask = rank[img, mp] < (k * step).view(-1, 1, 1)  # k < n_steps => k*step < hw
+                keep = img + n * kind
+                return torch.where(mask.unsqueeze(1), bank[keep + n], bank[keep])
 
-        def job_image(idx: Tensor) -> Tensor:
-            return (idx % per_kind) // (m * n_mid)
-
-        def make_inputs(idx: Tensor) -> Tensor:
-            kind = idx // per_kind
-            r = idx % per_kind
-            k = r % n_mid + 1
-            nm = r // n_mid
-            img, mp = nm // m, nm % m
-            mask = rank[img, mp] < (k * step).view(-1, 1, 1)  # k < n_steps => k*step < hw
-            keep = img + n * kind
-            return torch.where(mask.unsqueeze(1), bank[keep + n], bank[keep])
-
-        p_mid = _run_jobs(
-            model, 2 * per_kind, make_inputs, job_image, t, chunk_size, autocast, x.device
-        ).view(2, n, m, n_mid)
-    else:
-        p_mid = torch.empty(2, n, m, 0, device=x.device)
+            p_mid = eng.probs(2 * per_kind, make_inputs, job_target, x.device).view(2, n, m, n_mid)
+        else:
+            p_mid = torch.empty(2, n, m, 0, device=x.device)
 
     def col(v: Tensor) -> Tensor:
         return v.view(n, 1, 1).expand(n, m, 1)
@@ -455,13 +343,13 @@ def insertion_deletion(
 
 
 def average_drop_increase(
-    model: nn.Module,
+    model: nn.Module | Engine,
     x: Tensor,
     saliency: Tensor,
     targets: Targets = None,
     *,
-    chunk_size: int = 64,
-    autocast: torch.dtype | None = None,
+    chunk_size: int | None = None,
+    autocast: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-image drop and increase in confidence when the image is masked by its map.
 
@@ -480,17 +368,16 @@ def average_drop_increase(
     if bool(out_of_range.any()):
         i = int(out_of_range.nonzero()[0, 0])
         raise ValueError(f"saliency of image {i} has values outside [0, 1]")
-    chunk_size = _check_pos_int(chunk_size, "chunk_size")
+    eng = _engine(model, chunk_size, autocast)
     t = _check_targets(targets, n, x.device)
-    t, y = _class_probs(model, x, t, chunk_size, autocast)
 
     def make_inputs(idx: Tensor) -> Tensor:
         img = idx // m
         return x[img] * sal[img, idx % m].unsqueeze(1).to(x.dtype)
 
-    o = _run_jobs(
-        model, n * m, make_inputs, lambda idx: idx // m, t, chunk_size, autocast, x.device
-    ).view(n, m)
+    with eng:
+        t, y = _clean_probs(eng, x, t)
+        o = eng.probs(n * m, make_inputs, t.repeat_interleave(m), x.device).view(n, m)
     y = y.view(n, 1)
     drop = (y - o).clamp_min(0) / y
     increase = o > y

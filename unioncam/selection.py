@@ -1,10 +1,10 @@
 """Selection rules: how the pool member to keep is scored.
 
 ``beta`` is the paper's rule (confidence gain of the masked input). Other
-rules are registered here with the forward passes they cost, so a
+rules are registered in :data:`SELECTION_RULES` with the forward passes they cost, so a
 configuration's price is known before it runs (:func:`rule_forwards`).
 
-A rule is ``fn(cam, x, pool_maps, classes, beta) -> (scores N×P, forwards)``
+A rule is ``fn(engine, x, pool_maps, target, beta) -> (scores N×P, forwards)``
 where ``pool_maps`` is N×P×H×W in [0,1] and ``beta`` the pool's β (N×P).
 Higher is better; ties go to the earlier pool member.
 
@@ -17,7 +17,7 @@ Grad-CAM there. The rules below score members on the ranking instead.
 Notation for the rules below (all forwards on the target class c, p = softmax):
 
 * ``top_f(L)`` — the ⌊f·H·W⌋ pixels of highest L, ties broken by lower flat
-  index (``torch.sort(..., descending=True, stable=True)``) — exactly the
+  index (:func:`unioncam.ops.pixel_ranks`) — exactly the
   ordering of :func:`unioncam.metrics.insertion_deletion`, so a rule's probes
   are the very inputs that metric would build at those fractions.
 * ``b = blur(x)`` — Gaussian blur, kernel 11, σ 5, zero padding (the metric's
@@ -57,60 +57,33 @@ from collections.abc import Callable
 
 import torch
 
-from unioncam.metrics import gaussian_blur
+from unioncam.engine import Engine
+from unioncam.ops import gaussian_blur, is_flat, pixel_ranks
+from unioncam.registry import Registry
 
-__all__ = ["SELECTIONS", "RULE_COSTS", "register", "rule_forwards", "top_ranks"]
+__all__ = ["SELECTION_RULES", "rule_forwards"]
 
 Rule = Callable[..., tuple[torch.Tensor, int]]
-SELECTIONS: dict[str, Rule] = {}
-# name -> (forwards per pool member per image, forwards per image)
-RULE_COSTS: dict[str, tuple[int, int]] = {}
+#: name -> rule; info: ``per_member`` and ``per_image`` forwards (see :func:`rule_forwards`).
+SELECTION_RULES: Registry[Rule] = Registry("selection rule")
 
 INSDEL_STEPS = (2, 3, 4, 6, 8, 12, 16)
 PERCENTS = (5, 10, 20, 30, 50)
 
 
-def register(name: str, per_member: int = 0, per_image: int = 0) -> Callable[[Rule], Rule]:
-    """Register a rule under ``name`` with its forward-pass cost (see :func:`rule_forwards`)."""
-    def deco(fn: Rule) -> Rule:
-        SELECTIONS[name] = fn
-        RULE_COSTS[name] = (per_member, per_image)
-        return fn
-
-    return deco
-
-
 def rule_forwards(name: str, n_images: int, pool_size: int) -> int:
     """Forward passes the rule ``name`` spends on ``n_images`` images with a pool of ``pool_size``."""
-    if name not in RULE_COSTS:
-        raise ValueError(f"selection: unknown rule {name!r}; choose from {', '.join(SELECTIONS)}")
-    per_member, per_image = RULE_COSTS[name]
-    return n_images * (per_member * pool_size + per_image)
+    info = SELECTION_RULES.info(name)
+    return n_images * (info["per_member"] * pool_size + info["per_image"])
 
 
 # ----------------------------------------------------------------------------- helpers
-def top_ranks(pool_maps: torch.Tensor) -> torch.Tensor:
-    """rank[n, p, i] = position of pixel i in map (n, p) sorted by descending value.
-
-    Stable sort, so ties go to the lower flat index — the same ordering as
-    :func:`unioncam.metrics.insertion_deletion`; ``rank < m`` is the top-m mask.
-    int32 keeps an N×P×H·W tensor small (a 64-image batch, 7 members, 224 px: 90 MB).
-    """
-    n, p, h, w = pool_maps.shape
-    order = torch.sort(pool_maps.reshape(n, p, h * w), dim=-1, descending=True, stable=True).indices
-    rank = torch.empty(n, p, h * w, dtype=torch.int32, device=pool_maps.device)
-    src = torch.arange(h * w, device=pool_maps.device, dtype=torch.int32).expand(n, p, h * w)
-    rank.scatter_(-1, order, src)
-    return rank
-
-
 def _unranked(scores: torch.Tensor, pool_maps: torch.Tensor) -> torch.Tensor:
     """−inf for flat members: a ranking rule has no ranking to score in a constant map."""
-    flat = pool_maps.flatten(2)
-    return scores.masked_fill(flat.amax(-1) <= flat.amin(-1), float("-inf"))
+    return scores.masked_fill(is_flat(pool_maps), float("-inf"))
 
 
-def _probes(cam, x: torch.Tensor, pool_maps: torch.Tensor, classes: torch.Tensor,
+def _probes(engine: Engine, x: torch.Tensor, pool_maps: torch.Tensor, target: torch.Tensor,
             counts: list[int], kinds: list[str], blurred: torch.Tensor | None) -> torch.Tensor:
     """p_c of Q perturbations of every (image, member): N×P×Q, in one chunked job queue.
 
@@ -121,7 +94,7 @@ def _probes(cam, x: torch.Tensor, pool_maps: torch.Tensor, classes: torch.Tensor
     """
     n, p, h, w = pool_maps.shape
     q = len(counts)
-    rank = top_ranks(pool_maps).view(n, p, h, w)
+    rank = pixel_ranks(pool_maps)
     count_t = torch.tensor(counts, device=x.device, dtype=torch.int32)
     is_ins = torch.tensor([k == "ins" for k in kinds], device=x.device)
 
@@ -136,8 +109,7 @@ def _probes(cam, x: torch.Tensor, pool_maps: torch.Tensor, classes: torch.Tensor
         removed = torch.where(mask, torch.zeros_like(xi), xi)
         return torch.where(ins, kept, removed)
 
-    jobs = n * p * q
-    probs = cam.masked_probs(jobs, make_inputs, classes.repeat_interleave(p * q), x.device)
+    probs = engine.probs(n * p * q, make_inputs, target.repeat_interleave(p * q), x.device)
     return probs.view(n, p, q)
 
 
@@ -146,14 +118,14 @@ def _pixels(fraction: float, h: int, w: int) -> int:
 
 
 # ----------------------------------------------------------------------------- rules
-@register("beta")
-def beta_rule(cam, x, pool_maps, classes, beta) -> tuple[torch.Tensor, int]:
+@SELECTION_RULES.register("beta", per_member=0, per_image=0)
+def beta_rule(engine, x, pool_maps, target, beta) -> tuple[torch.Tensor, int]:
     """The paper's selection: the β already computed for every pool member (no extra forwards)."""
     return beta, 0
 
 
-@register("beta-blur", per_member=1, per_image=1)
-def beta_blur_rule(cam, x, pool_maps, classes, beta) -> tuple[torch.Tensor, int]:
+@SELECTION_RULES.register("beta-blur", per_member=1, per_image=1)
+def beta_blur_rule(engine, x, pool_maps, target, beta) -> tuple[torch.Tensor, int]:
     """β against the blurred image: p(x ⊙ L + b ⊙ (1 − L)) − p(b).
 
     Unlike β with zeros, masked-out regions keep their low frequencies, so a
@@ -161,7 +133,7 @@ def beta_blur_rule(cam, x, pool_maps, classes, beta) -> tuple[torch.Tensor, int]
     """
     n, p = pool_maps.shape[:2]
     b = gaussian_blur(x)
-    base = cam.probs_of(b, classes)
+    base = engine.probs_of(b, target)
     flat = pool_maps.flatten(0, 1)
 
     def make_inputs(j: torch.Tensor) -> torch.Tensor:
@@ -169,15 +141,15 @@ def beta_blur_rule(cam, x, pool_maps, classes, beta) -> tuple[torch.Tensor, int]
         img = j // p
         return x[img] * m + b[img] * (1 - m)
 
-    probs = cam.masked_probs(n * p, make_inputs, classes.repeat_interleave(p), x.device)
+    probs = engine.probs(n * p, make_inputs, target.repeat_interleave(p), x.device)
     return probs.view(n, p) - base[:, None], n * p + n
 
 
 def _make_drop(pct: int) -> Rule:
-    def rule(cam, x, pool_maps, classes, beta) -> tuple[torch.Tensor, int]:
+    def rule(engine, x, pool_maps, target, beta) -> tuple[torch.Tensor, int]:
         n, p, h, w = pool_maps.shape
-        clean = cam.probs_of(x, classes)
-        probs = _probes(cam, x, pool_maps, classes, [_pixels(pct / 100, h, w)], ["del"], None)
+        clean = engine.probs_of(x, target)
+        probs = _probes(engine, x, pool_maps, target, [_pixels(pct / 100, h, w)], ["del"], None)
         return _unranked(clean[:, None] - probs[..., 0], pool_maps), n * p + n
 
     rule.__doc__ = (f"Drop of p_c when the top {pct}% of the map's pixels are set to 0: "
@@ -186,10 +158,10 @@ def _make_drop(pct: int) -> Rule:
 
 
 def _make_keep_remove(pct: int) -> Rule:
-    def rule(cam, x, pool_maps, classes, beta) -> tuple[torch.Tensor, int]:
+    def rule(engine, x, pool_maps, target, beta) -> tuple[torch.Tensor, int]:
         n, p, h, w = pool_maps.shape
         m = _pixels(pct / 100, h, w)
-        probs = _probes(cam, x, pool_maps, classes, [m, m], ["ins", "del"], gaussian_blur(x))
+        probs = _probes(engine, x, pool_maps, target, [m, m], ["ins", "del"], gaussian_blur(x))
         return _unranked(probs[..., 0] - probs[..., 1], pool_maps), 2 * n * p
 
     rule.__doc__ = (f"Keep the top {pct}% on the blurred image minus remove it from the clean "
@@ -198,13 +170,13 @@ def _make_keep_remove(pct: int) -> Rule:
 
 
 def _make_insdel(steps: int) -> Rule:
-    def rule(cam, x, pool_maps, classes, beta) -> tuple[torch.Tensor, int]:
+    def rule(engine, x, pool_maps, target, beta) -> tuple[torch.Tensor, int]:
         n, p, h, w = pool_maps.shape
         b = gaussian_blur(x)
         counts = [(k * h * w) // steps for k in range(1, steps)]
-        probs = _probes(cam, x, pool_maps, classes, counts + counts,
+        probs = _probes(engine, x, pool_maps, target, counts + counts,
                         ["ins"] * (steps - 1) + ["del"] * (steps - 1), b)
-        ends = cam.probs_of(torch.cat([b, x, torch.zeros_like(x)]), classes.repeat(3)).view(3, n)
+        ends = engine.probs_of(torch.cat([b, x, torch.zeros_like(x)]), target.repeat(3)).view(3, n)
         p_blur, p_clean, p_zero = ends[0, :, None], ends[1, :, None], ends[2, :, None]
         ins_mid, del_mid = probs[..., : steps - 1].sum(-1), probs[..., steps - 1:].sum(-1)
         ins = (ins_mid + 0.5 * (p_blur + p_clean)) / steps
@@ -217,7 +189,7 @@ def _make_insdel(steps: int) -> Rule:
 
 
 for _pct in PERCENTS:
-    register(f"drop-{_pct}", per_member=1, per_image=1)(_make_drop(_pct))
-    register(f"keep-remove-{_pct}", per_member=2)(_make_keep_remove(_pct))
+    SELECTION_RULES.add(f"drop-{_pct}", _make_drop(_pct), per_member=1, per_image=1)
+    SELECTION_RULES.add(f"keep-remove-{_pct}", _make_keep_remove(_pct), per_member=2, per_image=0)
 for _s in INSDEL_STEPS:
-    register(f"insdel-{_s}", per_member=2 * (_s - 1), per_image=3)(_make_insdel(_s))
+    SELECTION_RULES.add(f"insdel-{_s}", _make_insdel(_s), per_member=2 * (_s - 1), per_image=3)

@@ -10,58 +10,75 @@ default) and p(·) = softmax(f(·))_c:
 5. Selection — pool {L_reg, L_fused}; keep the member with the highest β
    (ties go to the earlier member, so L_fused only when strictly greater).
 
-Generalised without losing that case: ``gradient`` and ``region`` are lists;
-the pool is every region map, then every fused (gradient, region) pair, then —
-only with ``include_gradient_maps`` — the gradient maps themselves.
+That is the ``paper`` preset, exactly. Generalised without losing that case: ``gradient``
+and ``region`` are lists; the pool is every region map, then every fused (gradient,
+region) pair, then — only with ``include_gradient_maps`` — the gradient maps themselves;
+and the selection rule is any of :data:`unioncam.selection.SELECTION_RULES`.
 
-All masked forwards (region masks, then the β of every component, then the β
-of every fused map) are batched across images and chunked; the baseline
-forward runs once per batch.
+All masked forwards (region masks, then the β of every component, then the β of every
+fused map, then the selection rule's probes) go through the engine's chunk queue; the
+baseline forward runs once per batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from unioncam.base import AUTOCAST_DTYPES, BaseCAM, validate_inputs
+from unioncam.cam import BaseCAM, CAMResult
+from unioncam.engine import check_autocast
 from unioncam.gradient import GRADIENT_METHODS, gradient_map
-from unioncam.metrics import gaussian_blur
-from unioncam.ops import minmax, upsample
-from unioncam.region import REGION_METHODS, group_cam, score_cam
-from unioncam.selection import SELECTIONS
+from unioncam.ops import gaussian_blur, minmax, upsample
+from unioncam.region import REGION_METHODS
+from unioncam.registry import METHODS
+from unioncam.selection import SELECTION_RULES, rule_forwards
 
-__all__ = ["UnionCAMConfig", "UnionCAMResult", "UnionCAM", "PRESETS", "DEFAULT_PRESET", "BASELINES"]
+__all__ = ["UnionCAMConfig", "UnionCAM", "PRESETS", "DEFAULT_PRESET", "BASELINES"]
 
 BASELINES = ("zeros", "blur")
+
+#: The preset used whenever none is named: by ``UnionCAM(model)``, ``UnionCAMConfig()``, the
+#: pipeline's ``RunConfig`` and ``unioncam run``. "faithful" met the pre-registered decision
+#: rule of benchmarks/results/faithfulness_protocol.md on the report half (EfficientNet-Lite0,
+#: _blocks.15, n = 20: insertion − deletion +0.047 [+0.025, +0.073] over Grad-CAM, the best
+#: component; no loss on swapped-baseline RISE, Average Drop or Increase in Confidence).
+#: The paper's method stays one argument away: ``config="paper"``.
+DEFAULT_PRESET = "faithful"
+
+# Settings that change results (the fingerprint); the rest only change speed or output size.
+_RESULT_FIELDS = ("gradient", "region", "theta", "baseline", "groups", "include_gradient_maps",
+                  "selection", "autocast")
 
 
 @dataclass(frozen=True)
 class UnionCAMConfig:
-    """Every setting of the method; the defaults are the paper's configuration.
+    """Every setting of the method; the field defaults are :data:`DEFAULT_PRESET`'s.
 
-    Settings that change results (``gradient``, ``region``, ``theta``,
-    ``baseline``, ``groups``, ``include_gradient_maps``, ``autocast``) are part
-    of :meth:`fingerprint`; speed-only settings (``chunk_size``,
-    ``channels_last``) are not, because they do not change the maps.
+    Settings that change results are part of :meth:`fingerprint`; speed-only settings
+    (``chunk_size``, ``channels_last``) and ``return_components`` are not. A config has no
+    stored name: :attr:`preset_name` says which preset it equals, if any, so a preset with
+    overrides never calls itself by the preset's name.
     """
 
-    gradient: tuple[str, ...] = ("denoised",)
-    region: tuple[str, ...] = ("scorecam",)
+    # The default preset, "faithful": a 7-member pool — Group-CAM, the denoised, Grad-CAM and
+    # Grad-CAM++ maps, and each fused with Group-CAM — kept by an 8-step insertion − deletion
+    # proxy instead of β (which rewards broad maps). 143 forwards per image whatever the
+    # layer's width.
+    gradient: tuple[str, ...] = ("denoised", "gradcam", "gradcam++")
+    region: tuple[str, ...] = ("groupcam",)
     theta: float = 10.0
     baseline: str = "zeros"
     groups: int = 32
-    include_gradient_maps: bool = False
-    selection: str = "beta"
+    include_gradient_maps: bool = True
+    selection: str = "insdel-8"
     autocast: str | None = None
     chunk_size: int | None = None
     channels_last: bool | None = None
     return_components: bool = False
-    name: str = field(default="paper", compare=False)
 
     def __post_init__(self) -> None:
         for attr in ("gradient", "region"):
@@ -71,23 +88,19 @@ class UnionCAMConfig:
             elif isinstance(value, list):
                 object.__setattr__(self, attr, tuple(value))
         for g in self.gradient:
-            if g not in GRADIENT_METHODS:
-                raise ValueError(f"gradient: unknown method {g!r}; choose from {', '.join(GRADIENT_METHODS)}")
+            GRADIENT_METHODS.check(g)
         for r in self.region:
-            if r not in REGION_METHODS:
-                raise ValueError(f"region: unknown method {r!r}; choose from {', '.join(REGION_METHODS)}")
+            REGION_METHODS.check(r)
         if not self.region:
             raise ValueError("region: at least one region method is needed (the pool's first member)")
         if not 0.0 <= float(self.theta) <= 100.0:
             raise ValueError(f"theta must be a percentile in [0, 100], got {self.theta}")
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
-        if not isinstance(self.groups, int) or self.groups < 1:
+        if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
             raise ValueError(f"groups must be a positive int, got {self.groups!r}")
-        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
-            raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {self.autocast!r}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        check_autocast(self.autocast)
+        SELECTION_RULES.check(self.selection)
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")
 
@@ -99,13 +112,52 @@ class UnionCAMConfig:
         return dataclasses.replace(PRESETS[name], **overrides)
 
     @property
+    def preset_name(self) -> str | None:
+        """The preset whose result settings this config has, or ``None`` (a custom config)."""
+        mine = self.fingerprint()
+        return next((n for n, p in PRESETS.items() if p.fingerprint() == mine), None)
+
+    def describe(self) -> str:
+        """``faithful``, or ``custom`` with the settings that differ from the closest preset."""
+        if self.preset_name:
+            return self.preset_name
+        mine = self.result_settings()
+        diffs = {n: {k: v for k, v in mine.items() if p.result_settings()[k] != v}
+                 for n, p in PRESETS.items()}
+        base = min(diffs, key=lambda n: len(diffs[n]))
+        return f"custom ({base} with " + ", ".join(f"{k}={v}" for k, v in diffs[base].items()) + ")"
+
+    @property
     def pool(self) -> tuple[str, ...]:
-        """Names of the pool members, in selection order."""
+        """Names of the pool members, in selection order (the one place they are built)."""
         names = [f"region:{r}" for r in self.region]
         names += [f"fused:{g}+{r}" for g in self.gradient for r in self.region]
         if self.include_gradient_maps:
             names += [f"gradient:{g}" for g in self.gradient]
         return tuple(names)
+
+    def forwards_per_image(self, channels: int | None = None) -> int:
+        """Forward passes per image at a batch of one (Score-CAM: pass the layer's ``channels``).
+
+        Score-CAM skips constant channels, so for it this is an upper bound.
+        """
+        n = 1  # the gradient pass
+        for r in self.region:
+            if r == "scorecam":
+                if channels is None:
+                    raise ValueError("forwards_per_image: Score-CAM costs one forward per channel; "
+                                     "pass channels=")
+                n += channels
+            else:
+                n += self.groups + 1
+        components = len(self.region) + len(self.gradient)
+        n += components + len(self.gradient) * len(self.region)  # β of components and fused
+        n += 1  # the baseline (zeros: one forward per batch, counted here at a batch of one)
+        return n + rule_forwards(self.selection, 1, len(self.pool))
+
+    def result_settings(self) -> dict[str, Any]:
+        d = self.to_dict()
+        return {k: d[k] for k in _RESULT_FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -122,89 +174,38 @@ class UnionCAMConfig:
 
     def fingerprint(self) -> str:
         """The settings that change results, as canonical JSON."""
-        keep = ("gradient", "region", "theta", "baseline", "groups", "include_gradient_maps",
-                "selection", "autocast")
-        d = self.to_dict()
-        return json.dumps({k: d[k] for k in keep}, sort_keys=True)
+        return json.dumps(self.result_settings(), sort_keys=True)
 
 
 PRESETS: dict[str, UnionCAMConfig] = {
-    "paper": UnionCAMConfig(name="paper"),
-    # Group-CAM instead of Score-CAM as the region side: 32 masked forwards per
-    # image instead of one per channel, for whole-dataset runs on a budget.
-    "fast": UnionCAMConfig(region=("groupcam",), groups=32, name="fast"),
-    # Chosen on the tune half of the faithfulness study (benchmarks/faithfulness_frontier.py,
-    # benchmarks/results/faithfulness_protocol.md): a 7-member pool — Group-CAM, the denoised,
-    # Grad-CAM and Grad-CAM++ maps, and each fused with Group-CAM — kept by an 8-step
-    # insertion − deletion proxy instead of β, which rewards broad maps. 143 forwards per
-    # image whatever the layer's width (Score-CAM alone is one per channel).
-    "faithful": UnionCAMConfig(gradient=("denoised", "gradcam", "gradcam++"), region=("groupcam",),
-                               groups=32, include_gradient_maps=True, selection="insdel-8",
-                               name="faithful"),
-    # Same pool, kept by the drop of p_c when its top 20 % of pixels are removed: one forward
-    # per member, 50 forwards per image.
-    "faithful-fast": UnionCAMConfig(gradient=("denoised", "gradcam", "gradcam++"),
-                                    region=("groupcam",), groups=32, include_gradient_maps=True,
-                                    selection="drop-20", name="faithful-fast"),
+    # The default (the field defaults above).
+    "faithful": UnionCAMConfig(),
+    # The paper's UnionCAM exactly: denoised + Score-CAM, selected by β.
+    "paper": UnionCAMConfig(gradient=("denoised",), region=("scorecam",),
+                            include_gradient_maps=False, selection="beta"),
+    # Group-CAM instead of Score-CAM as the region side: 32 masked forwards per image instead
+    # of one per channel, for whole-dataset runs on a budget.
+    "fast": UnionCAMConfig(gradient=("denoised",), region=("groupcam",),
+                           include_gradient_maps=False, selection="beta"),
+    # The default's pool, kept by the drop of p_c when its top 20 % of pixels are removed:
+    # one forward per member, 50 forwards per image.
+    "faithful-fast": UnionCAMConfig(selection="drop-20"),
 }
 
-# The preset to use when none is named. "faithful" met the pre-registered decision rule of
-# benchmarks/results/faithfulness_protocol.md on the report half (EfficientNet-Lite0,
-# _blocks.15, n = 20: insertion − deletion +0.047 [+0.025, +0.073] over Grad-CAM, the best
-# component, and above every other component with CIs excluding 0; no loss on swapped-baseline
-# RISE, Average Drop or Increase in Confidence). "paper" stays available by name and is still
-# what UnionCAMConfig() means.
-DEFAULT_PRESET = "faithful"
 
-
-@dataclass
-class UnionCAMResult:
-    """One batch's explanation; every tensor stays on the input's device."""
-
-    maps: torch.Tensor  # N×H×W in [0,1]: the selected map of each image
-    selected: torch.Tensor  # N int64: index into ``pool``
-    scores: torch.Tensor  # N×P float32: the selection score of every pool member (β by default)
-    pool: tuple[str, ...]  # P names
-    classes: torch.Tensor  # N int64: the class explained
-    probs: torch.Tensor  # N float32: p(x)_c
-    baseline_probs: torch.Tensor  # N float32: p(x_b)_c
-    beta: torch.Tensor | None = None  # N×P float32: β of every pool member (= scores for "beta")
-    forwards: int = 0  # forward passes spent on the batch (gradient pass counted as one per image)
-    components: dict[str, torch.Tensor] | None = None  # name -> N×H×W normalised
-    components_raw: dict[str, torch.Tensor] | None = None  # name -> raw map before resizing
-
-    def __len__(self) -> int:
-        return self.maps.shape[0]
-
-    @property
-    def selected_names(self) -> list[str]:
-        return [self.pool[i] for i in self.selected.tolist()]
-
-    def to(self, device: torch.device | str) -> UnionCAMResult:
-        """A copy with every tensor moved (e.g. to the CPU for writing)."""
-        def mv(v):
-            if isinstance(v, torch.Tensor):
-                return v.to(device)
-            if isinstance(v, dict):
-                return {k: t.to(device) for k, t in v.items()}
-            return v
-
-        return UnionCAMResult(**{f.name: mv(getattr(self, f.name)) for f in dataclasses.fields(self)})
-
-
+@METHODS.register("unioncam")
 class UnionCAM(BaseCAM):
     """UnionCAM over batches: ``with UnionCAM(model, "layer4") as cam: res = cam(x)``.
 
     Args:
         model: a classifier returning logits; it is not modified.
-        target_layer: dotted name, module, or None (automatic); see :class:`BaseCAM`.
+        layer: dotted name, module, or None (automatic); see :class:`~unioncam.cam.BaseCAM`.
         config: a :class:`UnionCAMConfig` or a preset name; ``None`` means
-            :data:`DEFAULT_PRESET` (``"faithful"``; the paper's configuration is
-            ``config="paper"``). Keyword arguments override its fields
-            (``UnionCAM(m, theta=20)``).
+            :data:`DEFAULT_PRESET`. Keyword arguments override its fields
+            (``UnionCAM(m, config="paper", theta=20)``).
     """
 
-    def __init__(self, model, target_layer=None, config: UnionCAMConfig | str | None = None,
+    def __init__(self, model, layer=None, config: UnionCAMConfig | str | None = None,
                  **overrides: Any) -> None:
         if config is None:
             config = PRESETS[DEFAULT_PRESET]
@@ -213,37 +214,35 @@ class UnionCAM(BaseCAM):
         if overrides:
             config = dataclasses.replace(config, **overrides)
         self.config = config
-        super().__init__(model, target_layer, chunk_size=config.chunk_size,
+        super().__init__(model, layer, chunk_size=config.chunk_size,
                          channels_last=config.channels_last, autocast=config.autocast)
+        self.needs_gradient = bool(config.gradient) or any(
+            REGION_METHODS.info(r)["needs_gradient"] for r in config.region)
 
     @property
     def pool(self) -> tuple[str, ...]:
         return self.config.pool
 
-    def baseline_probs(self, x: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """p(x_b)_c and the forwards it took: one for the whole batch with zeros."""
+    def baseline_prob(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """p(x_b)_target and the forwards it took: one for the whole batch with zeros."""
         if self.config.baseline == "zeros":
-            return self.class_probs(torch.zeros_like(x[:1]))[0, classes], 1
-        blurred = gaussian_blur(x)
-        return self.probs_of(blurred, classes), x.shape[0]
+            return self.softmax(torch.zeros_like(x[:1]))[0, target], 1
+        return self.probs_of(gaussian_blur(x), target), x.shape[0]
 
-    def confidence_gain(self, x: torch.Tensor, maps: torch.Tensor, classes: torch.Tensor,
+    def confidence_gain(self, x: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
                         baseline: torch.Tensor) -> torch.Tensor:
         """β of M maps per image (N×M×H×W → N×M), all masked forwards batched together."""
         n, m = maps.shape[:2]
         flat = maps.flatten(0, 1)
-        probs = self.masked_probs(n * m, lambda j: x[j // m] * flat[j][:, None],
-                                  classes.repeat_interleave(m), x.device)
+        probs = self.probs(n * m, lambda j: x[j // m] * flat[j][:, None],
+                           target.repeat_interleave(m), x.device)
         return probs.view(n, m) - baseline[:, None]
 
-    def __call__(self, x: torch.Tensor, targets=None) -> UnionCAMResult:
+    def explain(self, x: torch.Tensor, targets) -> CAMResult:
         cfg = self.config
-        validate_inputs(x, targets)
-        x = x.float() if x.dtype != torch.float32 else x
-        need_grad = bool(cfg.gradient) or "groupcam" in cfg.region
-        fwd = self.gradient_pass(x, targets, need_grad=need_grad)
+        fwd = self.gradient_pass(x, targets, need_grad=self.needs_gradient)
         size = (x.shape[-2], x.shape[-1])
-        classes, n = fwd.classes, x.shape[0]
+        target, n = fwd.target, x.shape[0]
         forwards = n
 
         comp: dict[str, torch.Tensor] = {}
@@ -253,18 +252,15 @@ class UnionCAM(BaseCAM):
             raw[f"gradient:{g}"] = r
             comp[f"gradient:{g}"] = minmax(upsample(r, size))
         for name in cfg.region:
-            if name == "scorecam":
-                out = score_cam(self, x, fwd.activation, classes)
-            else:
-                out = group_cam(self, x, fwd.activation, fwd.gradient, classes, cfg.groups)
+            out = REGION_METHODS[name](self, x, fwd, groups=cfg.groups)
             raw[f"region:{name}"] = out.raw
             comp[f"region:{name}"] = out.maps
             forwards += out.forwards
 
-        base, spent = self.baseline_probs(x, classes)
+        base, spent = self.baseline_prob(x, target)
         forwards += spent
         names = list(comp)
-        beta_c = self.confidence_gain(x, torch.stack([comp[k] for k in names], 1), classes, base)
+        beta_c = self.confidence_gain(x, torch.stack([comp[k] for k in names], 1), target, base)
         forwards += n * len(names)
         beta = {k: beta_c[:, i] for i, k in enumerate(names)}
 
@@ -277,7 +273,7 @@ class UnionCAM(BaseCAM):
                     fused.append(minmax(bg[:, None, None] * comp[f"gradient:{g}"]
                                         + br[:, None, None] * comp[f"region:{r}"]))
             fused_t = torch.stack(fused, 1)
-            beta_f = self.confidence_gain(x, fused_t, classes, base)
+            beta_f = self.confidence_gain(x, fused_t, target, base)
             forwards += n * len(fused_names)
             for i, k in enumerate(fused_names):
                 comp[k], beta[k] = fused_t[:, i], beta_f[:, i]
@@ -285,13 +281,13 @@ class UnionCAM(BaseCAM):
         pool = cfg.pool
         beta_pool = torch.stack([beta[k] for k in pool], 1)
         stacked = torch.stack([comp[k] for k in pool], 1)
-        scores, spent = SELECTIONS[cfg.selection](self, x, stacked, classes, beta_pool)
+        score, spent = SELECTION_RULES[cfg.selection](self, x, stacked, target, beta_pool)
         forwards += spent
-        selected = scores.argmax(1)  # first maximum: earlier members win ties
+        selected = score.argmax(1)  # first maximum: earlier members win ties
         maps = stacked.gather(1, selected[:, None, None, None].expand(n, 1, *size))[:, 0]
-        return UnionCAMResult(
-            maps=maps, selected=selected, scores=scores, pool=pool, classes=classes,
-            probs=fwd.probs, baseline_probs=base, beta=beta_pool, forwards=forwards,
+        return CAMResult(
+            maps=maps, target=target, prob=fwd.prob, forwards=forwards, pool=pool,
+            selected=selected, beta=beta_pool, selection_score=score, baseline_prob=base,
             components=comp if cfg.return_components else None,
             components_raw=raw if cfg.return_components else None,
         )
