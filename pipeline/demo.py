@@ -59,11 +59,11 @@ def run_demo(
     """Run the demo into ``out``; print a per-image summary; return an exit code."""
     import ray
 
-    from pipeline.cli import load_class_names
-    from pipeline.config import RunConfig
-    from pipeline.driver import run
-    from pipeline.manifest import build_from_folder
-    from pipeline.query import open_reader
+    from pipeline.analysis.reader import open_reader
+    from pipeline.data.build import build_from_folder
+    from pipeline.data.classes import load_class_names
+    from pipeline.run.config import RunConfig
+    from pipeline.run.driver import run
     from unioncam import UnionCAMConfig
 
     t0 = time.perf_counter()

@@ -27,12 +27,14 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 torch = pytest.importorskip("torch")
 
-from pipeline.config import FaultInjection, RunConfig  # noqa: E402
-from pipeline.decode import Status, decode_image, load_row, read_bytes  # noqa: E402
-from pipeline.driver import run  # noqa: E402
-from pipeline.manifest import Row, build_from_list  # noqa: E402
-from pipeline.query import open_reader  # noqa: E402
-from pipeline.store import StoreMismatchError, done_units, open_store, read_markers  # noqa: E402
+from pipeline.analysis.reader import open_reader  # noqa: E402
+from pipeline.data.build import build_from_list  # noqa: E402
+from pipeline.data.decode import Status, decode_image, load_row, read_bytes  # noqa: E402
+from pipeline.data.manifest import Row  # noqa: E402
+from pipeline.run.config import FaultInjection, RunConfig  # noqa: E402
+from pipeline.run.driver import run  # noqa: E402
+from pipeline.store.io import done_units, open_store, read_markers  # noqa: E402
+from pipeline.store.layout import StoreMismatchError  # noqa: E402
 from unioncam import UnionCAM, UnionCAMConfig, find_target_layer, load_model  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
@@ -99,7 +101,7 @@ def complete(ray_cluster, data):
 def reference(data):
     """The library called directly on the same images with the same preprocessing.
 
-    Decoding + preprocessing go through ``pipeline.decode.load_row`` (the data layer's one
+    Decoding + preprocessing go through ``pipeline.data.decode.load_row`` (the data layer's one
     definition of "the model's input for this row", tested on its own), so any difference
     left comes from the execution layer: batching, scheduling, actors, writing.
     """
@@ -443,7 +445,7 @@ def test_a_non_beta_selection_rule_stores_its_scores_and_queries_rank_by_them(
     best = sel_scores[np.arange(UNIT), sel_scores.argmax(1)].argmax()
     assert top[0].row_id == best and top[0].score == pytest.approx(float(sel_scores.max(1)[best]))
     # the CSV export carries them next to β
-    from pipeline.cli import export_csv
+    from pipeline.analysis.export import export_csv
 
     assert export_csv(reader, str(tmp_path / "sel.csv"), []) == UNIT
     with open(tmp_path / "sel.csv", newline="") as fh:

@@ -22,11 +22,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 ray = pytest.importorskip("ray")
 
-from pipeline.cli import load_class_names, main  # noqa: E402
-from pipeline.decode import Status, decode_image, read_bytes  # noqa: E402
-from pipeline.manifest import Manifest  # noqa: E402
-from pipeline.query import open_reader, overlay_image  # noqa: E402
-from pipeline.store import open_store  # noqa: E402
+from pipeline.analysis.images import overlay_image  # noqa: E402
+from pipeline.analysis.reader import open_reader  # noqa: E402
+from pipeline.cli import main  # noqa: E402
+from pipeline.data.classes import load_class_names  # noqa: E402
+from pipeline.data.decode import Status, decode_image, read_bytes  # noqa: E402
+from pipeline.data.manifest import Manifest  # noqa: E402
+from pipeline.store.io import open_store  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 REPO = Path(__file__).resolve().parents[1]

@@ -15,11 +15,8 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.decode import Status
-from pipeline.store import (
-    LAYOUT_ATTR,
-    StoreError,
-    StoreMismatchError,
+from pipeline.data.decode import Status
+from pipeline.store.io import (
     create_store,
     done_units,
     finalize_store,
@@ -28,6 +25,7 @@ from pipeline.store import (
     read_markers,
     write_unit,
 )
+from pipeline.store.layout import LAYOUT_ATTR, StoreError, StoreMismatchError
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 POOL = ("region:scorecam", "region:groupcam", "fused:denoised+scorecam")
@@ -324,8 +322,9 @@ def test_s3_end_to_end(s3, tmp_path: Path) -> None:
     """Images, manifest and store all on S3 (moto on loopback, via s3fs/FsspecStore)."""
     import xarray as xr
 
-    from pipeline.decode import decode_image, read_bytes
-    from pipeline.manifest import Manifest, build_from_list
+    from pipeline.data.build import build_from_list
+    from pipeline.data.decode import decode_image, read_bytes
+    from pipeline.data.manifest import Manifest
 
     bucket = s3.make_bucket()
     so = s3.storage_options

@@ -96,7 +96,7 @@ class RunConfig:
     components: bool = False
     metrics: tuple[str, ...] = ()
     #: Also score every pool member's map (``metrics/<metric>@<member>``, see
-    #: :func:`pipeline.evaluate.store_metric_names`); needs an insertion/deletion metric.
+    #: :func:`pipeline.analysis.evaluate.store_metric_names`); needs an insertion/deletion metric.
     metrics_all_members: bool = False
     #: RISE pixels per insertion/deletion step (224 at 224 px = 224 steps, the default).
     metric_step: int = 224
