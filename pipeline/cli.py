@@ -249,15 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     qs = p.add_subparsers(dest="what", metavar="QUERY", parser_class=_Parser)
     q = qs.add_parser("classes", help="per-class β statistics and pool-member wins")
     q.add_argument(
-        "--by", choices=("class_explained", "label", "predicted"), default="class_explained"
+        "--by", choices=("target", "label", "predicted"), default="target"
     )
     q.add_argument("--limit", type=int, default=50, help="show the N largest classes (0 = all)")
     q.add_argument("--json", action="store_true")
     q = qs.add_parser("top", help="top-k (or bottom-k) rows by a score")
     q.add_argument(
         "--by", default="beta",
-        help="beta, prob, baseline_prob, beta:<pool member>, metrics/<name>; selection, "
-        "selection:<pool member> for runs that select by a rule other than beta",
+        help="beta, prob, baseline_prob, beta:<pool member>, metrics/<name>, "
+        "selection_score, selection_score:<pool member> (what the selection rule ranked by)",
     )
     q.add_argument("-k", type=int, default=10)
     q.add_argument("--bottom", action="store_true", help="smallest first")
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = qs.add_parser("mean", help="mean map per class (PNG + .npy)")
     q.add_argument("--classes", help="class ids, e.g. 1,281-285 (default: all)")
     q.add_argument(
-        "--by", choices=("class_explained", "label", "predicted"), default="class_explained"
+        "--by", choices=("target", "label", "predicted"), default="target"
     )
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--cmap", default="jet")
@@ -463,7 +463,7 @@ def _cmd_query(a: argparse.Namespace) -> int:
         print(f"{'row':>8} {a.by:>14}  {'class':<28} {'label':>5}  selected")
         for x in rows:
             print(
-                f"{x.row_id:>8} {x.score:>14.5f}  {class_name(names, x.class_explained)[:28]:<28} "
+                f"{x.row_id:>8} {x.score:>14.5f}  {class_name(names, x.target)[:28]:<28} "
                 f"{x.label:>5}  {x.selected}"
             )
         return 0

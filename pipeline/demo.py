@@ -123,9 +123,9 @@ def run_demo(
         if r["status_name"] != "OK":
             say(f"{stem:<12} {r['status_name']}: {r['error']}")
             continue
-        c = r["class_explained"]
+        c = r["target"]
         cname = names[c] if 0 <= c < len(names) else str(c)
-        betas = ", ".join(f"{n}={b:+.3f}" for n, b in zip(reader.pool, r["scores"], strict=True))
+        betas = ", ".join(f"{n}={b:+.3f}" for n, b in zip(reader.pool, r["beta"], strict=True))
         say(f"{stem:<12} {cname[:26]:<26} {r['prob']:>5.2f}  {r['selected_name']:<28} {betas}")
     overlays = reader.write_overlays(range(m.num_rows), out / "overlays", class_names=names)
     say("")

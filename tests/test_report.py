@@ -285,7 +285,7 @@ def small_store(effnet, sample_dir, sample_labels, tmp_path_factory):
     pool = cam.pool
     names = metric_names(pool, all_members=True)
     store = tmp / "s.zarr"
-    create_store(store, num_rows=manifest.num_rows, unit_size=3, map_size=SIZE, pool=pool,
+    create_store(store, num_rows=manifest.num_rows, unit_size=3, image_size=SIZE, pool=pool,
                  components=pool, metrics=names,
                  attrs={"manifest": str(manifest.uri), "model": "efficientnet-lite0",
                         "weights": "pretrained-packaged", "layer": LAYER, "image_size": SIZE,
@@ -298,8 +298,8 @@ def small_store(effnet, sample_dir, sample_labels, tmp_path_factory):
                 "maps": np.full((n, SIZE, SIZE), np.nan, np.float32),
                 "status": np.zeros(n, np.uint8), "error": [""] * n,
                 "label": [r.label for r in rows], "crop_box": np.full((n, 4), -1),
-                "selected": np.full(n, -1), "class_explained": np.full(n, -1),
-                "scores": np.full((n, len(pool)), np.nan, np.float32),
+                "selected": np.full(n, -1), "target": np.full(n, -1),
+                "beta": np.full((n, len(pool)), np.nan, np.float32),
                 **{f"components/{p}": np.full((n, SIZE, SIZE), np.nan, np.float32) for p in pool},
                 **{f"metrics/{k}": np.full(n, np.nan, np.float32) for k in names},
             }  # fmt: skip
@@ -317,8 +317,8 @@ def small_store(effnet, sample_dir, sample_labels, tmp_path_factory):
                                 chunk_size=CHUNK)  # fmt: skip
             a["maps"][good] = res.maps.numpy()
             a["selected"][good] = res.selected.numpy()
-            a["class_explained"][good] = res.classes.numpy()
-            a["scores"][good] = res.scores.numpy()
+            a["target"][good] = res.classes.numpy()
+            a["beta"][good] = res.scores.numpy()
             for p in pool:
                 a[f"components/{p}"][good] = res.components[p].numpy()
             for k, v in ev.items():
@@ -362,7 +362,7 @@ def test_report_builds_from_a_store(small_store, tmp_path):
     s = summarize_store(str(store))
     assert s["n"] == 4 and s["metrics"]["insertion"] == pytest.approx(ins[ok].mean(), abs=1e-6)
     assert sum(r["n"] for r in s["per_class"]) == 4
-    cls = np.asarray(g["class_explained"][:])
+    cls = np.asarray(g["target"][:])
     for r in s["per_class"]:
         rows = ok & (cls == r["class"])
         assert r["n"] == rows.sum()

@@ -23,27 +23,27 @@ def export_csv(reader: StoreReader, path: str, names: list[str]) -> int:
         "error",
         "label",
         "predicted",
-        "class_explained",
+        "target",
         "class_name",
         "prob",
         "baseline_prob",
         "selected",
     ] + [f"beta:{p}" for p in reader.pool]
-    with_sel = "selection_scores" in reader.group  # a run that selected by another rule than β
+    with_sel = "selection_score" in reader.group  # a run that selected by another rule than β
     if with_sel:
-        cols += [f"selection:{p}" for p in reader.pool]
+        cols += [f"selection_score:{p}" for p in reader.pool]
     n = 0
     arrays = [
         "status",
         "error",
         "label",
         "predicted",
-        "class_explained",
+        "target",
         "prob",
         "baseline_prob",
         "selected",
-        "scores",
-    ] + (["selection_scores"] if with_sel else [])
+        "beta",
+    ] + (["selection_score"] if with_sel else [])
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(cols)
@@ -53,7 +53,7 @@ def export_csv(reader: StoreReader, path: str, names: list[str]) -> int:
                 sel = int(a["selected"][i])
                 err = a["error"][i]
                 err = err.decode("utf-8", "replace") if isinstance(err, bytes) else str(err or "")
-                ce = int(a["class_explained"][i])
+                ce = int(a["target"][i])
                 w.writerow(
                     [
                         start + i,
@@ -67,8 +67,8 @@ def export_csv(reader: StoreReader, path: str, names: list[str]) -> int:
                         _fmt(a["baseline_prob"][i]),
                         reader.pool[sel] if 0 <= sel < len(reader.pool) else "",
                     ]
-                    + [_fmt(v) for v in np.asarray(a["scores"][i]).tolist()]
-                    + ([_fmt(v) for v in np.asarray(a["selection_scores"][i]).tolist()]
+                    + [_fmt(v) for v in np.asarray(a["beta"][i]).tolist()]
+                    + ([_fmt(v) for v in np.asarray(a["selection_score"][i]).tolist()]
                        if with_sel else [])
                 )
                 n += 1

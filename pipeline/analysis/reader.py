@@ -10,9 +10,9 @@ on a run that is still going see only finished units.
 Score names accepted by :meth:`StoreReader.top_k` (see :meth:`StoreReader.score_names`):
 ``beta`` (β of the selected map), ``prob`` (p of the explained class), ``baseline_prob``,
 ``beta:<pool member>`` (e.g. ``beta:region:scorecam``), ``metrics/<name>`` if the run
-stored metrics, and, when the run selected by a rule other than β (the default ``faithful``
-preset selects by ``insdel-8``), ``selection`` (the selected member's score under that rule)
-and ``selection:<pool member>``. Rows whose score is NaN or ±inf (a flat map under a ranking
+stored metrics, ``selection_score`` (the selected member's score under the run's selection
+rule, e.g. ``insdel-8`` of the default ``faithful`` preset; β for the ``beta`` rule) and
+``selection_score:<pool member>``. Rows whose score is NaN or ±inf (a flat map under a ranking
 rule scores −inf) are left out of a top-k, in either direction.
 """
 
@@ -30,7 +30,7 @@ from pipeline.analysis.images import overlay_image
 from pipeline.data.decode import Status, decode_image, read_bytes
 from pipeline.data.manifest import Manifest
 from pipeline.store.io import done_units, open_store
-from pipeline.store.layout import LAYOUT_ATTR, StoreLayout, safe_name
+from pipeline.store.layout import LAYOUT_ATTR, StoreFormatError, StoreLayout, safe_name
 
 __all__ = [
     "ClassStats",
@@ -99,7 +99,7 @@ class ClassStats:
 class TopRow:
     row_id: int
     score: float
-    class_explained: int
+    target: int
     label: int
     selected: str
 
@@ -117,7 +117,7 @@ class StoreReader:
         self.storage_options = storage_options or None
         try:
             self.group = open_store(self.path, mode="r", storage_options=self.storage_options)
-        except FileNotFoundError:
+        except (FileNotFoundError, StoreFormatError):
             raise
         except Exception as e:
             msg = " ".join(str(e).split())
@@ -133,7 +133,7 @@ class StoreReader:
         self.unit_size = self.layout.unit_size
         self.num_units = self.layout.num_units
         self.pool: tuple[str, ...] = self.layout.pool
-        self.map_size = int(self.layout.map_size[-1])
+        self.image_size = int(self.layout.image_size[-1])
 
     # ------------------------------------------------------------------ basics
     def done_units(self) -> set[int]:
@@ -173,8 +173,8 @@ class StoreReader:
 
     def score_names(self) -> list[str]:
         names = ["beta", "prob", "baseline_prob"] + [f"beta:{p}" for p in self.pool]
-        if "selection_scores" in self.group:
-            names += ["selection"] + [f"selection:{p}" for p in self.pool]
+        if "selection_score" in self.group:
+            names += ["selection_score"] + [f"selection_score:{p}" for p in self.pool]
         if "metrics" in self.group:
             names += [f"metrics/{k}" for k in sorted(self.group["metrics"].array_keys())]
         return names
@@ -242,13 +242,13 @@ class StoreReader:
         return "incomplete"
 
     # ------------------------------------------------------------------ statistics
-    def class_stats(self, by: str = "class_explained") -> list[ClassStats]:
+    def class_stats(self, by: str = "target") -> list[ClassStats]:
         """Per-class mean β (selected and per member), mean p, and selection counts.
 
-        ``by``: ``class_explained`` (default) or ``label`` (the manifest's labels).
+        ``by``: ``target`` (default) or ``label`` (the manifest's labels).
         """
-        if by not in ("class_explained", "label", "predicted"):
-            raise ValueError(f"by must be class_explained, label or predicted, got {by!r}")
+        if by not in ("target", "label", "predicted"):
+            raise ValueError(f"by must be target, label or predicted, got {by!r}")
         p = len(self.pool)
         metric_arrays = self.metric_paths()
         msum: dict[int, dict[str, float]] = {}
@@ -256,7 +256,7 @@ class StoreReader:
         count: dict[int, int] = {}
         sums: dict[int, np.ndarray] = {}  # [beta_sel, prob, beta_0..beta_p-1]
         wins: dict[int, np.ndarray] = {}
-        want = [by, "scores", "selected", "prob", "status", *metric_arrays.values()]
+        want = [by, "beta", "selected", "prob", "status", *metric_arrays.values()]
         for _start, a in self.iter_units(want):
             ok = a["status"] == int(Status.OK)
             if not ok.any():
@@ -270,7 +270,7 @@ class StoreReader:
                     sums_c[name] = sums_c.get(name, 0.0) + float(v.sum())
                     counts_c[name] = counts_c.get(name, 0) + int(v.size)
             cls = a[by][ok].astype(np.int64)
-            sc = a["scores"][ok].astype(np.float64)
+            sc = a["beta"][ok].astype(np.float64)
             sel = a["selected"][ok].astype(np.int64)
             prob = a["prob"][ok].astype(np.float64)
             beta_sel = sc[np.arange(sc.shape[0]), sel] if p else np.zeros(len(cls))
@@ -302,16 +302,16 @@ class StoreReader:
 
     def _score_arrays(self, score: str) -> tuple[list[str], Any]:
         if score == "beta":
-            return ["scores", "selected"], lambda a: a["scores"][
+            return ["beta", "selected"], lambda a: a["beta"][
                 np.arange(len(a["selected"])), np.maximum(a["selected"], 0)
             ]
         if score in ("prob", "baseline_prob"):
             return [score], lambda a: a[score]
-        if score == "selection" and "selection_scores" in self.group:
-            return ["selection_scores", "selected"], lambda a: a["selection_scores"][
+        if score == "selection_score" and "selection_score" in self.group:
+            return ["selection_score", "selected"], lambda a: a["selection_score"][
                 np.arange(len(a["selected"])), np.maximum(a["selected"], 0)
             ]
-        for prefix, array in (("beta:", "scores"), ("selection:", "selection_scores")):
+        for prefix, array in (("beta:", "beta"), ("selection_score:", "selection_score")):
             if not score.startswith(prefix) or array not in self.group:
                 continue
             name = score[len(prefix):]
@@ -337,7 +337,7 @@ class StoreReader:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         names, get = self._score_arrays(score)
-        want = sorted(set(names) | {"status", "class_explained", "label", "selected"})
+        want = sorted(set(names) | {"status", "target", "label", "selected"})
         best_ids = np.zeros(0, dtype=np.int64)
         best_val = np.zeros(0, dtype=np.float64)
         info: dict[int, tuple[int, int, int]] = {}
@@ -345,7 +345,7 @@ class StoreReader:
         for start, a in self.iter_units(want):
             ok = a["status"] == int(Status.OK)
             if class_index is not None:
-                ok &= a["class_explained"] == class_index
+                ok &= a["target"] == class_index
             v = np.asarray(get(a), dtype=np.float64)
             ok &= np.isfinite(v)
             idx = np.nonzero(ok)[0]
@@ -355,7 +355,7 @@ class StoreReader:
             vals = np.concatenate([best_val, v[idx]])
             for i in idx.tolist():
                 info[start + i] = (
-                    int(a["class_explained"][i]),
+                    int(a["target"][i]),
                     int(a["label"][i]),
                     int(a["selected"][i]),
                 )
@@ -366,7 +366,7 @@ class StoreReader:
             TopRow(
                 row_id=int(r),
                 score=float(v),
-                class_explained=info[int(r)][0],
+                target=info[int(r)][0],
                 label=info[int(r)][1],
                 selected=self.pool[info[int(r)][2]]
                 if 0 <= info[int(r)][2] < len(self.pool)
@@ -387,7 +387,7 @@ class StoreReader:
         """Maps of the given rows as float32 ``len x S x S`` (NaN for failed rows)."""
         rows = self._check_rows(row_ids)
         if not rows:
-            return np.zeros((0, self.map_size, self.map_size), dtype=np.float32)
+            return np.zeros((0, self.image_size, self.image_size), dtype=np.float32)
         arr = self.group["maps"]
         return np.stack([np.asarray(arr[r], dtype=np.float32) for r in rows])
 
@@ -398,7 +398,7 @@ class StoreReader:
         out: dict[str, Any] = {"row_id": r}
         for name in (
             "status",
-            "class_explained",
+            "target",
             "label",
             "predicted",
             "prob",
@@ -412,9 +412,9 @@ class StoreReader:
             if out["status"] in Status._value2member_map_
             else str(out["status"])
         )
-        out["scores"] = np.asarray(g["scores"][r], dtype=np.float64).tolist()
-        if "selection_scores" in g:
-            out["selection_scores"] = np.asarray(g["selection_scores"][r], np.float64).tolist()
+        out["beta"] = np.asarray(g["beta"][r], dtype=np.float64).tolist()
+        if "selection_score" in g:
+            out["selection_score"] = np.asarray(g["selection_score"][r], np.float64).tolist()
         out["orig_size"] = tuple(int(v) for v in np.asarray(g["orig_size"][r]))
         out["crop_box"] = tuple(int(v) for v in np.asarray(g["crop_box"][r]))
         out["error"] = _as_str(np.asarray(g["error"][r]).item()) if "error" in g else ""
@@ -426,7 +426,7 @@ class StoreReader:
         self,
         classes: Iterable[int] | None = None,
         *,
-        by: str = "class_explained",
+        by: str = "target",
         rows_per_read: int = 256,
     ) -> dict[int, tuple[np.ndarray, int]]:
         """Mean map of the OK rows of each class: ``{class: (S x S float32, count)}``.
@@ -512,7 +512,7 @@ class StoreReader:
                 continue
             img = self.overlay(r, alpha=alpha, cmap=cmap, manifest=manifest)
             tag = ""
-            c = info.get("class_explained", -1)
+            c = info.get("target", -1)
             if class_names and 0 <= c < len(class_names):
                 tag = (
                     "-"

@@ -54,7 +54,7 @@ def run(config: RunConfig) -> RunSummary:
     """
     from pipeline.analysis.evaluate import store_metric_names
     from pipeline.data.manifest import Manifest
-    from pipeline.store.io import create_store, done_units, read_layout
+    from pipeline.store.io import create_store, done_units
 
     t0 = time.perf_counter()
     if "://" not in config.store:
@@ -69,7 +69,7 @@ def run(config: RunConfig) -> RunSummary:
         cfg.store,
         num_rows=manifest.num_rows,
         unit_size=manifest.unit_size,
-        map_size=resolved.image_size,
+        image_size=resolved.image_size,
         pool=resolved.pool,
         components=resolved.components,
         metrics=store_metric_names(cfg.metrics, resolved.pool, cfg.metrics_all_members),
@@ -78,9 +78,6 @@ def run(config: RunConfig) -> RunSummary:
         overwrite=cfg.overwrite,
         storage_options=so,
     )
-    # What the store holds decides what actors write: a store resumed from before
-    # ``selection_scores`` existed has none, whatever the rule.
-    stored_selection = read_layout(cfg.store, storage_options=so).selection
     done = done_units(cfg.store, storage_options=so)
     todo = [u for u in range(manifest.num_units) if u not in done]
     if cfg.max_units is not None:
@@ -107,7 +104,7 @@ def run(config: RunConfig) -> RunSummary:
         components=resolved.components,
         metrics=store_metric_names(cfg.metrics, resolved.pool, cfg.metrics_all_members),
         layer=cfg.layer,
-        selection=stored_selection,
+        selection=resolved.selection,
     )
     sizes = {u: _unit_rows(manifest, u) for u in todo}
     del manifest  # the actors read rows themselves; the driver keeps only unit sizes

@@ -38,7 +38,7 @@ class UnitContext:
     components: tuple[str, ...]
     metrics: tuple[str, ...]
     layer: str | None
-    selection: str | None = None  # the selection rule (its scores are stored too)
+    selection: str = "beta"  # the selection rule (what ``selection_score`` holds)
 
 
 def quiet_load_model(model: str, weights: str | None) -> Any:
@@ -66,7 +66,7 @@ class Resolved:
     components: tuple[str, ...]
     preprocess: dict[str, Any]
     weights: str | None
-    selection: str | None = None  # the rule's name when it is not β (stored separately)
+    selection: str = "beta"  # the selection rule: what ``selection_score`` holds
 
 
 def resolve(config: RunConfig) -> Resolved:
@@ -113,9 +113,8 @@ def resolve(config: RunConfig) -> Resolved:
         "mean": list(pre.mean),
         "std": list(pre.std),
     }
-    selection = None if method.selection == "beta" else method.selection
     return Resolved(cfg, size, tuple(method.pool), components, preprocess, loaded.weights,
-                    selection)
+                    method.selection)
 
 
 def store_attrs(res: Resolved, manifest: Any) -> dict[str, Any]:

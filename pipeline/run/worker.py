@@ -55,32 +55,33 @@ def empty_unit_arrays(n: int, ctx: UnitContext) -> dict[str, np.ndarray]:
     The store's layout is the one list of arrays, dtypes and fill values; the worker
     only says which options this run has.
     """
-    layout = StoreLayout(num_rows=n, unit_size=n, map_size=(ctx.image_size, ctx.image_size),
+    layout = StoreLayout(num_rows=n, unit_size=n, image_size=(ctx.image_size, ctx.image_size),
                          pool=ctx.pool, components=ctx.components, metrics=ctx.metrics,
                          selection=ctx.selection)  # fmt: skip
     return layout.empty_rows(n)
 
 
-def rows_from_result(res: Any, *, with_selection: bool) -> dict[str, np.ndarray]:
+def rows_from_result(res: Any) -> dict[str, np.ndarray]:
     """THE mapping from the library's result to the store's per-row arrays (one place).
 
     ``res`` is a ``UnionCAMResult``; keys are store array names (see
-    :meth:`pipeline.store.layout.StoreLayout.arrays`). The store's ``scores`` are the
-    confidence gains β of every member (what queries call "beta"), also when the method
-    selects by another criterion; ``selection_scores`` are the rule's own scores.
+    :meth:`pipeline.store.layout.StoreLayout.arrays`): ``beta`` is the confidence gain of
+    every member, ``selection_score`` what the selection rule ranked by (β itself for the
+    ``beta`` rule), ``target`` the class explained.
     """
+    # The library's older field names (scores, classes, probs, baseline_probs) are read
+    # here and only here; the renamed result (selection_score, target, prob, baseline_prob)
+    # changes this one function (and ``res.classes`` in ``_metrics_for`` below).
     beta = getattr(res, "beta", None)
-    out = {
+    return {
         "maps": res.maps.float().cpu().numpy(),
-        "scores": (res.scores if beta is None else beta).float().cpu().numpy(),
+        "beta": (res.scores if beta is None else beta).float().cpu().numpy(),
+        "selection_score": res.scores.float().cpu().numpy(),
         "selected": res.selected.cpu().numpy(),
-        "class_explained": res.classes.cpu().numpy(),
+        "target": res.classes.cpu().numpy(),
         "prob": res.probs.float().cpu().numpy(),
         "baseline_prob": res.baseline_probs.float().cpu().numpy(),
     }
-    if with_selection:
-        out["selection_scores"] = res.scores.float().cpu().numpy()
-    return out
 
 
 class _Decoded:
@@ -335,11 +336,11 @@ class ExplainWorker:
                 raise PoolMismatchError(
                     f"the method's pool {tuple(res.pool)} differs from the store's {self.ctx.pool}"
                 )
-            out = rows_from_result(res, with_selection=bool(self.ctx.selection))
+            out = rows_from_result(res)
             if self.config.target == "label":
                 out["predicted"] = self.cam.class_probs(x).argmax(1).cpu().numpy()
             else:
-                out["predicted"] = out["class_explained"]
+                out["predicted"] = out["target"]
             for name in self.ctx.components:
                 out[f"components/{name}"] = res.components[name].float().cpu().numpy()
             for name, values in self._metrics_for(x, res).items():

@@ -47,8 +47,10 @@ from pipeline.store.layout import (
     MAX_ERROR_CHARS,
     ArraySpec,
     StoreError,
+    StoreFormatError,
     StoreLayout,
     StoreMismatchError,
+    check_format,
     marker_key,
     redact,
 )
@@ -131,6 +133,7 @@ def _layout_of(meta: Mapping[str, Any] | None, loc: str) -> StoreLayout:
         raise StoreError(
             f"{redact_uri(loc)} is not a unioncam store (no '{LAYOUT_ATTR}' attribute)"
         )
+    check_format(raw, redact_uri(loc))
     return StoreLayout.from_dict(raw)
 
 
@@ -162,38 +165,37 @@ def create_store(
     *,
     num_rows: int,
     unit_size: int,
-    map_size: int | tuple[int, int],
+    image_size: int | tuple[int, int],
     pool: Sequence[str],
     components: Sequence[str] = (),
     metrics: Sequence[str] = (),
-    selection: str | None = None,
+    selection: str = "beta",
     attrs: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> zarr.Group:
     """Create the store (DRIVER ONLY), or reuse a matching one to resume.
 
-    An existing store is reused when its layout (rows, unit size, map size, pool,
-    components, metrics, selection rule; a store without ``selection_scores`` matches any rule
-    and keeps none) and every ``*fingerprint`` key of ``attrs`` (e.g.
+    An existing store is reused when its layout (rows, unit size, image size, pool,
+    components, metrics, selection rule, format) and every ``*fingerprint`` key of ``attrs`` (e.g.
     ``manifest_fingerprint``, ``config_fingerprint``) equal the stored ones; its attributes
     are then updated with ``attrs``. Otherwise :class:`StoreMismatchError` (one line) unless
     ``overwrite``, which deletes the old store, markers included. A path that holds
     something that is not a unioncam store is never deleted or written into.
     """
     size = (
-        (int(map_size), int(map_size))
-        if isinstance(map_size, (int, np.integer))
-        else tuple(map_size)
+        (int(image_size), int(image_size))
+        if isinstance(image_size, (int, np.integer))
+        else tuple(image_size)
     )
     layout = StoreLayout(
         num_rows=int(num_rows),
         unit_size=int(unit_size),
-        map_size=(int(size[0]), int(size[1])),
+        image_size=(int(size[0]), int(size[1])),
         pool=tuple(str(p) for p in pool),
         components=tuple(str(c) for c in components),
         metrics=tuple(str(m) for m in metrics),
-        selection=None if selection in (None, "beta") else str(selection),
+        selection=str(selection or "beta"),
     )
     user_attrs = redact(dict(attrs or {}))
     if LAYOUT_ATTR in user_attrs:
@@ -204,12 +206,19 @@ def create_store(
     if meta is not None:
         try:
             old_layout = _layout_of(meta, loc)
+        except StoreFormatError:
+            if not overwrite:
+                raise
+            old_layout = None
         except StoreError:
             raise StoreMismatchError(
                 f"{name} exists and is not a unioncam store; refusing to overwrite it"
             ) from None
         old_attrs = meta.get("attributes") or {}
-        problem = _mismatch(old_layout, layout, old_attrs, user_attrs)
+        problem = (
+            "an older store format" if old_layout is None
+            else _mismatch(old_layout, layout, old_attrs, user_attrs)
+        )  # fmt: skip
         if problem is None:
             store = _zstore(loc, storage_options, read_only=False)
             group = zarr.open_group(store, mode="r+", use_consolidated=False)
@@ -232,10 +241,6 @@ def _mismatch(
     old: StoreLayout, new: StoreLayout, old_attrs: Mapping[str, Any], new_attrs: Mapping[str, Any]
 ) -> str | None:
     od, nd = old.to_dict(), new.to_dict()
-    if od.get("selection") is None:
-        # A store made before ``selection_scores`` existed (or a β run): it simply has no such
-        # array; the config fingerprint below still refuses another selection rule.
-        nd["selection"] = None
     for key in nd:
         if od.get(key) != nd[key]:
             return f"{key}: store has {_short(od.get(key))}, this run {_short(nd[key])}"

@@ -19,7 +19,9 @@ from pipeline.data.decode import Status
 from pipeline.data.manifest import unit_range
 
 __all__ = [
-    "FORMAT_VERSION",
+    "STORE_FORMAT",
+    "StoreFormatError",
+    "check_format",
     "LAYOUT_ATTR",
     "MARKERS",
     "ArraySpec",
@@ -31,7 +33,10 @@ __all__ = [
     "safe_name",
 ]
 
-FORMAT_VERSION = 1
+#: The store format this code writes and reads. 2: arrays ``beta``, ``selection_score``
+#: (always) and ``target``, layout ``image_size`` (format 1: ``scores``, ``selection_scores``
+#: for non-β rules only, ``class_explained``, ``map_size``; unioncam < 0.2).
+STORE_FORMAT = 2
 #: Root attribute holding the layout (what shapes/arrays the store has).
 LAYOUT_ATTR = "unioncam_store"
 MARKERS = "markers"
@@ -48,6 +53,22 @@ _SECRET_KEY = re.compile(
 
 class StoreError(ValueError):
     """The store path or a write is unusable; one line naming the store/unit/array."""
+
+
+class StoreFormatError(StoreError):
+    """A store written in another format version: refused, with what to do."""
+
+
+def check_format(layout: Mapping[str, Any], name: str) -> None:
+    """Refuse (one line) a stored layout dict whose format is not :data:`STORE_FORMAT`."""
+    fmt = layout.get("format", 1)
+    if fmt == STORE_FORMAT:
+        return
+    written = "unioncam < 0.2" if fmt == 1 else "another unioncam version"
+    raise StoreFormatError(
+        f"store {name} has format {fmt} ({written}); this unioncam reads format "
+        f"{STORE_FORMAT}: re-run into a new store or pass --overwrite"
+    )
 
 
 class StoreMismatchError(StoreError):
@@ -115,23 +136,22 @@ class StoreLayout:
 
     num_rows: int
     unit_size: int
-    map_size: tuple[int, int]
+    image_size: tuple[int, int]
     pool: tuple[str, ...]
     components: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
-    # The selection rule when it is not β (e.g. "insdel-8"): its scores get their own array,
-    # because ``scores`` always holds β. None for β (nothing extra to store).
-    selection: str | None = None
-    format: int = FORMAT_VERSION
+    # The selection rule (e.g. "insdel-8", "beta"): what ``selection_score`` holds.
+    selection: str = "beta"
+    format: int = STORE_FORMAT
 
     def __post_init__(self) -> None:
-        if self.selection == "beta":  # β is ``scores`` itself: nothing extra to store
-            object.__setattr__(self, "selection", None)
         for what, v in (("num_rows", self.num_rows), ("unit_size", self.unit_size)):
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise StoreError(f"{what} must be a positive integer, got {v!r}")
-        if len(self.map_size) != 2 or min(self.map_size) < 1:
-            raise StoreError(f"map_size must be a positive int or (h, w), got {self.map_size!r}")
+        if len(self.image_size) != 2 or min(self.image_size) < 1:
+            raise StoreError(
+                f"image_size must be a positive int or (h, w), got {self.image_size!r}"
+            )
         if not self.pool or len(set(self.pool)) != len(self.pool):
             raise StoreError(f"pool must be non-empty unique names, got {list(self.pool)}")
         if len(self.pool) > 32767:
@@ -157,7 +177,7 @@ class StoreLayout:
             "format": self.format,
             "num_rows": int(self.num_rows),
             "unit_size": int(self.unit_size),
-            "map_size": [int(v) for v in self.map_size],
+            "image_size": [int(v) for v in self.image_size],
             "pool": list(self.pool),
             "components": list(self.components),
             "metrics": list(self.metrics),
@@ -169,35 +189,35 @@ class StoreLayout:
         return cls(
             num_rows=int(d["num_rows"]),
             unit_size=int(d["unit_size"]),
-            map_size=(int(d["map_size"][0]), int(d["map_size"][1])),
+            image_size=(int(d["image_size"][0]), int(d["image_size"][1])),
             pool=tuple(d["pool"]),
             components=tuple(d.get("components", ())),
             metrics=tuple(d.get("metrics", ())),
-            selection=d.get("selection"),
-            format=int(d.get("format", FORMAT_VERSION)),
+            selection=str(d.get("selection") or "beta"),
+            format=int(d.get("format", STORE_FORMAT)),
         )
 
     def arrays(self) -> list[ArraySpec]:
         """Every per-image array (the ones :func:`write_unit` writes), in a fixed order."""
-        h, w = self.map_size
+        h, w = self.image_size
         p = len(self.pool)
         sel_dtype = "i1" if p <= 127 else "i2"
         nan = float("nan")
         specs = [
             ArraySpec("maps", ("image", "y", "x"), "f2", nan, (h, w), sharded=True,
                       attrs={"description": "selected UnionCAM map, [0,1], on the crop"}),
-            ArraySpec("scores", ("image", "pool"), "f4", nan, (p,),
+            ArraySpec("beta", ("image", "pool"), "f4", nan, (p,),
                       attrs={"pool": list(self.pool),
                              "description": "confidence gain of every pool member"}),
             ArraySpec("selected", ("image",), sel_dtype, -1,
                       attrs={"description": "index into pool of the selected map"}),
-            *([ArraySpec("selection_scores", ("image", "pool"), "f4", nan, (p,),
-                         attrs={"pool": list(self.pool), "rule": self.selection,
-                                "description": "every pool member's score under the selection "
-                                               "rule; the highest is selected (-inf: a flat "
-                                               "map, which a ranking rule cannot score)"})]
-              if self.selection else []),
-            ArraySpec("class_explained", ("image",), "i4", -1),
+            ArraySpec("selection_score", ("image", "pool"), "f4", nan, (p,),
+                      attrs={"pool": list(self.pool), "rule": self.selection,
+                             "description": "every pool member's score under the selection "
+                                            "rule; the highest is selected (-inf: a flat "
+                                            "map, which a ranking rule cannot score)"}),
+            ArraySpec("target", ("image",), "i4", -1,
+                      attrs={"description": "the class explained"}),
             ArraySpec("label", ("image",), "i4", -1, attrs={"description": "-1 = no label"}),
             ArraySpec("predicted", ("image",), "i4", -1),
             ArraySpec("prob", ("image",), "f4", nan),

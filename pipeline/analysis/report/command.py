@@ -48,8 +48,8 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gallery", type=int, default=6, help="gallery rows (0 = none)")
     g.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--by", choices=("class_explained", "label", "predicted"),
-                   default="class_explained", help="--store mode: per-class grouping")  # fmt: skip
+    g.add_argument("--by", choices=("target", "label", "predicted"),
+                   default="target", help="--store mode: per-class grouping")  # fmt: skip
     g.add_argument("--title")
     g.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                    help="fsspec option for a remote store (repeatable)")  # fmt: skip

@@ -238,7 +238,7 @@ def build_report(
     seed: int = 0,
     n_boot: int = 2000,
     gallery: int = 6,
-    by: str = "class_explained",
+    by: str = "target",
     cache_dir: str | os.PathLike[str] | None = None,
     keep_cache: bool = False,
     time_budget_s: float | None = None,

@@ -45,7 +45,7 @@ def member_label(member: str) -> str:
 def summarize_store(
     store: str,
     *,
-    by: str = "class_explained",
+    by: str = "target",
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Overall and per-class means of every stored metric and the selection counts.
@@ -69,11 +69,11 @@ def summarize_store(
 
 
 def read_store_scalars(
-    store: str, *, by: str = "class_explained", storage_options: dict[str, Any] | None = None
+    store: str, *, by: str = "target", storage_options: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The per-image scalars a report needs, from every finished unit (through the reader)."""
-    if by not in ("class_explained", "label", "predicted"):
-        raise ReportError(f"by must be class_explained, label or predicted, got {by!r}")
+    if by not in ("target", "label", "predicted"):
+        raise ReportError(f"by must be target, label or predicted, got {by!r}")
     try:
         reader = open_reader(store, storage_options)
     except ValueError as e:
@@ -169,7 +169,7 @@ def store_sample(
         for j in pick.tolist():
             r = int(rows[j])
             box = tuple(int(v) for v in np.asarray(group["crop_box"][r]))
-            h, w = layout.map_size
+            h, w = layout.image_size
             arr = None
             if reader is not None:
                 try:
