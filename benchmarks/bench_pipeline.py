@@ -2,7 +2,7 @@
 
 What it measures, and why each number matters:
 
-1. **Pipeline vs library alone** - images/s of ``pipeline.driver.run`` against calling
+1. **Pipeline vs library alone** - images/s of ``pipeline.run.driver.run`` against calling
    ``UnionCAM`` in a loop on the same images, batch size, model, method and machine
    (pre-decoded tensors, no I/O: the library's best case). Two pipeline figures are shown:
    *steady* (images / wall time during which the actor held units: decode + explain +
@@ -29,9 +29,7 @@ Do not run it while the test suite runs: both compete for the same cores.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -42,10 +40,8 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import numpy as np  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
-sys.path.insert(0, str(REPO))
+from common import machine_line, sample_rows  # noqa: E402
+from common import markdown_table as table  # noqa: E402
 
 
 def rss_mib() -> float:
@@ -62,40 +58,6 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
-
-
-def table(title: str, header: list[str], rows: list[list[object]]) -> None:
-    print(f"\n### {title}\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for r in rows:
-        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r) + " |")
-    sys.stdout.flush()
-
-
-def sample_rows(n: int) -> list[tuple[str, int]]:
-    with open(SAMPLE / "labels.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    out = [(str(SAMPLE / r["file"]), int(r["class_index"])) for r in rows]
-    while len(out) < n:  # reuse files if more images than the sample are asked for
-        out += out[: n - len(out)]
-    return out[:n]
-
-
 def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -105,9 +67,9 @@ def bench_library(rows, method, size: int, batch: int, threads: int, passes: int
     """Images/s of the library alone on pre-decoded tensors (warm-up, best of ``passes``)."""
     import torch
 
-    from pipeline.decode import load_row
-    from pipeline.manifest import Row
-    from pipeline.worker import quiet_load_model
+    from pipeline.data.decode import load_row
+    from pipeline.data.manifest import Row
+    from pipeline.run.plan import quiet_load_model
     from unioncam import UnionCAM, UnionCAMConfig
 
     torch.set_num_threads(threads)
@@ -126,8 +88,8 @@ def bench_library(rows, method, size: int, batch: int, threads: int, passes: int
 
 
 def run_pipeline(manifest, store, method, size, batch, actors, cpus_per_actor, **kw):
-    from pipeline.config import RunConfig
-    from pipeline.driver import run
+    from pipeline.run.config import RunConfig
+    from pipeline.run.driver import run
 
     if Path(store).exists():
         shutil.rmtree(store)
@@ -155,7 +117,7 @@ def part_throughput(args, tmp: Path, results: dict) -> None:
     """
     import ray
 
-    from pipeline.manifest import build_from_list
+    from pipeline.data.build import build_from_list
     from unioncam import UnionCAMConfig
 
     method = UnionCAMConfig.preset(args.preset, chunk_size=args.chunk_size).to_dict()
@@ -236,7 +198,7 @@ def part_scale(args, tmp: Path, results: dict) -> None:
     """Driver overhead at dataset scale with the null explainer and 8 actors."""
     import ray
 
-    from pipeline.manifest import build_from_list
+    from pipeline.data.build import build_from_list
 
     n_units, unit = args.scale_units, args.scale_unit_size
     n = n_units * unit
@@ -258,8 +220,8 @@ def part_scale(args, tmp: Path, results: dict) -> None:
     ray.init(num_cpus=args.scale_actors, include_dashboard=False, logging_level="ERROR")
     th = threading.Thread(target=sampler, daemon=True)
     try:
-        from pipeline.config import RunConfig
-        from pipeline.driver import run
+        from pipeline.run.config import RunConfig
+        from pipeline.run.driver import run
 
         store = tmp / "scale.zarr"
         cfg = RunConfig(
@@ -282,7 +244,7 @@ def part_scale(args, tmp: Path, results: dict) -> None:
     finally:
         stop.set()
         ray.shutdown()
-    from pipeline.store import read_markers
+    from pipeline.store.io import read_markers
 
     markers = read_markers(str(store))
     write_s = np.array([mk.get("write_seconds", np.nan) for mk in markers.values()], dtype=float)
@@ -349,7 +311,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="interleaved library/pipeline rounds")
     p.add_argument("--keep", action="store_true", help="keep the temporary stores")
     args = p.parse_args(argv)
-    print(f"machine: {machine()}")
+    print(f"machine: {machine_line()}")
     print(f"load average at start: {os.getloadavg()[0]:.1f} (other processes skew timings)")
     tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     results: dict = {}

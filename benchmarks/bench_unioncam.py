@@ -37,13 +37,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -55,10 +52,17 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's ScoreCAM draws 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
-sys.path.insert(0, str(REPO))
+from common import (  # noqa: E402
+    PEAK_LOAD,
+    REPO,
+    SAMPLE,
+    interleaved,
+    load_photos,
+    loadavg,
+    machine_line,
+    median_paired_ratio,
+    timed,
+)
 
 from unioncam import ScoreCAM, UnionCAM, load_model  # noqa: E402
 from unioncam.union import DEFAULT_PRESET  # noqa: E402
@@ -77,96 +81,6 @@ PROFILES = {
 
 
 # ---------------------------------------------------------------------------- machine / timing
-def machine_line(device: torch.device) -> str:
-    """CPU model, cores, torch version (and the GPU, when used): where a number came from."""
-    cpu = platform.processor() or "unknown CPU"
-    flags = ""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        cpu = info.get("Model name", cpu).strip()
-        have = set(info.get("Flags", "").split())
-        flags = ", ".join(f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in have) or "none"
-    line = (f"{cpu}, {os.cpu_count()} logical cores (torch threads {torch.get_num_threads()}), "
-            f"bf16 CPU flags: {flags}; torch {torch.__version__}, Python {platform.python_version()}")
-    if device.type == "cuda":
-        # PyTorch's default runs fp32 convolutions in TF32 on Ampere+; every method here
-        # shares that setting, and the line says which it was.
-        tf32 = "on" if torch.backends.cudnn.allow_tf32 else "off"
-        line = (f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, cuDNN TF32 "
-                f"convolutions {tf32}); host: " + line)
-    return line
-
-
-_PEAK_LOAD = [0.0]  # highest 1-min load average seen while running
-
-
-def loadavg() -> str:
-    """The 1/5/15-minute load averages; also tracks the peak for the results' warning."""
-    try:
-        vals = Path("/proc/loadavg").read_text().split()[:3]
-    except OSError:
-        return "n/a"
-    _PEAK_LOAD[0] = max(_PEAK_LOAD[0], float(vals[0]))
-    return " ".join(vals)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float, float]:
-    """Run ``fn`` once: (result, wall seconds, process CPU seconds)."""
-    sync(device)
-    w0, c0 = time.perf_counter(), time.process_time()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - w0, time.process_time() - c0
-
-
-def interleaved(cands: dict[str, Callable[[], Any]], rounds: int, device: torch.device,
-                log: Callable[[str], None], label: str) -> dict[str, dict[str, list]]:
-    """Time every candidate once per round, rotating the order each round (A B C, B C A, ...)."""
-    names = list(cands)
-    rec: dict[str, dict[str, list]] = {k: {"wall": [], "cpu": [], "out": []} for k in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            out, wall, cpu = timed(cands[name], device)
-            rec[name]["wall"].append(wall)
-            rec[name]["cpu"].append(cpu)
-            rec[name]["out"].append(out)
-            log(f"  [{label} round {r + 1}/{rounds}] {name}: {wall:.2f} s wall, {cpu:.2f} s cpu"
-                f"  (load {loadavg()})")
-    return rec
-
-
-def median_paired_ratio(num: list[float], den: list[float]) -> float:
-    """Median over rounds of num[r]/den[r]: robust to load changing between rounds."""
-    return statistics.median(a / b for a, b in zip(num, den, strict=True))
-
-
-# ---------------------------------------------------------------------------- inputs
-def load_photos(loaded, n: int, size: int = 224, folder: Path = SAMPLE
-                ) -> tuple[torch.Tensor, list[str]]:
-    """``n`` real ImageNet photos spread over the sample, preprocessed for ``loaded``."""
-    from PIL import Image
-
-    if not (folder / "labels.csv").exists():
-        raise SystemExit(f"--images: no labels.csv in {folder} (the ImageNet sample folder)")
-    with open(folder / "labels.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        raise SystemExit(f"--images: no photos listed in {folder / 'labels.csv'}")
-    pre = loaded.preprocess.with_size(size)
-    picks = [rows[round(i * (len(rows) - 1) / max(n - 1, 1))] for i in range(n)]
-    xs = []
-    for row in picks:
-        with Image.open(folder / row["file"]) as img:
-            xs.append(pre(img)[0])
-    return torch.stack(xs), [r["file"] for r in picks]
-
 
 @torch.no_grad()
 def unioncam_forward_count(model, layer_module, x: torch.Tensor) -> int:
@@ -708,7 +622,7 @@ def main(argv=None) -> None:
     for name in args.models:
         m = bench_model(name, args, device, log)
         res["models"].append(m)
-        peak = _PEAK_LOAD[0]
+        peak = PEAK_LOAD[0]
         res["total_s"] = time.perf_counter() - t_start
         res["load_after"] = loadavg()
         res["busy"] = f"{peak:.1f}" if peak > 1.5 * (os.cpu_count() or 1) else None

@@ -17,11 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from pipeline.data.location import parse_storage_options
+from pipeline.messages import error_line
+
 #: Mirrors ``unioncam.union.DEFAULT_PRESET`` (a test checks it); a literal here keeps
 #: ``unioncam --help`` free of the torch import.
 DEFAULT_PRESET = "faithful"
 
-__all__ = ["main", "build_parser", "load_class_names"]
+__all__ = ["build_parser", "main"]
 
 EXIT_USAGE = 2
 EXIT_FAILED_UNITS = 1
@@ -41,42 +44,6 @@ class _Parser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------------------------------
 # helpers
-def load_class_names() -> list[str]:
-    """The 1000 ImageNet class names shipped with the package (index = class)."""
-    path = Path(__file__).with_name("imagenet_classes.txt")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    names = []
-    for ln in lines:
-        if not ln or ln.startswith("#"):
-            continue
-        _, _, name = ln.partition("\t")
-        names.append(name or ln)
-    return names
-
-
-def _class_name(names: list[str], c: int) -> str:
-    return names[c] if 0 <= c < len(names) else str(c)
-
-
-def _storage_options(pairs: Sequence[str] | None) -> dict[str, Any] | None:
-    """``--storage-option key=value`` (repeatable) -> fsspec options (JSON values allowed)."""
-    if not pairs:
-        return None
-    out: dict[str, Any] = {}
-    for p in pairs:
-        key, sep, value = p.partition("=")
-        if not sep or not key:
-            raise CLIError(f"--storage-option expects KEY=VALUE, got {p!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def _int_list(text: str, what: str) -> list[int]:
     """``1,2,5-8`` -> [1, 2, 5, 6, 7, 8]."""
     out: list[int] = []
@@ -108,7 +75,7 @@ def _add_storage(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------
 # parser
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.config import EXPLAINERS, METRICS, TARGETS
+    from pipeline.run.config import EXPLAINERS, METRICS, TARGETS
 
     top = _Parser(
         prog="unioncam",
@@ -282,15 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     qs = p.add_subparsers(dest="what", metavar="QUERY", parser_class=_Parser)
     q = qs.add_parser("classes", help="per-class β statistics and pool-member wins")
     q.add_argument(
-        "--by", choices=("class_explained", "label", "predicted"), default="class_explained"
+        "--by", choices=("target", "label", "predicted"), default="target"
     )
     q.add_argument("--limit", type=int, default=50, help="show the N largest classes (0 = all)")
     q.add_argument("--json", action="store_true")
     q = qs.add_parser("top", help="top-k (or bottom-k) rows by a score")
     q.add_argument(
         "--by", default="beta",
-        help="beta, prob, baseline_prob, beta:<pool member>, metrics/<name>; selection, "
-        "selection:<pool member> for runs that select by a rule other than beta",
+        help="beta, prob, baseline_prob, beta:<pool member>, metrics/<name>, "
+        "selection_score, selection_score:<pool member> (what the selection rule ranked by)",
     )
     q.add_argument("-k", type=int, default=10)
     q.add_argument("--bottom", action="store_true", help="smallest first")
@@ -315,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = qs.add_parser("mean", help="mean map per class (PNG + .npy)")
     q.add_argument("--classes", help="class ids, e.g. 1,281-285 (default: all)")
     q.add_argument(
-        "--by", choices=("class_explained", "label", "predicted"), default="class_explained"
+        "--by", choices=("target", "label", "predicted"), default="target"
     )
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--cmap", default="jet")
@@ -337,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage(p)
 
     # report ---------------------------------------------------------------------------
-    from pipeline.report import add_report_arguments
+    from pipeline.analysis.report.command import add_report_arguments
 
     p = sub.add_parser(
         "report",
@@ -373,9 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------
 # commands
 def _cmd_manifest(a: argparse.Namespace) -> int:
-    from pipeline import manifest as M
+    from pipeline.data import build as M
 
-    so = _storage_options(a.storage_option)
+    so = parse_storage_options(a.storage_option)
     src = a.image_dir
     common: dict[str, Any] = {"inline": a.inline, "unit_size": a.unit_size, "storage_options": so}
     if src.lower().endswith((".csv", ".txt")) and not os.path.isdir(src):
@@ -407,7 +374,7 @@ def _method_from_args(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _config_from_args(a: argparse.Namespace):
-    from pipeline.config import RunConfig
+    from pipeline.run.config import RunConfig
 
     metrics = tuple(s.strip() for s in a.metrics.split(",") if s.strip()) if a.metrics else ()
     method = _method_from_args(a) if a.explainer == "unioncam" else {}
@@ -434,7 +401,7 @@ def _config_from_args(a: argparse.Namespace):
         overwrite=a.overwrite,
         max_retries=a.max_retries,
         max_units=a.max_units,
-        storage_options=_storage_options(a.storage_option),
+        storage_options=parse_storage_options(a.storage_option),
         ray_metrics=not a.no_ray_metrics,
         dashboard=not a.no_dashboard,
         progress=not a.no_progress,
@@ -442,7 +409,7 @@ def _config_from_args(a: argparse.Namespace):
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
-    from pipeline.driver import run
+    from pipeline.run.driver import run
 
     cfg = _config_from_args(a)
     summary = run(cfg)
@@ -451,9 +418,9 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
 
 def _cmd_status(a: argparse.Namespace) -> int:
-    from pipeline.query import open_reader
+    from pipeline.analysis.reader import open_reader
 
-    st = open_reader(a.store, _storage_options(a.storage_option)).status()
+    st = open_reader(a.store, parse_storage_options(a.storage_option)).status()
     if a.json:
         print(json.dumps(st.__dict__, default=str, indent=1))
     else:
@@ -462,11 +429,12 @@ def _cmd_status(a: argparse.Namespace) -> int:
 
 
 def _cmd_query(a: argparse.Namespace) -> int:
-    from pipeline.query import open_reader
+    from pipeline.analysis.reader import open_reader
+    from pipeline.data.classes import class_name, load_class_names
 
     if not a.what:
         raise CLIError("query needs one of: classes, top, maps, mean (see unioncam query --help)")
-    r = open_reader(a.store, _storage_options(a.storage_option))
+    r = open_reader(a.store, parse_storage_options(a.storage_option))
     names = load_class_names()
     if a.what == "classes":
         stats = sorted(r.class_stats(by=a.by), key=lambda s: (-s.count, s.class_index))
@@ -483,7 +451,7 @@ def _cmd_query(a: argparse.Namespace) -> int:
             wins = ", ".join(f"{k}={v}" for k, v in s.wins.items())
             cells = "".join(f" {s.mean_metrics.get(k, float('nan')):>13.4f}" for k in shown)
             print(
-                f"{s.class_index:>5}  {_class_name(names, s.class_index)[:28]:<28} {s.count:>6} "
+                f"{s.class_index:>5}  {class_name(names, s.class_index)[:28]:<28} {s.count:>6} "
                 f"{s.mean_beta:>7.4f} {s.mean_prob:>6.3f}{cells}  {wins}"
             )
         return 0
@@ -495,7 +463,7 @@ def _cmd_query(a: argparse.Namespace) -> int:
         print(f"{'row':>8} {a.by:>14}  {'class':<28} {'label':>5}  selected")
         for x in rows:
             print(
-                f"{x.row_id:>8} {x.score:>14.5f}  {_class_name(names, x.class_explained)[:28]:<28} "
+                f"{x.row_id:>8} {x.score:>14.5f}  {class_name(names, x.target)[:28]:<28} "
                 f"{x.label:>5}  {x.selected}"
             )
         return 0
@@ -525,7 +493,7 @@ def _cmd_query(a: argparse.Namespace) -> int:
         import numpy as np
         from PIL import Image
 
-        from pipeline.query import colorize
+        from pipeline.analysis.images import colorize
 
         classes = _int_list(a.classes, "--classes") if a.classes else None
         out = Path(a.out)
@@ -535,7 +503,7 @@ def _cmd_query(a: argparse.Namespace) -> int:
             np.save(out / f"mean-class-{c:04d}.npy", m)
             Image.fromarray(colorize(m, a.cmap)).save(out / f"mean-class-{c:04d}.png")
             print(
-                f"class {c} ({_class_name(names, c)}): mean of {n} maps -> {out / f'mean-class-{c:04d}.png'}"
+                f"class {c} ({class_name(names, c)}): mean of {n} maps -> {out / f'mean-class-{c:04d}.png'}"
             )
         if not means:
             print("no OK rows for the requested classes")
@@ -544,11 +512,13 @@ def _cmd_query(a: argparse.Namespace) -> int:
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
-    from pipeline.query import open_reader
+    from pipeline.analysis.export import export_csv
+    from pipeline.analysis.reader import open_reader
+    from pipeline.data.classes import load_class_names
 
     if not a.csv and not a.overlays:
         raise CLIError("export needs --csv FILE and/or --overlays DIR")
-    r = open_reader(a.store, _storage_options(a.storage_option))
+    r = open_reader(a.store, parse_storage_options(a.storage_option))
     names = load_class_names()
     if a.csv:
         n = export_csv(r, a.csv, names)
@@ -563,81 +533,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
-def export_csv(reader: Any, path: str, names: list[str]) -> int:
-    """Per-row results of every finished unit, streamed unit by unit into a CSV."""
-    import csv
-
-    import numpy as np
-
-    from pipeline.decode import Status
-
-    cols = [
-        "row_id",
-        "status",
-        "error",
-        "label",
-        "predicted",
-        "class_explained",
-        "class_name",
-        "prob",
-        "baseline_prob",
-        "selected",
-    ] + [f"beta:{p}" for p in reader.pool]
-    with_sel = "selection_scores" in reader.group  # a run that selected by another rule than β
-    if with_sel:
-        cols += [f"selection:{p}" for p in reader.pool]
-    n = 0
-    arrays = [
-        "status",
-        "error",
-        "label",
-        "predicted",
-        "class_explained",
-        "prob",
-        "baseline_prob",
-        "selected",
-        "scores",
-    ] + (["selection_scores"] if with_sel else [])
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(cols)
-        for start, a in reader.iter_units(arrays):
-            for i in range(a["status"].shape[0]):
-                st = int(a["status"][i])
-                sel = int(a["selected"][i])
-                err = a["error"][i]
-                err = err.decode("utf-8", "replace") if isinstance(err, bytes) else str(err or "")
-                ce = int(a["class_explained"][i])
-                w.writerow(
-                    [
-                        start + i,
-                        Status(st).name if st in Status._value2member_map_ else st,
-                        err,
-                        int(a["label"][i]),
-                        int(a["predicted"][i]),
-                        ce,
-                        _class_name(names, ce) if ce >= 0 else "",
-                        _fmt(a["prob"][i]),
-                        _fmt(a["baseline_prob"][i]),
-                        reader.pool[sel] if 0 <= sel < len(reader.pool) else "",
-                    ]
-                    + [_fmt(v) for v in np.asarray(a["scores"][i]).tolist()]
-                    + ([_fmt(v) for v in np.asarray(a["selection_scores"][i]).tolist()]
-                       if with_sel else [])
-                )
-                n += 1
-    return n
-
-
-def _fmt(v: Any) -> str:
-    import math
-
-    v = float(v)
-    return "" if math.isnan(v) else f"{v:.6g}"
-
-
 def _cmd_report(a: argparse.Namespace) -> int:
-    from pipeline.report import report_command
+    from pipeline.analysis.report.command import report_command
 
     return report_command(a)
 
@@ -650,6 +547,9 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     )
 
 
+#: Errors whose message is meant for the user as is (no exception type in front).
+_BARE = (CLIError, ValueError, FileNotFoundError, FileExistsError, PermissionError)
+
 COMMANDS = {
     "manifest": _cmd_manifest,
     "run": _cmd_run,
@@ -659,15 +559,6 @@ COMMANDS = {
     "report": _cmd_report,
     "demo": _cmd_demo,
 }
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in text:
-        text = f"{text}: {e.filename}"
-    if isinstance(e, CLIError | ValueError | FileNotFoundError | FileExistsError | PermissionError):
-        return text or type(e).__name__
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -687,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as e:  # one line, no traceback (UNIONCAM_DEBUG=1 shows it)
         if os.environ.get("UNIONCAM_DEBUG"):
             raise
-        print(f"unioncam {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"unioncam {args.command}: error: {error_line(e, bare=_BARE)}", file=sys.stderr)
         return EXIT_USAGE
 
 

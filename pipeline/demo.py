@@ -59,11 +59,11 @@ def run_demo(
     """Run the demo into ``out``; print a per-image summary; return an exit code."""
     import ray
 
-    from pipeline.cli import load_class_names
-    from pipeline.config import RunConfig
-    from pipeline.driver import run
-    from pipeline.manifest import build_from_folder
-    from pipeline.query import open_reader
+    from pipeline.analysis.reader import open_reader
+    from pipeline.data.build import build_from_folder
+    from pipeline.data.classes import load_class_names
+    from pipeline.run.config import RunConfig
+    from pipeline.run.driver import run
     from unioncam import UnionCAMConfig
 
     t0 = time.perf_counter()
@@ -123,9 +123,9 @@ def run_demo(
         if r["status_name"] != "OK":
             say(f"{stem:<12} {r['status_name']}: {r['error']}")
             continue
-        c = r["class_explained"]
+        c = r["target"]
         cname = names[c] if 0 <= c < len(names) else str(c)
-        betas = ", ".join(f"{n}={b:+.3f}" for n, b in zip(reader.pool, r["scores"], strict=True))
+        betas = ", ".join(f"{n}={b:+.3f}" for n, b in zip(reader.pool, r["beta"], strict=True))
         say(f"{stem:<12} {cname[:26]:<26} {r['prob']:>5.2f}  {r['selected_name']:<28} {betas}")
     overlays = reader.write_overlays(range(m.num_rows), out / "overlays", class_names=names)
     say("")

@@ -122,7 +122,7 @@ def write_token(path: Path) -> str:
 
 def build_tiny_manifest(root: Path) -> tuple[Path, int]:
     """A Parquet manifest of ``NUM_IMAGES`` real ImageNet JPEGs; returns (path, num_units)."""
-    from pipeline.manifest import build_from_folder
+    from pipeline.data.build import build_from_folder
 
     if not IMAGES.is_dir():
         pytest.skip(f"sample images not found at {IMAGES}")
@@ -141,8 +141,8 @@ def assert_store_complete(store: Path, num_units: int) -> None:
     import numpy as np
     import zarr
 
-    from pipeline.decode import Status
-    from pipeline.store import done_units
+    from pipeline.data.decode import Status
+    from pipeline.store.io import done_units
 
     assert done_units(str(store)) == set(range(num_units))
     status = np.asarray(zarr.open_group(str(store), mode="r")["status"][:])

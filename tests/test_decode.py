@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipeline.decode import (
+from pipeline.data.decode import (
     DecodeError,
     Status,
     decode_image,
     decode_image_with_size,
     load_row,
     read_bytes,
-    redact_uri,
 )
-from pipeline.manifest import Row
+from pipeline.data.location import redact_uri
+from pipeline.data.manifest import Row
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 TENCH = SAMPLE / "n01440764_tench.JPEG"  # 500x375 RGB

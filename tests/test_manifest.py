@@ -16,16 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.decode import Status, decode_image, read_bytes
-from pipeline.manifest import (
-    Manifest,
-    ManifestError,
-    build_from_folder,
-    build_from_imagenet_val,
-    build_from_list,
-    load_class_list,
-    manifest_schema,
-)
+from pipeline.data.build import build_from_folder, build_from_imagenet_val, build_from_list
+from pipeline.data.classes import load_class_list
+from pipeline.data.decode import Status, decode_image, read_bytes
+from pipeline.data.manifest import Manifest, ManifestError, manifest_schema
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SAMPLE = SHARED / "imagenet-sample"

@@ -27,12 +27,14 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 torch = pytest.importorskip("torch")
 
-from pipeline.config import FaultInjection, RunConfig  # noqa: E402
-from pipeline.decode import Status, decode_image, load_row, read_bytes  # noqa: E402
-from pipeline.driver import run  # noqa: E402
-from pipeline.manifest import Row, build_from_list  # noqa: E402
-from pipeline.query import open_reader  # noqa: E402
-from pipeline.store import StoreMismatchError, done_units, open_store, read_markers  # noqa: E402
+from pipeline.analysis.reader import open_reader  # noqa: E402
+from pipeline.data.build import build_from_list  # noqa: E402
+from pipeline.data.decode import Status, decode_image, load_row, read_bytes  # noqa: E402
+from pipeline.data.manifest import Row  # noqa: E402
+from pipeline.run.config import FaultInjection, RunConfig  # noqa: E402
+from pipeline.run.driver import run  # noqa: E402
+from pipeline.store.io import done_units, open_store, read_markers  # noqa: E402
+from pipeline.store.layout import StoreMismatchError  # noqa: E402
 from unioncam import UnionCAM, UnionCAMConfig, find_target_layer, load_model  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
@@ -42,7 +44,7 @@ N_UNITS = N_IMAGES // UNIT
 SIZE = 64
 # chunk_size fixed: the library's chunk-size auto-tuning costs more than these tiny runs.
 METHOD = UnionCAMConfig.preset("fast", groups=4, chunk_size=16).to_dict()
-PER_ROW = ("scores", "selected", "class_explained", "prob", "baseline_prob", "status", "label")
+PER_ROW = ("beta", "selected", "target", "prob", "baseline_prob", "status", "label")
 
 
 def _sample_rows(n: int) -> list[tuple[str, int]]:
@@ -99,7 +101,7 @@ def complete(ray_cluster, data):
 def reference(data):
     """The library called directly on the same images with the same preprocessing.
 
-    Decoding + preprocessing go through ``pipeline.decode.load_row`` (the data layer's one
+    Decoding + preprocessing go through ``pipeline.data.decode.load_row`` (the data layer's one
     definition of "the model's input for this row", tested on its own), so any difference
     left comes from the execution layer: batching, scheduling, actors, writing.
     """
@@ -146,9 +148,9 @@ def test_end_to_end_every_row_written_and_equal_to_the_library(complete, data, r
     a = read_all(store)
     assert (a["status"] == int(Status.OK)).all()
     np.testing.assert_allclose(a["maps"].astype(np.float32), reference["maps"], atol=2e-3)
-    np.testing.assert_allclose(a["scores"], reference["scores"], atol=1e-4)
+    np.testing.assert_allclose(a["beta"], reference["scores"], atol=1e-4)
     np.testing.assert_array_equal(a["selected"], reference["selected"])
-    np.testing.assert_array_equal(a["class_explained"], reference["classes"])
+    np.testing.assert_array_equal(a["target"], reference["classes"])
     np.testing.assert_allclose(a["prob"], reference["probs"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(a["baseline_prob"], reference["baseline"], rtol=1e-4, atol=1e-7)
     np.testing.assert_array_equal(a["label"], [lab for _, lab in data["rows"]])
@@ -167,7 +169,7 @@ def test_xarray_opens_the_store(complete):
     xr = pytest.importorskip("xarray")
     ds = xr.open_zarr(str(complete["store"]))
     assert ds["maps"].dims == ("image", "y", "x")
-    assert ds["scores"].dims == ("image", "pool")
+    assert ds["beta"].dims == ("image", "pool")
     assert ds.sizes["image"] == N_IMAGES and ds.sizes["y"] == SIZE
     one = ds["maps"].isel(image=7).values
     np.testing.assert_array_equal(one, open_store(str(complete["store"]))["maps"][7])
@@ -339,7 +341,7 @@ def test_bad_images_are_recorded_and_the_rest_is_written(ray_cluster, tmp_path):
         else:
             name = Path(entries[i][0]).name
             assert name in errors[i] and "\n" not in errors[i], errors[i]
-            assert np.isnan(maps[i]).all() and np.isnan(g["scores"][i]).all()
+            assert np.isnan(maps[i]).all() and np.isnan(g["beta"][i]).all()
             assert g["selected"][i] == -1
     assert "failed images by status" in s.format()
 
@@ -392,9 +394,9 @@ def test_components_metrics_and_label_targets(data, ray_cluster, reference, tmp_
     g = open_store(str(store))
     labels = np.array([lab for _, lab in data["rows"][:UNIT]])
     assert (labels != reference["classes"][:UNIT]).any()  # else the next check is vacuous
-    np.testing.assert_array_equal(g["class_explained"][:], labels)
+    np.testing.assert_array_equal(g["target"][:], labels)
     np.testing.assert_array_equal(g["label"][:], labels)
-    pool = list(g["scores"].attrs["pool"])
+    pool = list(g["beta"].attrs["pool"])
     names = {arr.attrs["name"]: arr for _, arr in g["components"].arrays()}
     assert set(pool) <= set(names) and "gradient:denoised" in names
     maps = g["maps"][:]
@@ -413,8 +415,8 @@ def test_components_metrics_and_label_targets(data, ray_cluster, reference, tmp_
 def test_a_non_beta_selection_rule_stores_its_scores_and_queries_rank_by_them(
     complete, data, ray_cluster, tmp_path
 ):
-    """``scores`` stays β; a rule like ``drop-20`` (or the default preset's ``insdel-8``) gets
-    its own ``selection_scores`` array, whose row maximum is the stored ``selected``."""
+    """``beta`` stays β; a rule like ``drop-20`` (or the default preset's ``insdel-8``) fills
+    ``selection_score``, whose row maximum is the stored ``selected``."""
     rows = data["rows"][:UNIT]
     m = build_from_list(rows, tmp_path / "m_sel.parquet", unit_size=UNIT)
     # a fixed format: the actor and this process must not tune to different ones, since a
@@ -425,30 +427,32 @@ def test_a_non_beta_selection_rule_stores_its_scores_and_queries_rank_by_them(
     s = run(make_config(m.uri, store, method=method.to_dict(), actors=1))
     assert s.complete and s.images_ok == UNIT
     g = open_store(str(store))
-    sel_scores = np.asarray(g["selection_scores"][:])
-    assert g["selection_scores"].attrs["rule"] == "drop-20"
-    assert g["selection_scores"].metadata.dimension_names == ("image", "pool")
+    sel_scores = np.asarray(g["selection_score"][:])
+    assert g["selection_score"].attrs["rule"] == "drop-20"
+    assert g["selection_score"].metadata.dimension_names == ("image", "pool")
     np.testing.assert_array_equal(g["selected"][:], sel_scores.argmax(1))
-    # the library on the same inputs: the same rule scores, and β still in ``scores``
+    # the library on the same inputs: the same rule scores, and β still in ``beta``
     loaded = load_model("efficientnet-lite0")
     pre = loaded.preprocess.with_size(SIZE)
     x = torch.stack([load_row(Row(i, uri, None, None), pre)[0] for i, (uri, _) in enumerate(rows)])
     with UnionCAM(loaded.model, config=method) as cam:
         res = cam(x)
     np.testing.assert_allclose(sel_scores, res.scores.numpy(), atol=1e-4)
-    np.testing.assert_allclose(g["scores"][:], res.beta.numpy(), atol=1e-4)
+    np.testing.assert_allclose(g["beta"][:], res.beta.numpy(), atol=1e-4)
     reader = open_reader(str(store))
-    assert "selection" in reader.score_names()
-    top = reader.top_k("selection", 1)
+    assert "selection_score" in reader.score_names()
+    top = reader.top_k("selection_score", 1)
     best = sel_scores[np.arange(UNIT), sel_scores.argmax(1)].argmax()
     assert top[0].row_id == best and top[0].score == pytest.approx(float(sel_scores.max(1)[best]))
     # the CSV export carries them next to β
-    from pipeline.cli import export_csv
+    from pipeline.analysis.export import export_csv
 
     assert export_csv(reader, str(tmp_path / "sel.csv"), []) == UNIT
     with open(tmp_path / "sel.csv", newline="") as fh:
         table = list(csv.DictReader(fh))
     first = res.pool[0]
-    assert float(table[0][f"selection:{first}"]) == pytest.approx(float(sel_scores[0, 0]), rel=1e-5)
-    # a β run has no such array (it would duplicate ``scores``)
-    assert "selection_scores" not in open_store(str(complete["store"]))
+    assert float(table[0][f"selection_score:{first}"]) == pytest.approx(float(sel_scores[0, 0]), rel=1e-5)
+    # a β run stores it too: the rule's scores are β itself
+    gb = open_store(str(complete["store"]))
+    assert gb["selection_score"].attrs["rule"] == "beta"
+    np.testing.assert_array_equal(gb["selection_score"][:], gb["beta"][:])

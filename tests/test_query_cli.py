@@ -22,11 +22,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 ray = pytest.importorskip("ray")
 
-from pipeline.cli import load_class_names, main  # noqa: E402
-from pipeline.decode import Status, decode_image, read_bytes  # noqa: E402
-from pipeline.manifest import Manifest  # noqa: E402
-from pipeline.query import open_reader, overlay_image  # noqa: E402
-from pipeline.store import open_store  # noqa: E402
+from pipeline.analysis.images import overlay_image  # noqa: E402
+from pipeline.analysis.reader import open_reader  # noqa: E402
+from pipeline.cli import main  # noqa: E402
+from pipeline.data.classes import load_class_names  # noqa: E402
+from pipeline.data.decode import Status, decode_image, read_bytes  # noqa: E402
+from pipeline.data.manifest import Manifest  # noqa: E402
+from pipeline.store.io import open_store  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 REPO = Path(__file__).resolve().parents[1]
@@ -63,10 +65,10 @@ def made(ray_cluster, tmp_path_factory):
     assert main(["manifest", str(tmp / "list.csv"), str(manifest), "--unit-size", "4"]) == 0
     assert main(["run", str(manifest), str(store), *RUN_ARGS]) == 0
     g = open_store(str(store))
-    raw = {n: np.asarray(g[n][:]) for n in ("maps", "scores", "selected", "prob", "status",
-                                              "class_explained", "label", "crop_box")}  # fmt: skip
+    raw = {n: np.asarray(g[n][:]) for n in ("maps", "beta", "selected", "prob", "status",
+                                              "target", "label", "crop_box")}  # fmt: skip
     return {"tmp": tmp, "store": store, "manifest": manifest, "entries": entries, "raw": raw,
-            "pool": tuple(g["scores"].attrs["pool"])}  # fmt: skip
+            "pool": tuple(g["beta"].attrs["pool"])}  # fmt: skip
 
 
 def _ok(raw) -> np.ndarray:
@@ -172,10 +174,10 @@ def test_class_stats_match_brute_force(made, capsys):
     ok = _ok(raw)
     assert sum(s.count for s in stats) == ok.sum()
     for s in stats:
-        m = ok & (raw["class_explained"] == s.class_index)
+        m = ok & (raw["target"] == s.class_index)
         assert s.count == m.sum()
         sel = raw["selected"][m].astype(int)
-        beta = raw["scores"][m][np.arange(m.sum()), sel]
+        beta = raw["beta"][m][np.arange(m.sum()), sel]
         assert s.mean_beta == pytest.approx(float(beta.mean()), rel=1e-5)
         assert s.mean_prob == pytest.approx(float(raw["prob"][m].mean()), rel=1e-5)
         assert sum(s.wins.values()) == s.count
@@ -194,9 +196,9 @@ def test_top_and_bottom_k_match_brute_force(made, score):
     r = open_reader(str(made["store"]))
     g = open_store(str(made["store"]))
     if score == "beta":
-        v = raw["scores"][np.arange(len(raw["selected"])), np.maximum(raw["selected"], 0)]
+        v = raw["beta"][np.arange(len(raw["selected"])), np.maximum(raw["selected"], 0)]
     elif score.startswith("beta:"):
-        v = raw["scores"][:, made["pool"].index(score[5:])]
+        v = raw["beta"][:, made["pool"].index(score[5:])]
     else:
         v = np.asarray(g[score][:])
     ok = np.nonzero(_ok(raw))[0]
@@ -206,8 +208,8 @@ def test_top_and_bottom_k_match_brute_force(made, score):
         assert [x.row_id for x in got] == order.tolist()
         np.testing.assert_allclose([x.score for x in got], v[order], rtol=1e-6)
         assert BAD_ROW not in [x.row_id for x in got]
-    c = int(raw["class_explained"][ok[0]])
-    assert all(x.class_explained == c for x in r.top_k(score, 5, class_index=c))
+    c = int(raw["target"][ok[0]])
+    assert all(x.target == c for x in r.top_k(score, 5, class_index=c))
 
 
 def test_top_cli_prints_rows(made, capsys):
@@ -261,11 +263,11 @@ def test_mean_maps_match_brute_force(made, tmp_path):
     raw = made["raw"]
     r = open_reader(str(made["store"]))
     ok = _ok(raw)
-    classes = sorted(set(raw["class_explained"][ok].tolist()))
+    classes = sorted(set(raw["target"][ok].tolist()))
     means = r.mean_maps(classes[:2], rows_per_read=2)
     assert sorted(means) == classes[:2]
     for c, (m, n) in means.items():
-        sel = ok & (raw["class_explained"] == c)
+        sel = ok & (raw["target"] == c)
         assert n == sel.sum()
         np.testing.assert_allclose(m, raw["maps"][sel].astype(np.float64).mean(0), atol=1e-6)
     assert (
@@ -308,7 +310,7 @@ def test_export_csv_and_overlays(made, tmp_path, capsys):
     assert rows[BAD_ROW]["status"] == "CORRUPT" and "broken.jpg" in rows[BAD_ROW]["error"]
     assert rows[0]["status"] == "OK" and rows[0]["selected"] in made["pool"]
     assert float(rows[0][f"beta:{made['pool'][0]}"]) == pytest.approx(
-        float(made["raw"]["scores"][0, 0]), rel=1e-5
+        float(made["raw"]["beta"][0, 0]), rel=1e-5
     )
     assert len(list((tmp_path / "png").glob("*.png"))) == 3
     _one_line_error(["export", str(made["store"])], capsys)
@@ -330,5 +332,5 @@ def test_demo_runs_offline_on_bundled_photos(ray_cluster, tmp_path, capsys):
         stem = Path(row.uri).stem
         assert stem in DEMO_IMAGES
         # Each image's line names the class explained for *that* image's row.
-        assert names[r.row(row.row_id)["class_explained"]][:26] in lines[stem]
+        assert names[r.row(row.row_id)["target"]][:26] in lines[stem]
     assert len(list((tmp_path / "demo" / "overlays").glob("*.png"))) == len(DEMO_IMAGES)

@@ -1,4 +1,4 @@
-"""Faithfulness evaluation (pipeline.evaluate) and the report (pipeline.report).
+"""Faithfulness evaluation (pipeline.analysis.evaluate) and the report (pipeline.analysis.report).
 
 Real photos from ../shared, the packaged pretrained EfficientNet-Lite0 at 64 px on an early
 layer (``_blocks.4``, 40 channels, so Score-CAM costs 40 forwards per image), coarse RISE
@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.evaluate import (
+from pipeline.analysis.evaluate import (
     METHODS,
     compare_methods,
     evaluate_batch,
@@ -28,7 +28,7 @@ from pipeline.evaluate import (
     parse_metric_name,
     store_metric_names,
 )
-from pipeline.report import (
+from pipeline.analysis.report import (
     ReportError,
     bootstrap_ci,
     build_report,
@@ -230,7 +230,7 @@ def test_bootstrap_ci_is_seeded_and_covers_a_known_mean():
 
 
 def test_normal_approximation_above_the_exact_limit(monkeypatch):
-    import pipeline.report as R
+    import pipeline.analysis.report.stats as R
 
     v = np.random.default_rng(2).uniform(size=3000)
     exact = bootstrap_ci(v, n_boot=1000)
@@ -264,9 +264,9 @@ def _check_figures(report: Path) -> str:
 def small_store(effnet, sample_dir, sample_labels, tmp_path_factory):
     """A real store: 5 rows (4 photos + 1 corrupt file) in 2 units of a real manifest,
     written with real UnionCAM results, every pool member's map and metrics."""
-    from pipeline.decode import Status, load_row
-    from pipeline.manifest import build_from_list
-    from pipeline.store import create_store, finalize_store, write_unit
+    from pipeline.data.build import build_from_list
+    from pipeline.data.decode import Status, load_row
+    from pipeline.store.io import create_store, finalize_store, write_unit
 
     tmp = tmp_path_factory.mktemp("report_store")
     (tmp / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)
@@ -285,7 +285,7 @@ def small_store(effnet, sample_dir, sample_labels, tmp_path_factory):
     pool = cam.pool
     names = metric_names(pool, all_members=True)
     store = tmp / "s.zarr"
-    create_store(store, num_rows=manifest.num_rows, unit_size=3, map_size=SIZE, pool=pool,
+    create_store(store, num_rows=manifest.num_rows, unit_size=3, image_size=SIZE, pool=pool,
                  components=pool, metrics=names,
                  attrs={"manifest": str(manifest.uri), "model": "efficientnet-lite0",
                         "weights": "pretrained-packaged", "layer": LAYER, "image_size": SIZE,
@@ -298,8 +298,8 @@ def small_store(effnet, sample_dir, sample_labels, tmp_path_factory):
                 "maps": np.full((n, SIZE, SIZE), np.nan, np.float32),
                 "status": np.zeros(n, np.uint8), "error": [""] * n,
                 "label": [r.label for r in rows], "crop_box": np.full((n, 4), -1),
-                "selected": np.full(n, -1), "class_explained": np.full(n, -1),
-                "scores": np.full((n, len(pool)), np.nan, np.float32),
+                "selected": np.full(n, -1), "target": np.full(n, -1),
+                "beta": np.full((n, len(pool)), np.nan, np.float32),
                 **{f"components/{p}": np.full((n, SIZE, SIZE), np.nan, np.float32) for p in pool},
                 **{f"metrics/{k}": np.full(n, np.nan, np.float32) for k in names},
             }  # fmt: skip
@@ -317,8 +317,8 @@ def small_store(effnet, sample_dir, sample_labels, tmp_path_factory):
                                 chunk_size=CHUNK)  # fmt: skip
             a["maps"][good] = res.maps.numpy()
             a["selected"][good] = res.selected.numpy()
-            a["class_explained"][good] = res.classes.numpy()
-            a["scores"][good] = res.scores.numpy()
+            a["target"][good] = res.classes.numpy()
+            a["beta"][good] = res.scores.numpy()
             for p in pool:
                 a[f"components/{p}"][good] = res.components[p].numpy()
             for k, v in ev.items():
@@ -329,7 +329,7 @@ def small_store(effnet, sample_dir, sample_labels, tmp_path_factory):
 
 
 def test_report_builds_from_a_store(small_store, tmp_path):
-    from pipeline.store import open_store
+    from pipeline.store.io import open_store
 
     store, pool = small_store
     g = open_store(store)
@@ -362,7 +362,7 @@ def test_report_builds_from_a_store(small_store, tmp_path):
     s = summarize_store(str(store))
     assert s["n"] == 4 and s["metrics"]["insertion"] == pytest.approx(ins[ok].mean(), abs=1e-6)
     assert sum(r["n"] for r in s["per_class"]) == 4
-    cls = np.asarray(g["class_explained"][:])
+    cls = np.asarray(g["target"][:])
     for r in s["per_class"]:
         rows = ok & (cls == r["class"])
         assert r["n"] == rows.sum()

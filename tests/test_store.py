@@ -15,11 +15,8 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.decode import Status
-from pipeline.store import (
-    LAYOUT_ATTR,
-    StoreError,
-    StoreMismatchError,
+from pipeline.data.decode import Status
+from pipeline.store.io import (
     create_store,
     done_units,
     finalize_store,
@@ -27,6 +24,13 @@ from pipeline.store import (
     read_layout,
     read_markers,
     write_unit,
+)
+from pipeline.store.layout import (
+    LAYOUT_ATTR,
+    STORE_FORMAT,
+    StoreError,
+    StoreFormatError,
+    StoreMismatchError,
 )
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
@@ -45,7 +49,7 @@ def _attrs(manifest_fp: str = "m" * 64, config_fp: str = "c" * 64) -> dict:
 
 def _make(path, n=10, unit=4, size=8, **kw):
     kw.setdefault("attrs", _attrs())
-    return create_store(path, num_rows=n, unit_size=unit, map_size=size, pool=POOL, **kw)
+    return create_store(path, num_rows=n, unit_size=unit, image_size=size, pool=POOL, **kw)
 
 
 def _unit_data(u: int, rows: int, size: int, *, fail_first: bool = True) -> dict:
@@ -60,9 +64,9 @@ def _unit_data(u: int, rows: int, size: int, *, fail_first: bool = True) -> dict
         error[0] = f"s3://b/img_{u}.JPEG: truncated image data"
     return {
         "maps": maps,
-        "scores": rng.random((rows, len(POOL))).astype(np.float32),
+        "beta": rng.random((rows, len(POOL))).astype(np.float32),
         "selected": rng.integers(0, len(POOL), rows),
-        "class_explained": rng.integers(0, 1000, rows),
+        "target": rng.integers(0, 1000, rows),
         "label": np.full(rows, -1),
         "predicted": rng.integers(0, 1000, rows),
         "prob": rng.random(rows).astype(np.float32),
@@ -92,7 +96,7 @@ def _check_unit(group: zarr.Group, u: int, unit: int, n: int, size: int) -> None
     got_maps = group["maps"][start:stop]
     assert got_maps.dtype == np.float16
     np.testing.assert_array_equal(got_maps, exp["maps"].astype(np.float16))
-    np.testing.assert_array_equal(group["scores"][start:stop], exp["scores"])
+    np.testing.assert_array_equal(group["beta"][start:stop], exp["beta"])
     np.testing.assert_array_equal(group["status"][start:stop], exp["status"])
     np.testing.assert_array_equal(group["selected"][start:stop], exp["selected"])
     assert list(group["error"][start:stop]) == exp["error"]
@@ -105,9 +109,9 @@ def test_layout_dtypes_chunks_shards(tmp_path: Path) -> None:
     g = zarr.open_group(str(path), mode="r")
     expect = {
         "maps": ("float16", ("image", "y", "x"), (10, 8, 8)),
-        "scores": ("float32", ("image", "pool"), (10, 3)),
+        "beta": ("float32", ("image", "pool"), (10, 3)),
         "selected": ("int8", ("image",), (10,)),
-        "class_explained": ("int32", ("image",), (10,)),
+        "target": ("int32", ("image",), (10,)),
         "label": ("int32", ("image",), (10,)),
         "predicted": ("int32", ("image",), (10,)),
         "prob": ("float32", ("image",), (10,)),
@@ -126,11 +130,11 @@ def test_layout_dtypes_chunks_shards(tmp_path: Path) -> None:
     assert g["maps"].chunks == (1, 8, 8) and g["maps"].shards == (4, 8, 8)
     assert g["error"].metadata.dimension_names == ("image",)
     assert g["status"].fill_value == 255 and np.isnan(g["maps"].fill_value)
-    assert g["scores"].attrs["pool"] == list(POOL)
+    assert g["beta"].attrs["pool"] == list(POOL)
     assert g["components/region_scorecam"].attrs["name"] == "region:scorecam"
     assert list(g["pool"][:]) == list(POOL)
     lay = read_layout(path)
-    assert (lay.num_units, lay.unit_range(2), lay.map_size) == (3, (8, 10), (8, 8))
+    assert (lay.num_units, lay.unit_range(2), lay.image_size) == (3, (8, 10), (8, 8))
     # Secrets are redacted from the attributes (defence in depth).
     assert g.attrs["storage_options"]["secret"] == "<redacted>"
     assert all(SECRET.encode() not in b for b in _snapshot(path).values())
@@ -149,7 +153,7 @@ def test_write_unit_markers_and_fill_values(tmp_path: Path) -> None:
     _check_unit(g, 2, 4, 10, 8)
     # Rows of units nobody wrote read as "not written": PENDING, NaN, -1, "".
     assert (g["status"][:8] == 255).all() and np.isnan(g["maps"][:8]).all()
-    assert (g["class_explained"][:8] == -1).all() and list(g["error"][:8]) == [""] * 8
+    assert (g["target"][:8] == -1).all() and list(g["error"][:8]) == [""] * 8
     # Arrays not given are written with their fill value (so rewrites are complete).
     data = _unit_data(0, 4, 8)
     del data["prob"], data["crop_box"]
@@ -205,10 +209,10 @@ def test_resume_mismatch_overwrite(tmp_path: Path) -> None:
     assert "manifest_fingerprint" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(StoreMismatchError, match="config_fingerprint"):
         _make(path, attrs=_attrs(config_fp="y" * 64))
-    with pytest.raises(StoreMismatchError, match="map_size"):
+    with pytest.raises(StoreMismatchError, match="image_size"):
         _make(path, size=16)
     _make(path, size=16, overwrite=True)  # deletes the old store, markers included
-    assert done_units(path) == set() and read_layout(path).map_size == (16, 16)
+    assert done_units(path) == set() and read_layout(path).image_size == (16, 16)
     # Never delete or write into something that is not a unioncam store.
     precious = tmp_path / "home"
     precious.mkdir()
@@ -223,26 +227,53 @@ def test_resume_mismatch_overwrite(tmp_path: Path) -> None:
     assert (precious / "thesis.tex").exists() and (plain / "zarr.json").exists()
 
 
-def test_selection_scores_array_and_resume_rules(tmp_path: Path) -> None:
-    """A non-β rule gets ``selection_scores``; β gets none; an older store without it resumes."""
+def test_selection_score_array_and_resume_rules(tmp_path: Path) -> None:
+    """``selection_score`` is always stored, naming its rule; another rule is another store."""
     path = tmp_path / "sel.zarr"
     g = _make(path, selection="insdel-8")
-    assert g["selection_scores"].attrs["rule"] == "insdel-8"
-    assert g["selection_scores"].metadata.dimension_names == ("image", "pool")
+    assert g["selection_score"].attrs["rule"] == "insdel-8"
+    assert g["selection_score"].metadata.dimension_names == ("image", "pool")
     data = _unit_data(0, 4, 8)
-    data["selection_scores"] = np.full((4, len(POOL)), -np.inf, dtype=np.float32)
+    data["selection_score"] = np.full((4, len(POOL)), -np.inf, dtype=np.float32)
     write_unit(path, 0, data)
-    assert np.isneginf(open_store(path)["selection_scores"][:4]).all()
+    assert np.isneginf(open_store(path)["selection_score"][:4]).all()
     with pytest.raises(StoreMismatchError, match="selection"):
         _make(path, selection="drop-20")  # another rule: another array's meaning
-    assert "selection_scores" not in _make(tmp_path / "beta.zarr", selection="beta")
-    # a store without the array (β, or made before it existed) resumes under any rule and
-    # keeps none: the config fingerprint is what refuses a changed method
+    beta = _make(tmp_path / "beta.zarr", selection="beta")
+    assert beta["selection_score"].attrs["rule"] == "beta"
+    assert read_layout(tmp_path / "beta.zarr").selection == "beta"
+
+
+def _format_1_store(path: Path) -> None:
+    """A store as unioncam 0.1 wrote it: layout format 1 with ``map_size``, array ``scores``."""
+    g = zarr.open_group(str(path), mode="w", attributes={LAYOUT_ATTR: {
+        "format": 1, "num_rows": 4, "unit_size": 4, "map_size": [8, 8], "pool": list(POOL),
+        "components": [], "metrics": [], "selection": None,
+    }})  # fmt: skip
+    zarr.create_array(g.store, name="scores", shape=(4, len(POOL)), dtype="f4")
+
+
+def test_a_format_1_store_is_refused_with_one_line(tmp_path: Path) -> None:
     old = tmp_path / "old.zarr"
-    _make(old)
-    resumed = _make(old, selection="insdel-8")
-    assert "resumed_at" in resumed.attrs and "selection_scores" not in resumed
-    assert read_layout(old).selection is None
+    _format_1_store(old)
+    want = (f"store {old} has format 1 (unioncam < 0.2); this unioncam reads format "
+            f"{STORE_FORMAT}: re-run into a new store or pass --overwrite")  # fmt: skip
+    for read in (open_store, read_layout, done_units_and_layout):
+        with pytest.raises(StoreFormatError) as e:
+            read(old)
+        assert str(e.value) == want and "\n" not in str(e.value)
+    with pytest.raises(StoreFormatError, match="has format 1"):  # resuming
+        _make(old, n=4, unit=4)
+    assert (old / "scores").exists()  # untouched
+    g = _make(old, n=4, unit=4, overwrite=True)  # --overwrite replaces it
+    assert "beta" in g and read_layout(old).format == STORE_FORMAT
+
+
+def done_units_and_layout(path: Path):
+    """What a reader does: open the store through the one StoreReader."""
+    from pipeline.analysis.reader import open_reader
+
+    return open_reader(str(path))
 
 
 # ------------------------------------------------------------------------------ readers
@@ -257,13 +288,13 @@ def test_xarray_and_finalize(tmp_path: Path) -> None:
         write_unit(path, u, data)
     ds = xr.open_zarr(str(path), consolidated=False)
     assert ds.maps.dims == ("image", "y", "x") and ds.maps.dtype == np.float16
-    assert ds.scores.dims == ("image", "pool") and list(ds.pool.values) == list(POOL)
+    assert ds.beta.dims == ("image", "pool") and list(ds.pool.values) == list(POOL)
     assert ds.status.dtype == np.uint8 and list(ds.status.values[4:8]) == [255] * 4
     np.testing.assert_array_equal(
         ds.maps.values[1:4], _unit_data(0, 4, 8)["maps"][1:4].astype(np.float16)
     )
-    assert float(ds.scores.sel(pool="region:groupcam").isel(image=9)) == pytest.approx(
-        float(_unit_data(2, 2, 8)["scores"][1, 1])
+    assert float(ds.beta.sel(pool="region:groupcam").isel(image=9)) == pytest.approx(
+        float(_unit_data(2, 2, 8)["beta"][1, 1])
     )
     summary = finalize_store(path, summary={"wall_seconds": 3.2})
     assert summary["rows_by_status"] == {"OK": 4, "TRUNCATED": 2, "PENDING": 4}
@@ -272,7 +303,7 @@ def test_xarray_and_finalize(tmp_path: Path) -> None:
     assert "consolidated_metadata" in root
     ds2 = xr.open_zarr(str(path), consolidated=True)
     assert ds2.maps.dims == ("image", "y", "x") and ds2.attrs["summary"]["wall_seconds"] == 3.2
-    assert set(ds2.data_vars) >= {"maps", "scores", "status", "error", "crop_box"}
+    assert set(ds2.data_vars) >= {"maps", "beta", "status", "error", "crop_box"}
     comp = xr.open_zarr(str(path), group="components", consolidated=False)
     np.testing.assert_array_equal(comp["region_scorecam"].values[9], ds2.maps.values[9] * 0.5)
     g = open_store(path)
@@ -324,8 +355,9 @@ def test_s3_end_to_end(s3, tmp_path: Path) -> None:
     """Images, manifest and store all on S3 (moto on loopback, via s3fs/FsspecStore)."""
     import xarray as xr
 
-    from pipeline.decode import decode_image, read_bytes
-    from pipeline.manifest import Manifest, build_from_list
+    from pipeline.data.build import build_from_list
+    from pipeline.data.decode import decode_image, read_bytes
+    from pipeline.data.manifest import Manifest
 
     bucket = s3.make_bucket()
     so = s3.storage_options
@@ -341,7 +373,7 @@ def test_s3_end_to_end(s3, tmp_path: Path) -> None:
     assert (m.num_rows, m.num_units) == (6, 2)
     store = f"{bucket}/runs/store.zarr"
     create_store(
-        store, num_rows=m.num_rows, unit_size=m.unit_size, map_size=16, pool=POOL,
+        store, num_rows=m.num_rows, unit_size=m.unit_size, image_size=16, pool=POOL,
         attrs=_attrs(manifest_fp=m.fingerprint), storage_options=so,
     )  # fmt: skip
     for u in range(m.num_units):
@@ -361,7 +393,7 @@ def test_s3_end_to_end(s3, tmp_path: Path) -> None:
     assert done_units(store, storage_options=so) == {0, 1}
     # A second client (as a resuming driver would be) sees the same markers.
     create_store(
-        store, num_rows=6, unit_size=4, map_size=16, pool=POOL,
+        store, num_rows=6, unit_size=4, image_size=16, pool=POOL,
         attrs=_attrs(manifest_fp=m.fingerprint), storage_options=so,
     )  # fmt: skip
     assert done_units(store, storage_options=so) == {0, 1}

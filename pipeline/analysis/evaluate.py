@@ -9,7 +9,7 @@ metrics themselves are defined and tested):
   like the store's ``metrics/<name>`` arrays (see :func:`metric_names`).
 * :func:`compare_methods` — UnionCAM against its components and the classic CAMs
   (Grad-CAM, Grad-CAM++, Score-CAM, Group-CAM, the denoised map L_den, the fused map
-  L_fused) on the same images, with the curves, for :mod:`pipeline.report`.
+  L_fused) on the same images, with the curves, for :mod:`pipeline.analysis.report`.
 
 Why it is organised this way:
 
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # torch is imported when a function runs: `import pipeline.report` and
+if TYPE_CHECKING:  # torch is imported when a function runs: `import pipeline.analysis.report` and
     # `unioncam --help` stay instant.
     import torch
     from torch import nn
@@ -117,7 +117,7 @@ def store_metric_names(
     """The ``metrics/<name>`` arrays a run must create: the requested metrics, plus — with
     ``all_members`` — every requested insertion/deletion-family metric per pool member.
 
-    ``requested`` are :data:`pipeline.config.METRICS` names (``average_drop`` and
+    ``requested`` are :data:`pipeline.run.config.METRICS` names (``average_drop`` and
     ``increase`` stay selected-map only: they are one forward each and rarely compared).
     """
     names = list(requested)
@@ -293,7 +293,7 @@ class Comparison(Mapping[str, MethodScores]):
         return len(self.methods)
 
 
-def _check_methods(methods: Sequence[str]) -> tuple[str, ...]:
+def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
     from unioncam.gradient import GRADIENT_METHODS
 
     if isinstance(methods, str):
@@ -355,7 +355,7 @@ def compare_methods(
     from unioncam.metrics import insertion_deletion
     from unioncam.union import PRESETS
 
-    methods = _check_methods(methods)
+    methods = check_methods(methods)
     want = set(methods)
     need_paper = bool(want & {"unioncam", "fused"})
     gradient = (["denoised"] if need_paper or "denoised" in want else []) + [

@@ -10,15 +10,14 @@ on a run that is still going see only finished units.
 Score names accepted by :meth:`StoreReader.top_k` (see :meth:`StoreReader.score_names`):
 ``beta`` (β of the selected map), ``prob`` (p of the explained class), ``baseline_prob``,
 ``beta:<pool member>`` (e.g. ``beta:region:scorecam``), ``metrics/<name>`` if the run
-stored metrics, and, when the run selected by a rule other than β (the default ``faithful``
-preset selects by ``insdel-8``), ``selection`` (the selected member's score under that rule)
-and ``selection:<pool member>``. Rows whose score is NaN or ±inf (a flat map under a ranking
+stored metrics, ``selection_score`` (the selected member's score under the run's selection
+rule, e.g. ``insdel-8`` of the default ``faithful`` preset; β for the ``beta`` rule) and
+``selection_score:<pool member>``. Rows whose score is NaN or ±inf (a flat map under a ranking
 rule scores −inf) are left out of a top-k, in either direction.
 """
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,14 +26,18 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.analysis.images import overlay_image
+from pipeline.data.decode import Status, decode_image, read_bytes
+from pipeline.data.manifest import Manifest
+from pipeline.store.io import done_units, open_store
+from pipeline.store.layout import LAYOUT_ATTR, StoreFormatError, StoreLayout, safe_name
+
 __all__ = [
     "ClassStats",
     "StoreReader",
     "StoreStatus",
     "TopRow",
-    "colorize",
     "open_reader",
-    "overlay_image",
 ]
 
 
@@ -96,7 +99,7 @@ class ClassStats:
 class TopRow:
     row_id: int
     score: float
-    class_explained: int
+    target: int
     label: int
     selected: str
 
@@ -110,13 +113,11 @@ class StoreReader:
     """Lazy, unit-by-unit access to a pipeline store."""
 
     def __init__(self, store: str, storage_options: dict[str, Any] | None = None) -> None:
-        from pipeline.store import open_store
-
         self.path = str(store)
         self.storage_options = storage_options or None
         try:
             self.group = open_store(self.path, mode="r", storage_options=self.storage_options)
-        except FileNotFoundError:
+        except (FileNotFoundError, StoreFormatError):
             raise
         except Exception as e:
             msg = " ".join(str(e).split())
@@ -126,27 +127,20 @@ class StoreReader:
             raise ValueError(
                 f"{self.path} is not a unioncam pipeline store (no maps/status arrays)"
             )
-        from pipeline.store import LAYOUT_ATTR
-
-        layout = self.attrs.get(LAYOUT_ATTR) or {}
-        self.num_rows = int(self.group["status"].shape[0])
-        # One unit = one chunk of the per-row arrays (the store's layout says so too).
-        self.unit_size = int(layout.get("unit_size") or self.group["status"].chunks[0])
-        self.num_units = -(-self.num_rows // self.unit_size) if self.num_rows else 0
-        self.pool: tuple[str, ...] = tuple(
-            self.group["scores"].attrs.get("pool") or self.attrs.get("pool") or ()
-        )
-        self.map_size = int(self.group["maps"].shape[-1])
+        #: The store's layout (the contract its writer used): units, pool, arrays.
+        self.layout = StoreLayout.from_dict(self.attrs[LAYOUT_ATTR])
+        self.num_rows = self.layout.num_rows
+        self.unit_size = self.layout.unit_size
+        self.num_units = self.layout.num_units
+        self.pool: tuple[str, ...] = self.layout.pool
+        self.image_size = int(self.layout.image_size[-1])
 
     # ------------------------------------------------------------------ basics
     def done_units(self) -> set[int]:
-        from pipeline.store import done_units
-
         return set(done_units(self.path, storage_options=self.storage_options))
 
     def unit_range(self, u: int) -> tuple[int, int]:
-        start = u * self.unit_size
-        return start, min(self.num_rows, start + self.unit_size)
+        return self.layout.unit_range(u)
 
     def iter_units(self, names: Iterable[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """Yield (first row, arrays) for every finished unit, one shard at a time."""
@@ -155,18 +149,38 @@ class StoreReader:
             start, stop = self.unit_range(u)
             yield start, {n: np.asarray(self.group[n][start:stop]) for n in names}
 
+    def read_columns(self, names: Iterable[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Row ids and the given per-row arrays of every finished unit, concatenated
+        (per-row scalars only: a column of maps would not fit in memory)."""
+        names = list(names)
+        rows: list[np.ndarray] = []
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for start, a in self.iter_units(names):
+            n_rows = a[names[0]].shape[0] if names else 0
+            rows.append(np.arange(start, start + n_rows, dtype=np.int64))
+            for n in names:
+                parts[n].append(a[n])
+        cols = {
+            n: np.concatenate(parts[n]) if parts[n]
+            else np.zeros((0, *self.group[n].shape[1:]), dtype=self.group[n].dtype)
+            for n in names
+        }  # fmt: skip
+        return (np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)), cols
+
+    def metric_paths(self) -> dict[str, str]:
+        """Stored metric name (``insertion@region:scorecam``) -> array path in the store."""
+        return {n: f"metrics/{safe_name(n)}" for n in self.layout.metrics}
+
     def score_names(self) -> list[str]:
         names = ["beta", "prob", "baseline_prob"] + [f"beta:{p}" for p in self.pool]
-        if "selection_scores" in self.group:
-            names += ["selection"] + [f"selection:{p}" for p in self.pool]
+        if "selection_score" in self.group:
+            names += ["selection_score"] + [f"selection_score:{p}" for p in self.pool]
         if "metrics" in self.group:
             names += [f"metrics/{k}" for k in sorted(self.group["metrics"].array_keys())]
         return names
 
     # ------------------------------------------------------------------ status
     def status(self) -> StoreStatus:
-        from pipeline.decode import Status
-
         done = self.done_units()
         counts: dict[str, int] = {}
         rows_done = 0
@@ -228,23 +242,21 @@ class StoreReader:
         return "incomplete"
 
     # ------------------------------------------------------------------ statistics
-    def class_stats(self, by: str = "class_explained") -> list[ClassStats]:
+    def class_stats(self, by: str = "target") -> list[ClassStats]:
         """Per-class mean β (selected and per member), mean p, and selection counts.
 
-        ``by``: ``class_explained`` (default) or ``label`` (the manifest's labels).
+        ``by``: ``target`` (default) or ``label`` (the manifest's labels).
         """
-        from pipeline.decode import Status
-
-        if by not in ("class_explained", "label", "predicted"):
-            raise ValueError(f"by must be class_explained, label or predicted, got {by!r}")
+        if by not in ("target", "label", "predicted"):
+            raise ValueError(f"by must be target, label or predicted, got {by!r}")
         p = len(self.pool)
-        metric_arrays = self._metric_arrays()
+        metric_arrays = self.metric_paths()
         msum: dict[int, dict[str, float]] = {}
         mcount: dict[int, dict[str, int]] = {}
         count: dict[int, int] = {}
         sums: dict[int, np.ndarray] = {}  # [beta_sel, prob, beta_0..beta_p-1]
         wins: dict[int, np.ndarray] = {}
-        want = [by, "scores", "selected", "prob", "status", *metric_arrays.values()]
+        want = [by, "beta", "selected", "prob", "status", *metric_arrays.values()]
         for _start, a in self.iter_units(want):
             ok = a["status"] == int(Status.OK)
             if not ok.any():
@@ -258,7 +270,7 @@ class StoreReader:
                     sums_c[name] = sums_c.get(name, 0.0) + float(v.sum())
                     counts_c[name] = counts_c.get(name, 0) + int(v.size)
             cls = a[by][ok].astype(np.int64)
-            sc = a["scores"][ok].astype(np.float64)
+            sc = a["beta"][ok].astype(np.float64)
             sel = a["selected"][ok].astype(np.int64)
             prob = a["prob"][ok].astype(np.float64)
             beta_sel = sc[np.arange(sc.shape[0]), sel] if p else np.zeros(len(cls))
@@ -288,27 +300,18 @@ class StoreReader:
             )
         return out
 
-    def _metric_arrays(self) -> dict[str, str]:
-        """Stored metric name (``insertion@region:scorecam``) -> array path in the store."""
-        if "metrics" not in self.group:
-            return {}
-        return {
-            str(arr.attrs.get("name", key)): f"metrics/{key}"
-            for key, arr in self.group["metrics"].arrays()
-        }
-
     def _score_arrays(self, score: str) -> tuple[list[str], Any]:
         if score == "beta":
-            return ["scores", "selected"], lambda a: a["scores"][
+            return ["beta", "selected"], lambda a: a["beta"][
                 np.arange(len(a["selected"])), np.maximum(a["selected"], 0)
             ]
         if score in ("prob", "baseline_prob"):
             return [score], lambda a: a[score]
-        if score == "selection" and "selection_scores" in self.group:
-            return ["selection_scores", "selected"], lambda a: a["selection_scores"][
+        if score == "selection_score" and "selection_score" in self.group:
+            return ["selection_score", "selected"], lambda a: a["selection_score"][
                 np.arange(len(a["selected"])), np.maximum(a["selected"], 0)
             ]
-        for prefix, array in (("beta:", "scores"), ("selection:", "selection_scores")):
+        for prefix, array in (("beta:", "beta"), ("selection_score:", "selection_score")):
             if not score.startswith(prefix) or array not in self.group:
                 continue
             name = score[len(prefix):]
@@ -331,12 +334,10 @@ class StoreReader:
         class_index: int | None = None,
     ) -> list[TopRow]:
         """The ``k`` OK rows with the largest (or smallest) ``score``; optionally one class."""
-        from pipeline.decode import Status
-
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         names, get = self._score_arrays(score)
-        want = sorted(set(names) | {"status", "class_explained", "label", "selected"})
+        want = sorted(set(names) | {"status", "target", "label", "selected"})
         best_ids = np.zeros(0, dtype=np.int64)
         best_val = np.zeros(0, dtype=np.float64)
         info: dict[int, tuple[int, int, int]] = {}
@@ -344,7 +345,7 @@ class StoreReader:
         for start, a in self.iter_units(want):
             ok = a["status"] == int(Status.OK)
             if class_index is not None:
-                ok &= a["class_explained"] == class_index
+                ok &= a["target"] == class_index
             v = np.asarray(get(a), dtype=np.float64)
             ok &= np.isfinite(v)
             idx = np.nonzero(ok)[0]
@@ -354,7 +355,7 @@ class StoreReader:
             vals = np.concatenate([best_val, v[idx]])
             for i in idx.tolist():
                 info[start + i] = (
-                    int(a["class_explained"][i]),
+                    int(a["target"][i]),
                     int(a["label"][i]),
                     int(a["selected"][i]),
                 )
@@ -365,7 +366,7 @@ class StoreReader:
             TopRow(
                 row_id=int(r),
                 score=float(v),
-                class_explained=info[int(r)][0],
+                target=info[int(r)][0],
                 label=info[int(r)][1],
                 selected=self.pool[info[int(r)][2]]
                 if 0 <= info[int(r)][2] < len(self.pool)
@@ -386,20 +387,18 @@ class StoreReader:
         """Maps of the given rows as float32 ``len x S x S`` (NaN for failed rows)."""
         rows = self._check_rows(row_ids)
         if not rows:
-            return np.zeros((0, self.map_size, self.map_size), dtype=np.float32)
+            return np.zeros((0, self.image_size, self.image_size), dtype=np.float32)
         arr = self.group["maps"]
         return np.stack([np.asarray(arr[r], dtype=np.float32) for r in rows])
 
     def row(self, row_id: int) -> dict[str, Any]:
         """Every per-row field of one row (small arrays; maps excluded)."""
-        from pipeline.decode import Status
-
         (r,) = self._check_rows([row_id])
         g = self.group
         out: dict[str, Any] = {"row_id": r}
         for name in (
             "status",
-            "class_explained",
+            "target",
             "label",
             "predicted",
             "prob",
@@ -413,9 +412,9 @@ class StoreReader:
             if out["status"] in Status._value2member_map_
             else str(out["status"])
         )
-        out["scores"] = np.asarray(g["scores"][r], dtype=np.float64).tolist()
-        if "selection_scores" in g:
-            out["selection_scores"] = np.asarray(g["selection_scores"][r], np.float64).tolist()
+        out["beta"] = np.asarray(g["beta"][r], dtype=np.float64).tolist()
+        if "selection_score" in g:
+            out["selection_score"] = np.asarray(g["selection_score"][r], np.float64).tolist()
         out["orig_size"] = tuple(int(v) for v in np.asarray(g["orig_size"][r]))
         out["crop_box"] = tuple(int(v) for v in np.asarray(g["crop_box"][r]))
         out["error"] = _as_str(np.asarray(g["error"][r]).item()) if "error" in g else ""
@@ -427,7 +426,7 @@ class StoreReader:
         self,
         classes: Iterable[int] | None = None,
         *,
-        by: str = "class_explained",
+        by: str = "target",
         rows_per_read: int = 256,
     ) -> dict[int, tuple[np.ndarray, int]]:
         """Mean map of the OK rows of each class: ``{class: (S x S float32, count)}``.
@@ -435,8 +434,6 @@ class StoreReader:
         Reads only the rows of the requested classes (all classes if ``None``), at most
         ``rows_per_read`` maps at a time.
         """
-        from pipeline.decode import Status
-
         want = None if classes is None else {int(c) for c in classes}
         sums: dict[int, np.ndarray] = {}
         counts: dict[int, int] = {}
@@ -459,8 +456,6 @@ class StoreReader:
     # ------------------------------------------------------------------ overlays
     def original_image(self, row_id: int, manifest: str | None = None):
         """Decode the original image of a row (via the manifest recorded in the store)."""
-        from pipeline.decode import decode_image, read_bytes
-
         uri = manifest or self.attrs.get("manifest")
         if not uri:
             raise ValueError(f"{self.path} records no manifest; pass manifest=")
@@ -477,8 +472,6 @@ class StoreReader:
         return decode_image(data, uri=r.uri)
 
     def _manifest(self, uri: str):
-        from pipeline.manifest import Manifest
-
         cached = getattr(self, "_manifest_cache", None)
         if cached is not None and cached[0] == uri:
             return cached[1]
@@ -519,7 +512,7 @@ class StoreReader:
                 continue
             img = self.overlay(r, alpha=alpha, cmap=cmap, manifest=manifest)
             tag = ""
-            c = info.get("class_explained", -1)
+            c = info.get("target", -1)
             if class_names and 0 <= c < len(class_names):
                 tag = (
                     "-"
@@ -529,61 +522,6 @@ class StoreReader:
             img.save(p, format="PNG")
             paths.append(p)
         return paths
-
-
-# ---------------------------------------------------------------------------------------
-# image helpers
-def colorize(m: np.ndarray, cmap: str = "jet") -> np.ndarray:
-    """A ``H x W`` map in [0,1] -> ``H x W x 3`` uint8 through a matplotlib colormap."""
-    m = np.nan_to_num(np.clip(np.asarray(m, dtype=np.float32), 0.0, 1.0))
-    try:
-        import matplotlib
-
-        rgba = matplotlib.colormaps[cmap](m)
-        return (rgba[..., :3] * 255).round().astype(np.uint8)
-    except Exception:
-        # A simple jet without matplotlib: piecewise-linear R, G, B ramps.
-        r = np.clip(1.5 - np.abs(4 * m - 3), 0, 1)
-        g = np.clip(1.5 - np.abs(4 * m - 2), 0, 1)
-        b = np.clip(1.5 - np.abs(4 * m - 1), 0, 1)
-        return (np.stack([r, g, b], -1) * 255).round().astype(np.uint8)
-
-
-def overlay_image(
-    image,
-    m: np.ndarray,
-    crop_box: tuple[int, int, int, int],
-    *,
-    alpha: float = 0.5,
-    cmap: str = "jet",
-):
-    """Blend a map onto the original image at the crop box the model saw.
-
-    The map covers only the center crop (``crop_box`` in original pixels); it is resized
-    to the box with bilinear interpolation and blended there, the rest of the photo is
-    shown unchanged, so the overlay lines up with the photo as the user knows it.
-    """
-    from PIL import Image
-
-    image = image.convert("RGB")
-    left, top, right, bottom = (int(v) for v in crop_box)
-    w, h = right - left, bottom - top
-    if w <= 0 or h <= 0:
-        raise ValueError(f"empty crop box {crop_box}")
-    m = np.nan_to_num(np.asarray(m, dtype=np.float32))
-    mm = Image.fromarray(m, mode="F").resize((w, h), Image.BILINEAR)
-    heat = Image.fromarray(colorize(np.asarray(mm), cmap=cmap), mode="RGB")
-    region = image.crop((left, top, right, bottom))
-    blended = Image.blend(region, heat, float(alpha))
-    out = image.copy()
-    out.paste(blended, (left, top))
-    return out
-
-
-def png_bytes(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _as_str(v: Any) -> str:

@@ -12,7 +12,7 @@ Why it looks like this:
   on object stores, where a shard write takes seconds). Two units never share a shard, so
   the two threads never write the same Zarr shard.
 * Every unit is written whole, by exactly this actor, with the completion marker last
-  (:func:`pipeline.store.write_unit`). A retried unit recomputes and rewrites the same
+  (:func:`pipeline.store.io.write_unit`). A retried unit recomputes and rewrites the same
   shard: writes are idempotent, which Ray's at-least-once delivery requires.
 * A bad image never fails a unit: it gets a status and a one-line message, a NaN map and
   NaN scores; the rest of its batch is explained. A batch the model rejects is split in
@@ -30,40 +30,23 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from pipeline.config import RunConfig
+from pipeline.data.decode import Status, load_row
+from pipeline.data.manifest import Manifest
+from pipeline.messages import error_line
+from pipeline.run.config import RunConfig
+from pipeline.run.plan import UnitContext, quiet_load_model
+from pipeline.store.io import write_unit
+from pipeline.store.layout import StoreLayout
 
-__all__ = [
-    "ExplainWorker",
-    "PoolMismatchError",
-    "UnitContext",
-    "empty_unit_arrays",
-    "quiet_load_model",
-]
+__all__ = ["ExplainWorker", "PoolMismatchError", "empty_unit_arrays", "rows_from_result"]
 
 
 class PoolMismatchError(RuntimeError):
     """The method in this actor produces other pool members than the store holds."""
-
-
-@dataclass(frozen=True)
-class UnitContext:
-    """What the driver resolved once and every actor must agree on."""
-
-    manifest: str
-    store: str
-    num_units: int
-    map_size: int
-    pool: tuple[str, ...]
-    components: tuple[str, ...]
-    metrics: tuple[str, ...]
-    layer: str | None
-    image_size: int
-    selection: str | None = None  # a non-β selection rule: its scores are stored too
 
 
 def empty_unit_arrays(n: int, ctx: UnitContext) -> dict[str, np.ndarray]:
@@ -72,27 +55,33 @@ def empty_unit_arrays(n: int, ctx: UnitContext) -> dict[str, np.ndarray]:
     The store's layout is the one list of arrays, dtypes and fill values; the worker
     only says which options this run has.
     """
-    from pipeline.store import StoreLayout
-
-    layout = StoreLayout(num_rows=n, unit_size=n, map_size=(ctx.map_size, ctx.map_size),
+    layout = StoreLayout(num_rows=n, unit_size=n, image_size=(ctx.image_size, ctx.image_size),
                          pool=ctx.pool, components=ctx.components, metrics=ctx.metrics,
                          selection=ctx.selection)  # fmt: skip
     return layout.empty_rows(n)
 
 
-def quiet_load_model(model: str, weights: str | None) -> Any:
-    """``unioncam.load_model`` without the model packages' chatter on stdout.
+def rows_from_result(res: Any) -> dict[str, np.ndarray]:
+    """THE mapping from the library's result to the store's per-row arrays (one place).
 
-    (efficientnet_lite_pytorch prints "Loaded pretrained weights ..." on every load, which
-    would otherwise appear once per actor in the middle of the progress bar.)
+    ``res`` is a ``UnionCAMResult``; keys are store array names (see
+    :meth:`pipeline.store.layout.StoreLayout.arrays`): ``beta`` is the confidence gain of
+    every member, ``selection_score`` what the selection rule ranked by (β itself for the
+    ``beta`` rule), ``target`` the class explained.
     """
-    import contextlib
-    import io
-
-    from unioncam import load_model
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return load_model(model, weights=weights)
+    # The library's older field names (scores, classes, probs, baseline_probs) are read
+    # here and only here; the renamed result (selection_score, target, prob, baseline_prob)
+    # changes this one function (and ``res.classes`` in ``_metrics_for`` below).
+    beta = getattr(res, "beta", None)
+    return {
+        "maps": res.maps.float().cpu().numpy(),
+        "beta": (res.scores if beta is None else beta).float().cpu().numpy(),
+        "selection_score": res.scores.float().cpu().numpy(),
+        "selected": res.selected.cpu().numpy(),
+        "target": res.classes.cpu().numpy(),
+        "prob": res.probs.float().cpu().numpy(),
+        "baseline_prob": res.baseline_probs.float().cpu().numpy(),
+    }
 
 
 class _Decoded:
@@ -129,8 +118,6 @@ class ExplainWorker:
         self._storage_options = config.storage_options or None
         self._units_done = 0
         self._metrics = _WorkerMetrics(actor_index) if config.ray_metrics else None
-
-        from pipeline.manifest import Manifest
 
         # The driver validated the manifest; an actor only needs its footer.
         self.manifest = Manifest.open(
@@ -185,9 +172,6 @@ class ExplainWorker:
     # ------------------------------------------------------------------ work
     def process(self, u: int, attempt: int = 0) -> dict[str, Any]:
         """Explain and write unit ``u``; return a small summary (no arrays)."""
-        from pipeline.decode import Status
-        from pipeline.store import write_unit
-
         t0 = time.perf_counter()
         wall0 = time.time()
         fi = self.config.fault_injection
@@ -255,8 +239,6 @@ class ExplainWorker:
 
     def _null_fill(self, arrays: dict[str, np.ndarray]) -> None:
         """The ``null`` explainer: zeros everywhere, status OK (benchmarking only)."""
-        from pipeline.decode import Status
-
         for name, a in arrays.items():
             if name in ("label", "error"):
                 continue
@@ -266,20 +248,16 @@ class ExplainWorker:
                 a[...] = 0
 
     def _decode(self, row) -> _Decoded:
-        from pipeline.decode import Status, load_row
-
         try:
             t, orig, box, status, msg = load_row(row, self.preprocess, self._storage_options)
         except Exception as e:  # load_row should not raise; never let one row kill a unit
-            return _Decoded(None, (0, 0), (0, 0, 0, 0), Status.READ_ERROR, _one_line(e))
+            return _Decoded(None, (0, 0), (0, 0, 0, 0), Status.READ_ERROR, error_line(e))
         return _Decoded(t, orig, box, status, msg)
 
     def _explain_rows(
         self, u: int, rows: Sequence, arrays: dict[str, np.ndarray]
     ) -> tuple[float, float]:
         """Decode (threads, prefetched) and explain all rows of a unit into ``arrays``."""
-        from pipeline.decode import Status
-
         bs = self.config.batch_size
         starts = list(range(0, len(rows), bs))
         ahead = max(0, self.config.prefetch_batches) + 1
@@ -345,8 +323,6 @@ class ExplainWorker:
         """Explain one batch; on a model error split it to isolate the bad image(s)."""
         import torch
 
-        from pipeline.decode import Status
-
         try:
             x = torch.stack(tensors)
             if self.device.type == "cuda":
@@ -360,22 +336,11 @@ class ExplainWorker:
                 raise PoolMismatchError(
                     f"the method's pool {tuple(res.pool)} differs from the store's {self.ctx.pool}"
                 )
-            out = {
-                "maps": res.maps.float().cpu().numpy(),
-                # The store's ``scores`` are the confidence gains β of every member (what
-                # queries call "beta"), also when the method selects by another criterion.
-                "scores": _beta(res).float().cpu().numpy(),
-                "selected": res.selected.cpu().numpy(),
-                **({"selection_scores": res.scores.float().cpu().numpy()}
-                   if self.ctx.selection else {}),
-                "class_explained": res.classes.cpu().numpy(),
-                "prob": res.probs.float().cpu().numpy(),
-                "baseline_prob": res.baseline_probs.float().cpu().numpy(),
-            }
+            out = rows_from_result(res)
             if self.config.target == "label":
                 out["predicted"] = self.cam.class_probs(x).argmax(1).cpu().numpy()
             else:
-                out["predicted"] = out["class_explained"]
+                out["predicted"] = out["target"]
             for name in self.ctx.components:
                 out[f"components/{name}"] = res.components[name].float().cpu().numpy()
             for name, values in self._metrics_for(x, res).items():
@@ -391,7 +356,7 @@ class ExplainWorker:
                 self._explain_batch(idx[half:], tensors[half:], arrays)
                 return
             arrays["status"][idx[0]] = int(Status.MODEL_ERROR)
-            arrays["error"][idx[0]] = f"model error: {_one_line(e)}"
+            arrays["error"][idx[0]] = f"model error: {error_line(e)}"
             return
         for name, values in out.items():
             arrays[name][idx] = values
@@ -404,7 +369,7 @@ class ExplainWorker:
         """
         if not self.ctx.metrics:
             return {}
-        from pipeline.evaluate import INS_DEL_METRICS, evaluate_batch, parse_metric_name
+        from pipeline.analysis.evaluate import INS_DEL_METRICS, evaluate_batch, parse_metric_name
         from unioncam import metrics as M
 
         want = set(self.ctx.metrics)
@@ -443,12 +408,6 @@ class ExplainWorker:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _beta(res: Any) -> Any:
-    """β of every pool member: ``res.beta`` (newer library) or ``res.scores`` (β selection)."""
-    beta = getattr(res, "beta", None)
-    return res.scores if beta is None else beta
-
-
 class _hook_paused:
     """Switch the CAM's activation hook off around forwards that are not CAM passes.
 
@@ -468,11 +427,6 @@ class _hook_paused:
     def __exit__(self, *exc: object) -> None:
         if self.hook is not None:
             self.hook.enabled = self.was
-
-
-def _one_line(e: BaseException) -> str:
-    msg = " ".join(str(e).split()) or type(e).__name__
-    return f"{type(e).__name__}: {msg}" if not msg.startswith(type(e).__name__) else msg
 
 
 class _WorkerMetrics:

@@ -33,264 +33,47 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from .decode import Status, is_local, local_path, redact_uri
+from pipeline.data.decode import Status
+from pipeline.data.location import is_local, normalise_location, redact_uri, url_to_fs
+from pipeline.store.layout import (
+    LAYOUT_ATTR,
+    MARKERS,
+    MAX_ERROR_CHARS,
+    ArraySpec,
+    StoreError,
+    StoreFormatError,
+    StoreLayout,
+    StoreMismatchError,
+    check_format,
+    marker_key,
+    redact,
+)
 
 __all__ = [
-    "FORMAT_VERSION",
-    "LAYOUT_ATTR",
-    "ArraySpec",
-    "StoreError",
-    "StoreLayout",
-    "StoreMismatchError",
     "create_store",
-    "safe_name",
     "done_units",
     "finalize_store",
-    "marker_key",
     "open_store",
     "read_layout",
     "read_markers",
-    "redact",
     "write_unit",
 ]
 
-FORMAT_VERSION = 1
-#: Root attribute holding the layout (what shapes/arrays the store has).
-LAYOUT_ATTR = "unioncam_store"
-MARKERS = "markers"
-#: Longest per-row error message stored (messages are one line; this is a safety cap).
-MAX_ERROR_CHARS = 500
-
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 _MARKER_RE = re.compile(r"^unit-(\d+)$")
-_SECRET_KEY = re.compile(
-    r"(secret|passw|token|credential|private|session|api[_-]?key|access[_-]?key|"
-    r"^key$|_key$|authorization|signature)",
-    re.IGNORECASE,
-)
 #: Maps compress ~1.5x better with byte-shuffle + zstd than with zarr's default zstd
 #: (measured on smooth float16 CAM-like maps: ratio 2.40 vs 1.60).
 _MAP_CODEC = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 
 
-class StoreError(ValueError):
-    """The store path or a write is unusable; one line naming the store/unit/array."""
-
-
-class StoreMismatchError(StoreError):
-    """An existing store was made for another manifest/config/layout: refuse to mix."""
-
-
-def marker_key(u: int) -> str:
-    """Key (relative to the store root) of unit ``u``'s completion marker group."""
-    return f"{MARKERS}/unit-{u:06d}"
-
-
-def redact(obj: Any) -> Any:
-    """A JSON-safe copy of ``obj`` with credential-like keys blanked (defence in depth:
-    ``storage_options`` should never be passed here at all)."""
-    if isinstance(obj, Mapping):
-        return {
-            str(k): (
-                "<redacted>" if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v)
-            )
-            for k, v in obj.items()
-        }
-    if isinstance(obj, (list, tuple)):
-        return [redact(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        if isinstance(obj, float) and not np.isfinite(obj):
-            return None
-        return obj
-    if isinstance(obj, np.generic):
-        return redact(obj.item())
-    return str(obj)
-
-
-# ---------------------------------------------------------------------------------------------
-# Layout
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ArraySpec:
-    """One per-image array: ``name`` is its Zarr path; trailing dims follow ``image``."""
-
-    name: str
-    dims: tuple[str, ...]
-    dtype: str  # numpy dtype string, or "str" for variable-length UTF-8
-    fill: Any
-    trailing: tuple[int, ...] = ()
-    sharded: bool = False  # inner chunk = one image (maps); else one chunk per unit
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-    def empty(self, rows: int) -> np.ndarray:
-        """Fill-valued data for ``rows`` rows (what "not available" looks like)."""
-        if self.dtype == "str":
-            return np.full((rows, *self.trailing), self.fill, dtype=object)
-        return np.full((rows, *self.trailing), self.fill, dtype=np.dtype(self.dtype))
-
-
-def safe_name(name: str) -> str:
-    """The array key a component or metric name is stored under (``fused:a+b`` -> ``fused_a_b``):
-    pool names hold characters that are path separators or awkward in Zarr keys; the original
-    name stays in the array's ``name`` attribute."""
-    return _SAFE_NAME.sub("_", name)
-
-
-@dataclass(frozen=True)
-class StoreLayout:
-    """Shapes and names of a store; saved in the root attribute ``unioncam_store``."""
-
-    num_rows: int
-    unit_size: int
-    map_size: tuple[int, int]
-    pool: tuple[str, ...]
-    components: tuple[str, ...] = ()
-    metrics: tuple[str, ...] = ()
-    # The selection rule when it is not β (e.g. "insdel-8"): its scores get their own array,
-    # because ``scores`` always holds β. None for β (nothing extra to store).
-    selection: str | None = None
-    format: int = FORMAT_VERSION
-
-    def __post_init__(self) -> None:
-        if self.selection == "beta":  # β is ``scores`` itself: nothing extra to store
-            object.__setattr__(self, "selection", None)
-        for what, v in (("num_rows", self.num_rows), ("unit_size", self.unit_size)):
-            if not isinstance(v, (int, np.integer)) or v < 1:
-                raise StoreError(f"{what} must be a positive integer, got {v!r}")
-        if len(self.map_size) != 2 or min(self.map_size) < 1:
-            raise StoreError(f"map_size must be a positive int or (h, w), got {self.map_size!r}")
-        if not self.pool or len(set(self.pool)) != len(self.pool):
-            raise StoreError(f"pool must be non-empty unique names, got {list(self.pool)}")
-        if len(self.pool) > 32767:
-            raise StoreError(f"pool has {len(self.pool)} members; at most 32767 are supported")
-        for group, names in (("components", self.components), ("metrics", self.metrics)):
-            safe = [safe_name(n) for n in names]
-            if len(set(safe)) != len(safe) or any(not n for n in names):
-                raise StoreError(f"{group} names must be unique and non-empty: {list(names)}")
-
-    @property
-    def num_units(self) -> int:
-        return -(-self.num_rows // self.unit_size)
-
-    def unit_range(self, u: int) -> tuple[int, int]:
-        if not 0 <= u < self.num_units:
-            raise StoreError(f"unit {u} out of range 0..{self.num_units - 1}")
-        start = u * self.unit_size
-        return start, min(start + self.unit_size, self.num_rows)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": self.format,
-            "num_rows": int(self.num_rows),
-            "unit_size": int(self.unit_size),
-            "map_size": [int(v) for v in self.map_size],
-            "pool": list(self.pool),
-            "components": list(self.components),
-            "metrics": list(self.metrics),
-            "selection": self.selection,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> StoreLayout:
-        return cls(
-            num_rows=int(d["num_rows"]),
-            unit_size=int(d["unit_size"]),
-            map_size=(int(d["map_size"][0]), int(d["map_size"][1])),
-            pool=tuple(d["pool"]),
-            components=tuple(d.get("components", ())),
-            metrics=tuple(d.get("metrics", ())),
-            selection=d.get("selection"),
-            format=int(d.get("format", FORMAT_VERSION)),
-        )
-
-    def arrays(self) -> list[ArraySpec]:
-        """Every per-image array (the ones :func:`write_unit` writes), in a fixed order."""
-        h, w = self.map_size
-        p = len(self.pool)
-        sel_dtype = "i1" if p <= 127 else "i2"
-        nan = float("nan")
-        specs = [
-            ArraySpec("maps", ("image", "y", "x"), "f2", nan, (h, w), sharded=True,
-                      attrs={"description": "selected UnionCAM map, [0,1], on the crop"}),
-            ArraySpec("scores", ("image", "pool"), "f4", nan, (p,),
-                      attrs={"pool": list(self.pool),
-                             "description": "confidence gain of every pool member"}),
-            ArraySpec("selected", ("image",), sel_dtype, -1,
-                      attrs={"description": "index into pool of the selected map"}),
-            *([ArraySpec("selection_scores", ("image", "pool"), "f4", nan, (p,),
-                         attrs={"pool": list(self.pool), "rule": self.selection,
-                                "description": "every pool member's score under the selection "
-                                               "rule; the highest is selected (-inf: a flat "
-                                               "map, which a ranking rule cannot score)"})]
-              if self.selection else []),
-            ArraySpec("class_explained", ("image",), "i4", -1),
-            ArraySpec("label", ("image",), "i4", -1, attrs={"description": "-1 = no label"}),
-            ArraySpec("predicted", ("image",), "i4", -1),
-            ArraySpec("prob", ("image",), "f4", nan),
-            ArraySpec("baseline_prob", ("image",), "f4", nan),
-            ArraySpec("orig_size", ("image", "hw"), "i4", -1, (2,),
-                      attrs={"description": "upright original (h, w) in pixels"}),
-            ArraySpec("crop_box", ("image", "box"), "i4", -1, (4,),
-                      attrs={"description": "(left, top, right, bottom) in original pixels"}),
-            ArraySpec("status", ("image",), "u1", int(Status.PENDING),
-                      attrs={"codes": {s.name: int(s) for s in Status}}),
-            ArraySpec("error", ("image",), "str", "",
-                      attrs={"description": "one-line message for rows whose status != OK"}),
-        ]  # fmt: skip
-        for name in self.components:
-            specs.append(
-                ArraySpec(f"components/{safe_name(name)}", ("image", "y", "x"), "f2", nan, (h, w),
-                          sharded=True, attrs={"name": name})
-            )  # fmt: skip
-        for name in self.metrics:
-            specs.append(
-                ArraySpec(f"metrics/{safe_name(name)}", ("image",), "f4", nan, attrs={"name": name})
-            )
-        return specs
-
-    def empty_rows(self, n: int) -> dict[str, np.ndarray]:
-        """Fill-valued arrays for ``n`` rows, keyed as :func:`write_unit` accepts them
-        (components and metrics by their original names); a worker fills in what it
-        computed, and everything else stays "not available"."""
-        original = {f"{group}/{safe_name(name)}": f"{group}/{name}"
-                    for group, names in (("components", self.components), ("metrics", self.metrics))
-                    for name in names}  # fmt: skip
-        return {original.get(spec.name, spec.name): spec.empty(n) for spec in self.arrays()}
-
-    def _aliases(self) -> dict[str, str]:
-        """Accepted write_unit keys -> Zarr path (``components/<original name>`` too)."""
-        out = {spec.name: spec.name for spec in self.arrays()}
-        for n in self.components:
-            out[f"components/{n}"] = f"components/{safe_name(n)}"
-        for n in self.metrics:
-            out[f"metrics/{n}"] = f"metrics/{safe_name(n)}"
-        return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Locations
 # ---------------------------------------------------------------------------------------------
-def _loc(path: str | os.PathLike[str]) -> str:
-    path = os.fspath(path)
-    if is_local(path):
-        return os.path.abspath(local_path(path))
-    return path.rstrip("/")
-
-
-def _fs(loc: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(loc, **(storage_options or {}))
-    return fs, root.rstrip("/")
-
-
 def _zstore(loc: str, storage_options: dict[str, Any] | None, read_only: bool) -> Any:
     if is_local(loc):
         return zarr.storage.LocalStore(loc, read_only=read_only)
@@ -306,7 +89,7 @@ def _read_root_json(loc: str, storage_options: dict[str, Any] | None) -> dict[st
             with open(os.path.join(loc, "zarr.json"), "rb") as fh:
                 raw = fh.read()
         else:
-            fs, root = _fs(loc, storage_options)
+            fs, root = url_to_fs(loc, storage_options)
             fs.invalidate_cache(root)
             raw = fs.cat_file(f"{root}/zarr.json")
     except (FileNotFoundError, NotADirectoryError):
@@ -322,7 +105,7 @@ def _is_nonempty(loc: str, storage_options: dict[str, Any] | None) -> bool:
         if os.path.isfile(loc):
             return True
         return os.path.isdir(loc) and any(os.scandir(loc))
-    fs, root = _fs(loc, storage_options)
+    fs, root = url_to_fs(loc, storage_options)
     fs.invalidate_cache(root)
     try:
         return bool(fs.ls(root, detail=False))
@@ -335,7 +118,7 @@ def _delete(loc: str, storage_options: dict[str, Any] | None) -> None:
         if os.path.isdir(loc):
             shutil.rmtree(loc)
         return
-    fs, root = _fs(loc, storage_options)
+    fs, root = url_to_fs(loc, storage_options)
     try:
         fs.rm(root, recursive=True)
     except FileNotFoundError:
@@ -350,6 +133,7 @@ def _layout_of(meta: Mapping[str, Any] | None, loc: str) -> StoreLayout:
         raise StoreError(
             f"{redact_uri(loc)} is not a unioncam store (no '{LAYOUT_ATTR}' attribute)"
         )
+    check_format(raw, redact_uri(loc))
     return StoreLayout.from_dict(raw)
 
 
@@ -357,7 +141,7 @@ def read_layout(
     store_path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
 ) -> StoreLayout:
     """The layout of an existing store (one small read)."""
-    loc = _loc(store_path)
+    loc = normalise_location(store_path)
     meta = _read_root_json(loc, storage_options)
     if meta is None:
         raise StoreError(f"no unioncam store at {redact_uri(loc)}")
@@ -381,54 +165,60 @@ def create_store(
     *,
     num_rows: int,
     unit_size: int,
-    map_size: int | tuple[int, int],
+    image_size: int | tuple[int, int],
     pool: Sequence[str],
     components: Sequence[str] = (),
     metrics: Sequence[str] = (),
-    selection: str | None = None,
+    selection: str = "beta",
     attrs: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> zarr.Group:
     """Create the store (DRIVER ONLY), or reuse a matching one to resume.
 
-    An existing store is reused when its layout (rows, unit size, map size, pool,
-    components, metrics, selection rule; a store without ``selection_scores`` matches any rule
-    and keeps none) and every ``*fingerprint`` key of ``attrs`` (e.g.
+    An existing store is reused when its layout (rows, unit size, image size, pool,
+    components, metrics, selection rule, format) and every ``*fingerprint`` key of ``attrs`` (e.g.
     ``manifest_fingerprint``, ``config_fingerprint``) equal the stored ones; its attributes
     are then updated with ``attrs``. Otherwise :class:`StoreMismatchError` (one line) unless
     ``overwrite``, which deletes the old store, markers included. A path that holds
     something that is not a unioncam store is never deleted or written into.
     """
     size = (
-        (int(map_size), int(map_size))
-        if isinstance(map_size, (int, np.integer))
-        else tuple(map_size)
+        (int(image_size), int(image_size))
+        if isinstance(image_size, (int, np.integer))
+        else tuple(image_size)
     )
     layout = StoreLayout(
         num_rows=int(num_rows),
         unit_size=int(unit_size),
-        map_size=(int(size[0]), int(size[1])),
+        image_size=(int(size[0]), int(size[1])),
         pool=tuple(str(p) for p in pool),
         components=tuple(str(c) for c in components),
         metrics=tuple(str(m) for m in metrics),
-        selection=None if selection in (None, "beta") else str(selection),
+        selection=str(selection or "beta"),
     )
     user_attrs = redact(dict(attrs or {}))
     if LAYOUT_ATTR in user_attrs:
         raise StoreError(f"attrs must not contain the reserved key {LAYOUT_ATTR!r}")
-    loc = _loc(path)
+    loc = normalise_location(path)
     name = redact_uri(loc)
     meta = _read_root_json(loc, storage_options)
     if meta is not None:
         try:
             old_layout = _layout_of(meta, loc)
+        except StoreFormatError:
+            if not overwrite:
+                raise
+            old_layout = None
         except StoreError:
             raise StoreMismatchError(
                 f"{name} exists and is not a unioncam store; refusing to overwrite it"
             ) from None
         old_attrs = meta.get("attributes") or {}
-        problem = _mismatch(old_layout, layout, old_attrs, user_attrs)
+        problem = (
+            "an older store format" if old_layout is None
+            else _mismatch(old_layout, layout, old_attrs, user_attrs)
+        )  # fmt: skip
         if problem is None:
             store = _zstore(loc, storage_options, read_only=False)
             group = zarr.open_group(store, mode="r+", use_consolidated=False)
@@ -451,10 +241,6 @@ def _mismatch(
     old: StoreLayout, new: StoreLayout, old_attrs: Mapping[str, Any], new_attrs: Mapping[str, Any]
 ) -> str | None:
     od, nd = old.to_dict(), new.to_dict()
-    if od.get("selection") is None:
-        # A store made before ``selection_scores`` existed (or a β run): it simply has no such
-        # array; the config fingerprint below still refuses another selection rule.
-        nd["selection"] = None
     for key in nd:
         if od.get(key) != nd[key]:
             return f"{key}: store has {_short(od.get(key))}, this run {_short(nd[key])}"
@@ -544,7 +330,7 @@ def open_store(
     storage_options: dict[str, Any] | None = None,
 ) -> zarr.Group:
     """Open a unioncam store as a ``zarr.Group`` (consolidated metadata used when present)."""
-    loc = _loc(path)
+    loc = normalise_location(path)
     meta = _read_root_json(loc, storage_options)
     if meta is None:
         raise StoreError(f"no unioncam store at {redact_uri(loc)}")
@@ -567,7 +353,7 @@ def finalize_store(
     ImageNet train) and finished units (markers); ``summary`` adds the driver's own numbers
     (wall time, images/s, ...). Returns the summary written.
     """
-    loc = _loc(store_path)
+    loc = normalise_location(store_path)
     layout = read_layout(loc, storage_options)
     store = _zstore(loc, storage_options, read_only=False)
     group = zarr.open_group(store, mode="r+", use_consolidated=False)
@@ -643,11 +429,11 @@ def write_unit(
     Never touches metadata: arrays are opened, not created.
     """
     t0 = time.perf_counter()
-    loc = _loc(store_path)
+    loc = normalise_location(store_path)
     layout = read_layout(loc, storage_options)
     start, stop = layout.unit_range(int(u))
     rows = stop - start
-    aliases = layout._aliases()
+    aliases = layout.aliases()
     unknown = sorted(k for k in arrays if k not in aliases)
     if unknown:
         raise StoreError(
@@ -714,7 +500,7 @@ def _write_marker(
             fh.write(body)
         os.replace(tmp, final)  # atomic: a marker is either absent or complete
     else:
-        fs, root = _fs(loc, storage_options)
+        fs, root = url_to_fs(loc, storage_options)
         fs.pipe_file(f"{root}/{key}", body)  # one PUT: atomic on object stores
 
 
@@ -722,7 +508,7 @@ def done_units(
     store_path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
 ) -> set[int]:
     """Units whose completion marker exists (one listing; never inferred from chunks)."""
-    loc = _loc(store_path)
+    loc = normalise_location(store_path)
     if is_local(loc):
         mdir = os.path.join(loc, MARKERS)
         try:
@@ -735,7 +521,7 @@ def done_units(
             if m and os.path.isfile(os.path.join(e.path, "zarr.json")):
                 out.add(int(m.group(1)))
         return out
-    fs, root = _fs(loc, storage_options)
+    fs, root = url_to_fs(loc, storage_options)
     mdir = f"{root}/{MARKERS}"
     fs.invalidate_cache(mdir)  # listings are cached by s3fs; workers add markers meanwhile
     try:
@@ -754,7 +540,7 @@ def read_markers(
     store_path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
 ) -> dict[int, dict[str, Any]]:
     """Unit -> marker attributes (unit, rows, ok, failed, by_status, host, seconds, ...)."""
-    loc = _loc(store_path)
+    loc = normalise_location(store_path)
     units = sorted(done_units(loc, storage_options))
     keys = [f"{marker_key(u)}/zarr.json" for u in units]
     if is_local(loc):
@@ -763,7 +549,7 @@ def read_markers(
             with open(os.path.join(loc, *key.split("/")), "rb") as fh:
                 raw[u] = fh.read()
     else:
-        fs, root = _fs(loc, storage_options)
+        fs, root = url_to_fs(loc, storage_options)
         got = fs.cat([f"{root}/{k}" for k in keys]) if keys else {}
         raw = {u: got[f"{root}/{k}"] for u, k in zip(units, keys, strict=True)}
     out = {}

@@ -21,17 +21,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.store.layout import STORE_FORMAT
+
 __all__ = [
     "EXPLAINERS",
-    "FORMAT_VERSION",
     "METRICS",
     "TARGETS",
     "FaultInjection",
     "RunConfig",
 ]
 
-#: Bumped when the meaning of stored values changes; part of the fingerprint.
-FORMAT_VERSION = 1
 
 #: ``unioncam``: the real method. ``null``: a stand-in that reads each unit's manifest rows
 #: but neither decodes images nor runs a model, and writes zero maps/scores with status OK.
@@ -96,7 +95,7 @@ class RunConfig:
     components: bool = False
     metrics: tuple[str, ...] = ()
     #: Also score every pool member's map (``metrics/<metric>@<member>``, see
-    #: :func:`pipeline.evaluate.store_metric_names`); needs an insertion/deletion metric.
+    #: :func:`pipeline.analysis.evaluate.store_metric_names`); needs an insertion/deletion metric.
     metrics_all_members: bool = False
     #: RISE pixels per insertion/deletion step (224 at 224 px = 224 steps, the default).
     metric_step: int = 224
@@ -192,7 +191,7 @@ class RunConfig:
     def result_settings(self) -> dict[str, Any]:
         """The settings that determine the stored numbers (the fingerprint's input)."""
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": STORE_FORMAT,  # the stored values' meaning
             "model": self.model,
             "weights": self.weights,
             "layer": self.layer,

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import enum
 import io
-import os
-import re
 import warnings
 import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from PIL import Image, ImageFile
+
+from pipeline.data.location import is_local, local_path, redact_uri
+from pipeline.messages import one_line
 
 if TYPE_CHECKING:  # torch is only needed by the caller's preprocess
     from torch import Tensor
@@ -80,7 +80,7 @@ class DecodeError(Exception):
 
     def __init__(self, status: Status, message: str) -> None:
         self.status = Status(status)
-        self.message = _one_line(message)
+        self.message = one_line(message, MAX_MESSAGE_CHARS)
         super().__init__(self.message)
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable across Ray/multiprocessing
@@ -91,54 +91,6 @@ class Preprocess(Protocol):
     """What :func:`load_row` needs from ``unioncam.models.Preprocessing`` (duck-typed)."""
 
     def __call__(self, img: Image.Image) -> tuple[Tensor, tuple[float, float, float, float]]: ...
-
-
-# ---------------------------------------------------------------------------------------------
-# URIs
-# ---------------------------------------------------------------------------------------------
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-def redact_uri(uri: str | None) -> str:
-    """The URI without user-info or query string, safe for logs, attributes and errors.
-
-    Why: a URL such as ``https://user:pass@host/x.jpg`` or a presigned
-    ``...?X-Amz-Signature=...`` must never reach a stored error message.
-    """
-    if uri is None:
-        return "<inline image>"
-    if not _SCHEME_RE.match(uri):
-        return uri
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc and not parts.query:
-        return uri
-    netloc = parts.netloc.rsplit("@", 1)[-1]  # drop "user:password@", keep case and port
-    query = "<redacted>" if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def is_local(uri: str) -> bool:
-    """True for plain paths and ``file://`` URLs."""
-    m = _SCHEME_RE.match(uri)
-    return m is None or m.group(1).lower() in ("file", "local")
-
-
-def local_path(uri: str) -> str:
-    """``file:///a/b`` (or ``file://localhost/a/b``) -> ``/a/b``; plain paths: ``~`` expanded."""
-    m = _SCHEME_RE.match(uri)
-    if m is None:
-        return os.path.expanduser(uri)
-    rest = uri[m.end() :]
-    if not rest.startswith("/"):  # file://host/path: the host part is dropped
-        rest = "/" + rest.partition("/")[2]
-    return rest
-
-
-def _one_line(text: str) -> str:
-    text = " ".join(str(text).split())
-    if len(text) > MAX_MESSAGE_CHARS:
-        text = text[: MAX_MESSAGE_CHARS - 3] + "..."
-    return text
 
 
 def _err(status: Status, uri: str | None, what: str) -> DecodeError:
@@ -527,7 +479,7 @@ def load_row(
 ) -> tuple[Tensor | None, tuple[int, int], tuple[int, int, int, int], Status, str]:
     """Read, decode and preprocess one manifest row; never raises for a bad image.
 
-    ``row`` is a :class:`pipeline.manifest.Row` (``row_id``, ``uri``, ``data``); inline
+    ``row`` is a :class:`pipeline.data.manifest.Row` (``row_id``, ``uri``, ``data``); inline
     ``data`` wins over ``uri``. ``preprocess(img) -> (tensor, crop_box)`` is
     ``unioncam``'s ``Preprocessing``. With ``draft``, a large JPEG is decoded at reduced
     scale down to :func:`draft_target` (twice ``preprocess.resize_size``).
@@ -554,7 +506,7 @@ def load_row(
         tensor, box = preprocess(img)
     except Exception as exc:  # preprocessing of a decoded RGB image should not fail
         what = f"{redact_uri(name)}: preprocessing failed ({_exc_text(exc)})"
-        return None, _NO_SIZE, _NO_BOX, Status.CORRUPT, _one_line(what)
+        return None, _NO_SIZE, _NO_BOX, Status.CORRUPT, one_line(what, MAX_MESSAGE_CHARS)
     if (img.width, img.height) == (orig_w, orig_h):
         crop = tuple(int(round(float(v))) for v in box)
     elif callable(getattr(preprocess, "crop_box", None)):

@@ -1,0 +1,28 @@
+"""One-line messages: every error the pipeline stores, logs or prints is one line."""
+
+from __future__ import annotations
+
+__all__ = ["error_line", "one_line"]
+
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """``text`` with its whitespace collapsed to single spaces, cut to ``limit`` characters."""
+    text = " ".join(str(text).split())
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+def error_line(e: BaseException, bare: tuple[type[BaseException], ...] = ()) -> str:
+    """``Type: message`` of an exception on one line; exceptions of the ``bare`` types (whose
+    message is meant for the user as is) and messages that already name their type keep
+    just the message. A missing file's name is added when the message lacks it."""
+    text = one_line(e)
+    name = type(e).__name__
+    if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in text:
+        text = f"{text}: {e.filename}"
+    if not text:
+        return name
+    if isinstance(e, bare) or text.startswith(name):
+        return text
+    return f"{name}: {text}"

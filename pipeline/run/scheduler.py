@@ -1,0 +1,390 @@
+"""Dynamic pull scheduling of units over Ray actors, with retries and actor replacement.
+
+Each actor holds at most two units (one being explained, one being decoded/written); when
+one finishes it gets the next pending unit, so a slow actor simply takes fewer units. An
+actor that dies is replaced and the unit it was running is retried; the units queued
+behind it are re-queued without spending an attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import deque
+from typing import Any
+
+from pipeline.run.config import RunConfig
+from pipeline.run.plan import UnitContext, plan_resources
+from pipeline.run.summary import ActorStats, RunSummary
+
+__all__ = ["Scheduler", "note", "ray_error_line"]
+
+log = logging.getLogger("unioncam.pipeline")
+
+#: Units an actor holds at once (explain one while the previous one is written).
+UNITS_IN_FLIGHT_PER_ACTOR = 2
+#: Seconds between driver wake-ups when nothing finishes (Ctrl-C latency, bar refresh).
+POLL_S = 0.5
+#: Warn once if no actor has started after this long (cluster short of resources?).
+ACTOR_START_WARN_S = 120.0
+
+
+
+def note(msg: str) -> None:
+    """A line on stderr that does not break the progress bar."""
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(msg, file=sys.stderr)
+    except Exception:
+        print(msg, file=sys.stderr)
+
+
+def ray_error_line(e: BaseException) -> str:
+    """One line out of a (possibly multi-line, traceback-laden) Ray error."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException) and cause is not e:
+        text = str(cause)
+        name = type(cause).__name__
+    else:
+        text = str(e)
+        name = type(e).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # Ray puts the traceback first and the exception line last.
+    pick = (
+        lines[-1]
+        if lines and lines[0].startswith(("Traceback", "ray::"))
+        else (lines[0] if lines else "")
+    )
+    if len(pick) > 300:
+        pick = pick[:297] + "..."
+    return f"{name}: {pick}" if not pick.startswith(name) else pick
+
+
+class _Slot:
+    """One live actor and the units it holds (oldest first)."""
+
+    __slots__ = ("index", "handle", "ready", "inflight", "stats", "pid", "solo")
+
+    def __init__(self, index: int, handle: Any, stats: ActorStats) -> None:
+        self.index = index
+        self.handle = handle
+        self.ready = False
+        self.inflight: deque[tuple[Any, int]] = deque()
+        self.stats = stats
+        self.pid = 0
+        self.solo = False  # running a suspect unit alone: nothing else is dispatched
+
+
+class Scheduler:
+    """Dynamic pull scheduling with retries; all state for in-flight units lives here."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        ctx: UnitContext,
+        todo: list[int],
+        sizes: dict[int, int],
+        summary: RunSummary,
+    ) -> None:
+        import ray
+
+        from pipeline.run.worker import ExplainWorker
+
+        self.cfg = cfg
+        self.ctx = ctx
+        self.queue: deque[int] = deque(todo)
+        #: Units whose actor died while holding several units: which one killed it is
+        #: unknown, so each is retried alone on an otherwise idle actor (exact blame next time).
+        self.suspects: deque[int] = deque()
+        self.sizes = sizes
+        self.summary = summary
+        self.tries: dict[int, int] = {}  # times dispatched (the worker's ``attempt``)
+        self.failures: dict[int, int] = {}  # failures attributed to the unit
+        self.slots: dict[int, _Slot] = {}
+        self.refs: dict[Any, tuple[int, str, int]] = {}  # ref -> (slot, kind, unit)
+        self.next_index = 0
+        self.start_failures = 0
+        self.ever_ready = False
+        self.plan = plan_resources(cfg, ray.cluster_resources())
+        if self.plan.note:
+            note(self.plan.note)
+        self.remote_cls = ray.remote(ExplainWorker)
+        self.metrics = _DriverMetrics() if cfg.ray_metrics else None
+        self.bar = None
+        self.stats_all: list[ActorStats] = []
+        self.total_images = sum(sizes.values())
+        self.t_start = time.perf_counter()
+        self.waiting_noted = False
+
+    # -- actors -----------------------------------------------------------------------
+    def _start_actor(self) -> None:
+        index = self.next_index
+        self.next_index += 1
+        opts: dict[str, Any] = {
+            "num_cpus": self.plan.cpus_per_actor,
+            "num_gpus": self.plan.gpus_per_actor,
+            "max_restarts": 0,
+            "max_task_retries": 0,
+            "max_concurrency": UNITS_IN_FLIGHT_PER_ACTOR + 1,
+        }
+        handle = self.remote_cls.options(**opts).remote(
+            self.cfg, self.ctx, self.plan.cpus_per_actor, index
+        )
+        stats = ActorStats(actor=index, cpus=self.plan.cpus_per_actor)
+        self.stats_all.append(stats)
+        slot = _Slot(index, handle, stats)
+        self.slots[index] = slot
+        self.refs[handle.ready.remote()] = (index, "ready", -1)
+        self.summary.actors_started += 1
+
+    def _kill(self, slot: _Slot) -> None:
+        import ray
+
+        for ref, _u in slot.inflight:
+            self.refs.pop(ref, None)
+        for ref in [r for r, (i, _k, _u) in self.refs.items() if i == slot.index]:
+            self.refs.pop(ref, None)
+        slot.inflight.clear()
+        self.slots.pop(slot.index, None)
+        try:
+            ray.kill(slot.handle, no_restart=True)
+        except Exception:
+            pass
+
+    # -- main loop ----------------------------------------------------------------------
+    def run(self) -> None:
+        import ray
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=self.total_images,
+            unit="img",
+            desc="unioncam",
+            disable=not self.cfg.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            smoothing=0.05,
+            # In a log file (ray job logs) redraw rarely instead of every 0.1 s.
+            mininterval=0.2 if sys.stderr.isatty() else 30.0,
+        )
+        self._postfix()
+        for _ in range(self.plan.actors):
+            self._start_actor()
+        while self.queue or self.suspects or any(s.inflight for s in self.slots.values()):
+            self._dispatch()
+            if not self.refs:
+                # Every actor is gone and none is starting: start replacements.
+                for _ in range(self.plan.actors):
+                    self._start_actor()
+                continue
+            refs = list(self.refs)
+            ready, _ = ray.wait(refs, num_returns=1, timeout=POLL_S)
+            if ready and len(refs) > 1:
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            if not self.ever_ready and not self.waiting_noted:
+                if time.perf_counter() - self.t_start > ACTOR_START_WARN_S:
+                    self.waiting_noted = True
+                    note(
+                        f"no actor has started after {ACTOR_START_WARN_S:.0f} s: the cluster may "
+                        f"lack the resources ({self.plan.cpus_per_actor} CPU, "
+                        f"{self.plan.gpus_per_actor} GPU per actor); still waiting"
+                    )
+            for ref in ready:
+                if ref in self.refs:
+                    self._handle(ref)
+            if self.metrics is not None:
+                self.metrics.set_pending(len(self.queue) + len(self.suspects))
+
+    def _dispatch(self) -> None:
+        for slot in list(self.slots.values()):
+            if not slot.ready or slot.solo:
+                continue
+            if self.suspects and not slot.inflight:
+                self._submit(slot, self.suspects.popleft())
+                slot.solo = True
+                continue
+            while self.queue and len(slot.inflight) < UNITS_IN_FLIGHT_PER_ACTOR:
+                self._submit(slot, self.queue.popleft())
+
+    def _submit(self, slot: _Slot, u: int) -> None:
+        attempt = self.tries.get(u, 0)
+        self.tries[u] = attempt + 1
+        ref = slot.handle.process.remote(u, attempt)
+        slot.inflight.append((ref, u))
+        self.refs[ref] = (slot.index, "process", u)
+
+    def _handle(self, ref: Any) -> None:
+        import ray
+
+        index, kind, u = self.refs.pop(ref)
+        slot = self.slots.get(index)
+        if slot is None:
+            return
+        try:
+            value = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            if kind == "ready":
+                self._actor_start_failed(slot, e)
+                return
+            # The unit raised inside a live actor: exact blame; retry (anywhere).
+            slot.inflight = deque((r, v) for r, v in slot.inflight if r != ref)
+            slot.solo = False
+            self._unit_failed(u, ray_error_line(e), self.queue)
+            return
+        except ray.exceptions.RayError as e:
+            if kind == "ready":
+                self._actor_start_failed(slot, e)
+            else:
+                self._actor_died(slot, e)
+            return
+        if kind == "ready":
+            slot.ready = True
+            self.ever_ready = True
+            self.start_failures = 0
+            slot.pid = int(value.get("pid", 0))
+            slot.stats.host = str(value.get("host", ""))
+            slot.stats.device = str(value.get("device", ""))
+            return
+        slot.inflight = deque((r, v) for r, v in slot.inflight if r != ref)
+        slot.solo = False
+        self._unit_done(slot, value)
+
+    def _unit_done(self, slot: _Slot, s: dict[str, Any]) -> None:
+        sm = self.summary
+        sm.units_processed += 1
+        sm.images_processed += int(s["rows"])
+        sm.images_ok += int(s["ok"])
+        sm.images_failed += int(s["failed"])
+        for k, v in s.get("status_counts", {}).items():
+            sm.status_counts[k] = sm.status_counts.get(k, 0) + int(v)
+        st = slot.stats
+        st.units += 1
+        st.images += int(s["rows"])
+        st.failed_images += int(s["failed"])
+        st.busy_s += float(s["seconds"])
+        st.decode_wait_s += float(s.get("decode_wait_s", 0.0))
+        st.compute_s += float(s.get("compute_s", 0.0))
+        st.write_s += float(s.get("write_s", 0.0))
+        if "wall_start" in s:
+            st.add_interval(float(s["wall_start"]), float(s["wall_end"]))
+        else:
+            st.active_s += float(s["seconds"])
+        self.tries.pop(int(s["unit"]), None)
+        self.failures.pop(int(s["unit"]), None)
+        if self.bar is not None:
+            self.bar.update(int(s["rows"]))
+            self._postfix()
+        if self.metrics is not None:
+            self.metrics.unit_done()
+
+    def _unit_failed(self, u: int, reason: str, retry_queue: deque[int]) -> None:
+        """Blame ``u`` for a failure; retry it (via ``retry_queue``) or give up on it."""
+        n = self.failures.get(u, 0) + 1
+        self.failures[u] = n
+        if self.metrics is not None:
+            self.metrics.retry()
+        if n > self.cfg.max_retries:
+            self.summary.failed_units[u] = f"{reason} (after {n} attempts)"
+            note(f"unit {u} failed {n} times, giving up on it: {reason}")
+            self._postfix()
+            return
+        note(f"unit {u}: attempt {n} failed ({reason}); retrying")
+        self.summary.retries += 1
+        retry_queue.append(u)
+
+    def _actor_died(self, slot: _Slot, e: BaseException) -> None:
+        """Replace a dead actor and retry what it held.
+
+        Holding one unit, that unit is to blame (an attempt is spent). Holding several
+        (one explained while the other was decoded or written), the culprit is unknown:
+        nobody is charged and each is retried alone ("solo") on an idle actor, so that a
+        unit which really kills actors is identified - and eventually given up on - without
+        dragging innocent neighbours down with it.
+        """
+        reason = f"actor {slot.index} died: {ray_error_line(e)}"
+        held = [u for _r, u in slot.inflight]
+        slot.stats.died = True
+        self._kill(slot)
+        self.summary.actors_replaced += 1
+        if len(held) == 1:
+            self._unit_failed(held[0], reason, self.suspects)
+        elif held:
+            note(f"{reason}; retrying units {held} one at a time")
+            self.summary.retries += len(held)
+            self.suspects.extend(held)
+        self._start_actor()
+
+    def _actor_start_failed(self, slot: _Slot, e: BaseException) -> None:
+        reason = ray_error_line(e)
+        held = [u for _r, u in slot.inflight]
+        self._kill(slot)
+        for u in reversed(held):
+            self.queue.appendleft(u)
+        self.start_failures += 1
+        if self.start_failures > self.cfg.max_retries + self.plan.actors:
+            raise RuntimeError(
+                f"could not start a worker actor ({self.start_failures} tries): {reason}"
+            )
+        note(f"actor {slot.index} failed to start ({reason}); starting another")
+        self._start_actor()
+
+    def _postfix(self) -> None:
+        if self.bar is None or self.bar.disable:
+            return
+        self.bar.set_postfix(
+            {
+                "actors": sum(1 for s in self.slots.values() if s.ready),
+                "bad_images": self.summary.images_failed,
+                "failed_units": len(self.summary.failed_units),
+            },
+            refresh=False,
+        )
+
+    def stop(self, interrupted: bool) -> None:
+        """Kill every actor (also on Ctrl-C: a half-written unit has no marker)."""
+        for slot in list(self.slots.values()):
+            self._kill(slot)
+        if self.bar is not None:
+            self.bar.close()
+        self.summary.actors = self.stats_all
+
+
+class _DriverMetrics:
+    """Driver-side Ray metrics (dashboard): pending units, completed units, retries."""
+
+    def __init__(self) -> None:
+        try:
+            from ray.util.metrics import Counter, Gauge
+
+            self.pending = Gauge("unioncam_units_pending", description="Units not yet written.")
+            self.done = Counter(
+                "unioncam_units_completed", description="Units completed by this run."
+            )
+            self.retries = Counter(
+                "unioncam_unit_retries", description="Unit attempts that failed."
+            )
+        except Exception:
+            self.pending = None
+
+    def set_pending(self, n: int) -> None:
+        if self.pending is not None:
+            try:
+                self.pending.set(n)
+            except Exception:
+                pass
+
+    def unit_done(self) -> None:
+        if self.pending is not None:
+            try:
+                self.done.inc(1)
+            except Exception:
+                pass
+
+    def retry(self) -> None:
+        if self.pending is not None:
+            try:
+                self.retries.inc(1)
+            except Exception:
+                pass

@@ -1,0 +1,263 @@
+"""The store layout: THE contract between driver, worker, reader and report.
+
+What a unioncam Zarr v3 store holds: every per-image array (name, dims, dtype, fill value),
+the pool and metric names, the unit size (one unit = one shard of every array along
+``image``), the completion markers' keys, and the store format version. :mod:`pipeline.store.io`
+creates, writes and opens stores by this layout; nothing else decides an array's name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.data.decode import Status
+from pipeline.data.manifest import unit_range
+
+__all__ = [
+    "STORE_FORMAT",
+    "StoreFormatError",
+    "check_format",
+    "LAYOUT_ATTR",
+    "MARKERS",
+    "ArraySpec",
+    "StoreError",
+    "StoreLayout",
+    "StoreMismatchError",
+    "marker_key",
+    "redact",
+    "safe_name",
+]
+
+#: The store format this code writes and reads. 2: arrays ``beta``, ``selection_score``
+#: (always) and ``target``, layout ``image_size`` (format 1: ``scores``, ``selection_scores``
+#: for non-β rules only, ``class_explained``, ``map_size``; unioncam < 0.2).
+STORE_FORMAT = 2
+#: Root attribute holding the layout (what shapes/arrays the store has).
+LAYOUT_ATTR = "unioncam_store"
+MARKERS = "markers"
+#: Longest per-row error message stored (messages are one line; this is a safety cap).
+MAX_ERROR_CHARS = 500
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+_SECRET_KEY = re.compile(
+    r"(secret|passw|token|credential|private|session|api[_-]?key|access[_-]?key|"
+    r"^key$|_key$|authorization|signature)",
+    re.IGNORECASE,
+)
+
+
+class StoreError(ValueError):
+    """The store path or a write is unusable; one line naming the store/unit/array."""
+
+
+class StoreFormatError(StoreError):
+    """A store written in another format version: refused, with what to do."""
+
+
+def check_format(layout: Mapping[str, Any], name: str) -> None:
+    """Refuse (one line) a stored layout dict whose format is not :data:`STORE_FORMAT`."""
+    fmt = layout.get("format", 1)
+    if fmt == STORE_FORMAT:
+        return
+    written = "unioncam < 0.2" if fmt == 1 else "another unioncam version"
+    raise StoreFormatError(
+        f"store {name} has format {fmt} ({written}); this unioncam reads format "
+        f"{STORE_FORMAT}: re-run into a new store or pass --overwrite"
+    )
+
+
+class StoreMismatchError(StoreError):
+    """An existing store was made for another manifest/config/layout: refuse to mix."""
+
+
+def marker_key(u: int) -> str:
+    """Key (relative to the store root) of unit ``u``'s completion marker group."""
+    return f"{MARKERS}/unit-{u:06d}"
+
+
+def redact(obj: Any) -> Any:
+    """A JSON-safe copy of ``obj`` with credential-like keys blanked (defence in depth:
+    ``storage_options`` should never be passed here at all)."""
+    if isinstance(obj, Mapping):
+        return {
+            str(k): (
+                "<redacted>" if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v)
+            )
+            for k, v in obj.items()
+        }
+    if isinstance(obj, (list, tuple)):
+        return [redact(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        if isinstance(obj, float) and not np.isfinite(obj):
+            return None
+        return obj
+    if isinstance(obj, np.generic):
+        return redact(obj.item())
+    return str(obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArraySpec:
+    """One per-image array: ``name`` is its Zarr path; trailing dims follow ``image``."""
+
+    name: str
+    dims: tuple[str, ...]
+    dtype: str  # numpy dtype string, or "str" for variable-length UTF-8
+    fill: Any
+    trailing: tuple[int, ...] = ()
+    sharded: bool = False  # inner chunk = one image (maps); else one chunk per unit
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def empty(self, rows: int) -> np.ndarray:
+        """Fill-valued data for ``rows`` rows (what "not available" looks like)."""
+        if self.dtype == "str":
+            return np.full((rows, *self.trailing), self.fill, dtype=object)
+        return np.full((rows, *self.trailing), self.fill, dtype=np.dtype(self.dtype))
+
+
+def safe_name(name: str) -> str:
+    """The array key a component or metric name is stored under (``fused:a+b`` -> ``fused_a_b``):
+    pool names hold characters that are path separators or awkward in Zarr keys; the original
+    name stays in the array's ``name`` attribute."""
+    return _SAFE_NAME.sub("_", name)
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Shapes and names of a store; saved in the root attribute ``unioncam_store``."""
+
+    num_rows: int
+    unit_size: int
+    image_size: tuple[int, int]
+    pool: tuple[str, ...]
+    components: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    # The selection rule (e.g. "insdel-8", "beta"): what ``selection_score`` holds.
+    selection: str = "beta"
+    format: int = STORE_FORMAT
+
+    def __post_init__(self) -> None:
+        for what, v in (("num_rows", self.num_rows), ("unit_size", self.unit_size)):
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise StoreError(f"{what} must be a positive integer, got {v!r}")
+        if len(self.image_size) != 2 or min(self.image_size) < 1:
+            raise StoreError(
+                f"image_size must be a positive int or (h, w), got {self.image_size!r}"
+            )
+        if not self.pool or len(set(self.pool)) != len(self.pool):
+            raise StoreError(f"pool must be non-empty unique names, got {list(self.pool)}")
+        if len(self.pool) > 32767:
+            raise StoreError(f"pool has {len(self.pool)} members; at most 32767 are supported")
+        for group, names in (("components", self.components), ("metrics", self.metrics)):
+            safe = [safe_name(n) for n in names]
+            if len(set(safe)) != len(safe) or any(not n for n in names):
+                raise StoreError(f"{group} names must be unique and non-empty: {list(names)}")
+
+    @property
+    def num_units(self) -> int:
+        return -(-self.num_rows // self.unit_size)
+
+    def unit_range(self, u: int) -> tuple[int, int]:
+        """Row ids ``[start, stop)`` of unit ``u`` (= shard ``u`` of every array)."""
+        try:
+            return unit_range(int(u), unit_size=self.unit_size, num_rows=self.num_rows)
+        except IndexError as e:
+            raise StoreError(str(e)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "num_rows": int(self.num_rows),
+            "unit_size": int(self.unit_size),
+            "image_size": [int(v) for v in self.image_size],
+            "pool": list(self.pool),
+            "components": list(self.components),
+            "metrics": list(self.metrics),
+            "selection": self.selection,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StoreLayout:
+        return cls(
+            num_rows=int(d["num_rows"]),
+            unit_size=int(d["unit_size"]),
+            image_size=(int(d["image_size"][0]), int(d["image_size"][1])),
+            pool=tuple(d["pool"]),
+            components=tuple(d.get("components", ())),
+            metrics=tuple(d.get("metrics", ())),
+            selection=str(d.get("selection") or "beta"),
+            format=int(d.get("format", STORE_FORMAT)),
+        )
+
+    def arrays(self) -> list[ArraySpec]:
+        """Every per-image array (the ones :func:`write_unit` writes), in a fixed order."""
+        h, w = self.image_size
+        p = len(self.pool)
+        sel_dtype = "i1" if p <= 127 else "i2"
+        nan = float("nan")
+        specs = [
+            ArraySpec("maps", ("image", "y", "x"), "f2", nan, (h, w), sharded=True,
+                      attrs={"description": "selected UnionCAM map, [0,1], on the crop"}),
+            ArraySpec("beta", ("image", "pool"), "f4", nan, (p,),
+                      attrs={"pool": list(self.pool),
+                             "description": "confidence gain of every pool member"}),
+            ArraySpec("selected", ("image",), sel_dtype, -1,
+                      attrs={"description": "index into pool of the selected map"}),
+            ArraySpec("selection_score", ("image", "pool"), "f4", nan, (p,),
+                      attrs={"pool": list(self.pool), "rule": self.selection,
+                             "description": "every pool member's score under the selection "
+                                            "rule; the highest is selected (-inf: a flat "
+                                            "map, which a ranking rule cannot score)"}),
+            ArraySpec("target", ("image",), "i4", -1,
+                      attrs={"description": "the class explained"}),
+            ArraySpec("label", ("image",), "i4", -1, attrs={"description": "-1 = no label"}),
+            ArraySpec("predicted", ("image",), "i4", -1),
+            ArraySpec("prob", ("image",), "f4", nan),
+            ArraySpec("baseline_prob", ("image",), "f4", nan),
+            ArraySpec("orig_size", ("image", "hw"), "i4", -1, (2,),
+                      attrs={"description": "upright original (h, w) in pixels"}),
+            ArraySpec("crop_box", ("image", "box"), "i4", -1, (4,),
+                      attrs={"description": "(left, top, right, bottom) in original pixels"}),
+            ArraySpec("status", ("image",), "u1", int(Status.PENDING),
+                      attrs={"codes": {s.name: int(s) for s in Status}}),
+            ArraySpec("error", ("image",), "str", "",
+                      attrs={"description": "one-line message for rows whose status != OK"}),
+        ]  # fmt: skip
+        for name in self.components:
+            specs.append(
+                ArraySpec(f"components/{safe_name(name)}", ("image", "y", "x"), "f2", nan, (h, w),
+                          sharded=True, attrs={"name": name})
+            )  # fmt: skip
+        for name in self.metrics:
+            specs.append(
+                ArraySpec(f"metrics/{safe_name(name)}", ("image",), "f4", nan, attrs={"name": name})
+            )
+        return specs
+
+    def empty_rows(self, n: int) -> dict[str, np.ndarray]:
+        """Fill-valued arrays for ``n`` rows, keyed as :func:`write_unit` accepts them
+        (components and metrics by their original names); a worker fills in what it
+        computed, and everything else stays "not available"."""
+        original = {f"{group}/{safe_name(name)}": f"{group}/{name}"
+                    for group, names in (("components", self.components), ("metrics", self.metrics))
+                    for name in names}  # fmt: skip
+        return {original.get(spec.name, spec.name): spec.empty(n) for spec in self.arrays()}
+
+    def aliases(self) -> dict[str, str]:
+        """Accepted write_unit keys -> Zarr path (``components/<original name>`` too)."""
+        out = {spec.name: spec.name for spec in self.arrays()}
+        for n in self.components:
+            out[f"components/{n}"] = f"components/{safe_name(n)}"
+        for n in self.metrics:
+            out[f"metrics/{n}"] = f"metrics/{safe_name(n)}"
+        return out
+
+
