@@ -182,8 +182,8 @@ def lib_unioncam(model, layer, x, config: str = "paper", **kw) -> dict:
 
 def lib_scorecam(model, layer, x, **kw) -> dict:
     with ScoreCAM(model, layer, **kw) as cam:
-        maps = cam(x)
-        fwd = cam.last["forwards"] + x.shape[0]  # masked forwards + the clean pass
+        res = cam(x)
+        maps, fwd = res.maps, res.forwards  # masked forwards + the clean pass
         setting = (cam.chunk_size, cam.channels_last)
     return {"maps": maps.cpu(), "forwards": fwd, "setting": setting}
 

@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 
 from unioncam import UnionCAM, UnionCAMConfig, load_model
+from unioncam.engine import Engine
 from unioncam.gradient import gradient_map
 from unioncam.metrics import average_drop_increase, insertion_deletion
 from unioncam.ops import minmax, upsample
-from unioncam.selection import SELECTIONS
+from unioncam.selection import SELECTION_RULES
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
@@ -42,7 +43,7 @@ CHUNK = 8
 # Everything any studied configuration can select: the union of their pools.
 ALL_CONFIG = UnionCAMConfig(gradient=("denoised", "gradcam", "gradcam++"),
                             region=("scorecam", "groupcam"), include_gradient_maps=True,
-                            chunk_size=CHUNK, channels_last=False, return_components=True)
+                            selection="beta", chunk_size=CHUNK, channels_last=False, return_components=True)
 CANDIDATES = ALL_CONFIG.pool
 # The components the issue compares against: the report half always gets their RISE-224.
 COMPONENTS = ("region:scorecam", "fused:denoised+scorecam", "gradient:denoised",
@@ -81,29 +82,6 @@ def half_of(row: int) -> str:
     return "tune" if row % 2 == 0 else "report"
 
 
-class Engine:
-    """The two calls the selection rules make (``masked_probs``, ``probs_of``) on any model.
-
-    Lets the rules of :mod:`unioncam.selection` run on the frozen copy of the
-    model used for metrics; the rules themselves are the library's code.
-    """
-
-    def __init__(self, model: torch.nn.Module, chunk_size: int = CHUNK) -> None:
-        self.model, self.chunk_size = model, chunk_size
-
-    @torch.no_grad()
-    def masked_probs(self, count, make_inputs, classes, device) -> torch.Tensor:
-        out = torch.empty(count, device=device)
-        for s in range(0, count, self.chunk_size):
-            idx = torch.arange(s, min(s + self.chunk_size, count), device=device)
-            logits = self.model(make_inputs(idx)).float()
-            out[s:s + idx.numel()] = logits.softmax(1).gather(1, classes[idx][:, None])[:, 0]
-        return out
-
-    def probs_of(self, x, classes) -> torch.Tensor:
-        return self.masked_probs(x.shape[0], lambda i: x[i], classes, x.device)
-
-
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """TorchScript-frozen copy (BatchNorm folded): ~1.5x faster forwards on this CPU.
 
@@ -130,7 +108,8 @@ class Study:
         self.loaded = load_model("efficientnet-lite0")
         self.model = self.loaded.model
         self.frozen = frozen_copy(self.model)
-        self.engine = Engine(self.frozen)
+        # The library's engine on the frozen copy: the rules of unioncam.selection run as is.
+        self.engine = Engine(self.frozen, chunk_size=CHUNK, channels_last=False)
         self.rows = rows()
 
     # ------------------------------------------------------------------ io
@@ -164,8 +143,8 @@ class Study:
             rec = {
                 "row": row, "file": self.rows[row]["file"], "label": int(self.rows[row]["class_index"]),
                 "half": half_of(row), "layer": self.layer, "layer_resolved": str(cam.layer),
-                "x": x, "class": int(res.classes[0]), "prob": float(res.probs[0]),
-                "p_zero": float(res.baseline_probs[0]),
+                "x": x, "class": int(res.target[0]), "prob": float(res.prob[0]),
+                "p_zero": float(res.baseline_prob[0]),
                 "maps": {k: res.components[k][0].clone() for k in CANDIDATES},
                 "beta": {k: float(res.beta[0, i]) for i, k in enumerate(CANDIDATES)},
                 "forwards_all": res.forwards, "cam_seconds": cam_s,
@@ -174,16 +153,16 @@ class Study:
             # gradient pass 1, Group-CAM 32 + 1, zeros baseline 1, β of 5 components, β of 6 fused.
             rec["scorecam_forwards"] = res.forwards - (1 + 33 + 1 + 5 + 6)
             if half_of(row) == "tune":
-                fwd = cam.gradient_pass(x, res.classes)
+                fwd = cam.gradient_pass(x, res.target)
                 sc = res.components["region:scorecam"]
-                base = res.baseline_probs
+                base = res.baseline_prob
                 b_sc = res.beta[:, CANDIDATES.index("region:scorecam")]
                 for th in THETAS:
                     den = minmax(upsample(gradient_map("denoised", fwd.activation, fwd.gradient, th),
                                           (SIZE, SIZE)))
-                    b_den = cam.confidence_gain(x, den[:, None], res.classes, base)[:, 0]
+                    b_den = cam.confidence_gain(x, den[:, None], res.target, base)[:, 0]
                     fused = minmax(b_den[:, None, None] * den + b_sc[:, None, None] * sc)
-                    b_f = cam.confidence_gain(x, fused[:, None], res.classes, base)[:, 0]
+                    b_f = cam.confidence_gain(x, fused[:, None], res.target, base)[:, 0]
                     tag = f"@theta{th:g}"
                     rec["maps"][f"gradient:denoised{tag}"] = den[0].clone()
                     rec["maps"][f"fused:denoised{tag}+scorecam"] = fused[0].clone()
@@ -212,7 +191,8 @@ class Study:
             stacked = torch.stack([rec["maps"][k] for k in todo])[None]
             beta = torch.tensor([[rec["beta"][k] for k in todo]])
             t0 = time.perf_counter()
-            s, f = SELECTIONS[r](self.engine, rec["x"], stacked, cls, beta)
+            with self.engine:
+                s, f = SELECTION_RULES[r](self.engine, rec["x"], stacked, cls, beta)
             have.update({k: float(s[0, i]) for i, k in enumerate(todo)})
             rec["seconds"][f"rule:{r}"] = rec["seconds"].get(f"rule:{r}", 0.0) + time.perf_counter() - t0
             changed = True

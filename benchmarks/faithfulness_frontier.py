@@ -61,7 +61,7 @@ from faithfulness_cache import (  # noqa: E402
 
 from unioncam import UnionCAMConfig  # noqa: E402
 from unioncam.metrics import auc  # noqa: E402
-from unioncam.selection import RULE_COSTS  # noqa: E402
+from unioncam.selection import SELECTION_RULES  # noqa: E402
 from unioncam.union import PRESETS  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -96,7 +96,7 @@ class Entry:
             return float("nan")
         if self.rule == "single":  # a fused map alone: everything but the selection
             return base
-        per_member, per_image = RULE_COSTS[self.rule]
+        per_member, per_image = (SELECTION_RULES.info(self.rule)[k] for k in ("per_member", "per_image"))
         return base + per_member * len(self.pool) + per_image
 
 
@@ -141,8 +141,8 @@ def tune_entries() -> list[Entry]:
     for label, kw in (("paper-pool", {}), ("sc7", POOL_SC), ("gc7", POOL_GC), ("gc3", POOL_GC1),
                      ("all11", POOL_ALL)):
         for r in rules:
-            out.append(union_entry(f"{label}/{r}", UnionCAMConfig(**kw, selection=r)))
-        out.append(Entry(f"{label}/oracle", UnionCAMConfig(**kw).pool, "oracle"))
+            out.append(union_entry(f"{label}/{r}", UnionCAMConfig.preset("paper", **kw, selection=r)))
+        out.append(Entry(f"{label}/oracle", UnionCAMConfig.preset("paper", **kw).pool, "oracle"))
     for r in rules:
         out.append(gradient_only(r))
     out.append(Entry("grad-pool/oracle", gradient_only("beta").pool, "oracle"))
@@ -158,8 +158,8 @@ def report_entries() -> list[Entry]:
     for name in PRESETS:
         if name not in ("paper", "fast"):
             out.append(union_entry(name, PRESETS[name]))
-    out.append(union_entry("paper-pool/insdel-8", UnionCAMConfig(selection="insdel-8")))
-    out.append(union_entry("all11/insdel-8", UnionCAMConfig(**POOL_ALL, selection="insdel-8")))
+    out.append(union_entry("paper-pool/insdel-8", UnionCAMConfig.preset("paper", selection="insdel-8")))
+    out.append(union_entry("all11/insdel-8", UnionCAMConfig.preset("paper", **POOL_ALL, selection="insdel-8")))
     out.append(gradient_only("insdel-8"))
     out.append(Entry("oracle over the 5 components", COMPONENTS, "oracle"))
     return out
@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
         if rec is None:
             continue
         if a.half == "report" and not a.no_collect:
-            rules = tuple(sorted({e.rule for e in entries if e.rule in RULE_COSTS} - {"beta"}))
+            rules = tuple(sorted({e.rule for e in entries if e.rule in SELECTION_RULES} - {"beta"}))
             members = sorted({k for e in entries if e.rule in rules for k in e.pool})
             rec = study.ensure(row, extra_rules=rules, members=members)
             need = needed_maps([rec], entries, a.half).get(row)

@@ -20,10 +20,6 @@ from typing import Any, NoReturn
 from pipeline.data.location import parse_storage_options
 from pipeline.messages import error_line
 
-#: Mirrors ``unioncam.union.DEFAULT_PRESET`` (a test checks it); a literal here keeps
-#: ``unioncam --help`` free of the torch import.
-DEFAULT_PRESET = "faithful"
-
 __all__ = ["build_parser", "main"]
 
 EXIT_USAGE = 2
@@ -160,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("method (UnionCAM settings)")
     g.add_argument(
-        "--preset", default=DEFAULT_PRESET,
-        help=f"method preset: {DEFAULT_PRESET} (default), paper (the paper's exact method), "
-        "faithful-fast or fast (Group-CAM region side)"
+        "--preset", default=None,
+        help="method preset: faithful, paper (the paper's exact method), faithful-fast or fast "
+        "(Group-CAM region side); default: the library's unioncam.DEFAULT_PRESET"
     )
     g.add_argument("--region", help="region methods, comma separated (scorecam, groupcam)")
     g.add_argument(
@@ -358,8 +354,9 @@ def _cmd_manifest(a: argparse.Namespace) -> int:
     return 0
 
 
-def _method_from_args(a: argparse.Namespace) -> dict[str, Any]:
-    from unioncam import UnionCAMConfig
+def _method_from_args(a: argparse.Namespace):
+    """The typed method config (``UnionCAMConfig``) the run carries to every actor."""
+    from unioncam import DEFAULT_PRESET, UnionCAMConfig
 
     over: dict[str, Any] = {}
     if a.region is not None:
@@ -370,21 +367,21 @@ def _method_from_args(a: argparse.Namespace) -> dict[str, Any]:
         v = getattr(a, name)
         if v is not None:
             over[name] = v
-    return UnionCAMConfig.preset(a.preset, **over).to_dict()
+    return UnionCAMConfig.preset(a.preset or DEFAULT_PRESET, **over)
 
 
 def _config_from_args(a: argparse.Namespace):
     from pipeline.run.config import RunConfig
 
     metrics = tuple(s.strip() for s in a.metrics.split(",") if s.strip()) if a.metrics else ()
-    method = _method_from_args(a) if a.explainer == "unioncam" else {}
+    method = _method_from_args(a) if a.explainer == "unioncam" else None
     return RunConfig(
         manifest=a.manifest,
         store=a.store,
         model=a.model,
         weights=a.weights,
         layer=a.layer,
-        method=method,
+        **({"method": method} if method is not None else {}),
         image_size=a.image_size,
         target=a.target,
         explainer=a.explainer,

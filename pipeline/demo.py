@@ -64,7 +64,7 @@ def run_demo(
     from pipeline.data.classes import load_class_names
     from pipeline.run.config import RunConfig
     from pipeline.run.driver import run
-    from unioncam import UnionCAMConfig
+    from unioncam import DEFAULT_PRESET, UnionCAMConfig
 
     t0 = time.perf_counter()
     out = Path(out).resolve()
@@ -81,7 +81,7 @@ def run_demo(
 
     # chunk_size fixed (speed only): skips the library's chunk auto-tuning, which costs
     # more than this whole demo on a small CPU; 8 is the sweet spot on 2 cores.
-    method = UnionCAMConfig.preset(preset, chunk_size=8).to_dict()
+    method = UnionCAMConfig.preset(preset, chunk_size=8)
     n_cpus = cpus or os.cpu_count() or 1
     cfg = RunConfig(
         manifest=str(manifest),
@@ -134,6 +134,12 @@ def run_demo(
     say(
         f"method:   UnionCAM preset {preset!r} ({', '.join(reader.pool)}), layer {reader.attrs.get('layer')}"
     )
+    if preset != DEFAULT_PRESET:
+        cost = UnionCAMConfig.preset(preset).forwards_per_image()
+        full = UnionCAMConfig.preset(DEFAULT_PRESET).forwards_per_image()
+        say(f"          (not the default preset {DEFAULT_PRESET!r}: {preset!r} costs {cost} forwards "
+            f"per image against {full}, to keep the demo short on a CPU; "
+            f"unioncam run uses {DEFAULT_PRESET!r} unless --preset says otherwise)")
     say(f"done in {time.perf_counter() - t0:.0f} s. Next: unioncam status {store}")
     if not summary.complete:
         print("demo: the run did not complete; rerun 'unioncam demo' to resume", file=sys.stderr)

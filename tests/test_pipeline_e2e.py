@@ -120,11 +120,11 @@ def reference(data):
         res = cam(torch.stack(xs))
     return {
         "maps": res.maps.numpy(),
-        "scores": (res.scores if getattr(res, "beta", None) is None else res.beta).numpy(),
+        "scores": res.beta.numpy(),
         "selected": res.selected.numpy(),
-        "classes": res.classes.numpy(),
-        "probs": res.probs.numpy(),
-        "baseline": res.baseline_probs.numpy(),
+        "classes": res.target.numpy(),
+        "probs": res.prob.numpy(),
+        "baseline": res.baseline_prob.numpy(),
         "pool": res.pool,
         # what the library picks automatically (the driver records it by name)
         "layer": str(find_target_layer(loaded.model, torch.zeros(1, 3, SIZE, SIZE))),
@@ -437,7 +437,10 @@ def test_a_non_beta_selection_rule_stores_its_scores_and_queries_rank_by_them(
     x = torch.stack([load_row(Row(i, uri, None, None), pre)[0] for i, (uri, _) in enumerate(rows)])
     with UnionCAM(loaded.model, config=method) as cam:
         res = cam(x)
-    np.testing.assert_allclose(sel_scores, res.scores.numpy(), atol=1e-4)
+    # A ranking rule's score counts pixels by rank, and maps from another process (another
+    # thread count, ~1e-6 apart) can reorder near-tied pixels: 3e-3 was seen on one member,
+    # as between CPU and GPU (tests/test_cuda.py). β has no such step and stays at 1e-4.
+    np.testing.assert_allclose(sel_scores, res.selection_score.numpy(), atol=5e-3)
     np.testing.assert_allclose(g["beta"][:], res.beta.numpy(), atol=1e-4)
     reader = open_reader(str(store))
     assert "selection_score" in reader.score_names()

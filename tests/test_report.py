@@ -97,13 +97,13 @@ def test_evaluate_batch_equals_the_metrics_called_directly(effnet, batch):
     model = effnet.model
     got = evaluate_batch(model, x, res, all_members=True, step=STEP, chunk_size=CHUNK)
     assert set(got) == set(metric_names(res.pool, all_members=True))
-    direct = M.insertion_deletion(model, x, res.maps, targets=res.classes, step=STEP,
+    direct = M.insertion_deletion(model, x, res.maps, targets=res.target, step=STEP,
                                   chunk_size=CHUNK)  # fmt: skip
     np.testing.assert_allclose(got["insertion"], direct.insertion.numpy(), atol=1e-5)
     np.testing.assert_allclose(got["deletion"], direct.deletion.numpy(), atol=1e-5)
     np.testing.assert_allclose(got["ins_minus_del"], direct.ins_minus_del.numpy(), atol=1e-5)
     for p in res.pool:
-        d = M.insertion_deletion(model, x, res.components[p], targets=res.classes, step=STEP,
+        d = M.insertion_deletion(model, x, res.components[p], targets=res.target, step=STEP,
                                  chunk_size=CHUNK)  # fmt: skip
         np.testing.assert_allclose(got[member_metric("insertion", p)], d.insertion.numpy(),
                                    atol=1e-5)  # fmt: skip
@@ -126,8 +126,11 @@ def test_evaluate_batch_equals_the_metrics_called_directly(effnet, batch):
 def test_evaluate_batch_is_batch_and_chunk_invariant(effnet, batch):
     x, res = batch
     full = evaluate_batch(effnet.model, x, res, all_members=True, step=STEP, chunk_size=CHUNK)
-    fmt = evaluate_batch(effnet.model, x, res, all_members=True, step=STEP, chunk_size=5,
-                         channels_last=True)  # fmt: skip
+    from unioncam import Engine
+
+    other = Engine(effnet.model, chunk_size=5, channels_last=True)  # speed settings only
+    fmt = evaluate_batch(other, x, res, all_members=True, step=STEP)
+    assert effnet.model._conv_stem.weight.is_contiguous()  # the engine gave the model back
     for k in full:
         np.testing.assert_allclose(fmt[k], full[k], atol=2e-5, err_msg=k)
     # image 1 alone (its own UnionCAM run) equals its row in the batch
@@ -150,7 +153,7 @@ def test_evaluate_batch_bad_inputs_are_one_line(effnet, batch):
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="x has 2 images but the result explains 3"):
         evaluate_batch(effnet.model, x[:2], res, step=STEP)
-    with pytest.raises(ValueError, match="UnionCAMResult"):
+    with pytest.raises(ValueError, match="CAMResult"):
         evaluate_batch(effnet.model, x, res.maps, step=STEP)
 
 
@@ -317,7 +320,7 @@ def small_store(effnet, sample_dir, sample_labels, tmp_path_factory):
                                 chunk_size=CHUNK)  # fmt: skip
             a["maps"][good] = res.maps.numpy()
             a["selected"][good] = res.selected.numpy()
-            a["target"][good] = res.classes.numpy()
+            a["target"][good] = res.target.numpy()
             a["beta"][good] = res.scores.numpy()
             for p in pool:
                 a[f"components/{p}"][good] = res.components[p].numpy()

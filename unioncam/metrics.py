@@ -87,7 +87,7 @@ def _check_pos_int(value, name: str) -> int:
     return value
 
 
-def _engine(model: nn.Module | Engine, chunk_size: int | None, autocast: str | None) -> Engine:
+def as_engine(model: nn.Module | Engine, chunk_size: int | None, autocast: str | None) -> Engine:
     """The engine to score with: the CAM's own (shared state), or one for a bare model."""
     if chunk_size is not None:
         _check_pos_int(chunk_size, "chunk_size")
@@ -100,14 +100,14 @@ def _engine(model: nn.Module | Engine, chunk_size: int | None, autocast: str | N
                   channels_last=model_format(model) == torch.channels_last)
 
 
-def _check_x(x) -> None:
+def check_images(x) -> None:
     if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"x must be a float N x C x H x W tensor, got {_shape(x)}")
     if x.shape[0] == 0:
         raise ValueError("x is empty (N = 0)")
 
 
-def _check_saliency(saliency, x: Tensor) -> tuple[Tensor, bool]:
+def check_saliency(saliency, x: Tensor) -> tuple[Tensor, bool]:
     """Return saliency as ``N x M x H x W`` (float) on x's device and whether M was given."""
     n, _, h, w = x.shape
     if not isinstance(saliency, Tensor) or saliency.dim() not in (3, 4):
@@ -138,7 +138,7 @@ def _check_saliency(saliency, x: Tensor) -> tuple[Tensor, bool]:
     return s, multi
 
 
-def _check_targets(targets: Targets, n: int, device) -> Tensor | None:
+def check_targets(targets: Targets, n: int, device) -> Tensor | None:
     if targets is None:
         return None
     t = targets if isinstance(targets, Tensor) else torch.as_tensor(list(targets))
@@ -152,7 +152,7 @@ def _check_targets(targets: Targets, n: int, device) -> Tensor | None:
     return t
 
 
-def _clean_probs(engine: Engine, x: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor]:
+def clean_probs(engine: Engine, x: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor]:
     """``(target, prob)`` on the clean images; ``targets=None`` picks the argmax class.
 
     Validates the target range against the model's output once (one host sync), so that
@@ -182,11 +182,11 @@ def softmax_prob(
 
     ``targets=None`` gives the probability of the predicted (argmax) class.
     """
-    _check_x(x)
-    eng = _engine(model, chunk_size, autocast)
-    t = _check_targets(targets, x.shape[0], x.device)
+    check_images(x)
+    eng = as_engine(model, chunk_size, autocast)
+    t = check_targets(targets, x.shape[0], x.device)
     with eng:
-        return _clean_probs(eng, x, t)[1]
+        return clean_probs(eng, x, t)[1]
 
 
 def _baseline(spec: Baseline, x: Tensor, name: str, blur_kernel: int, blur_sigma: float) -> Tensor:
@@ -274,13 +274,13 @@ def insertion_deletion(
     (``model`` may be a CAM: its engine is used; ``chunk_size``/``autocast`` then apply only
     to a bare model).
     """
-    _check_x(x)
+    check_images(x)
     n, c, h, w = x.shape
-    sal, multi = _check_saliency(saliency, x)
+    sal, multi = check_saliency(saliency, x)
     m = sal.shape[1]
     step = _check_pos_int(step, "step")
-    eng = _engine(model, chunk_size, autocast)
-    t = _check_targets(targets, n, x.device)
+    eng = as_engine(model, chunk_size, autocast)
+    t = check_targets(targets, n, x.device)
     ins_base = _baseline(insertion_baseline, x, "insertion_baseline", blur_kernel, blur_sigma)
     del_base = _baseline(deletion_baseline, x, "deletion_baseline", blur_kernel, blur_sigma)
 
@@ -290,7 +290,7 @@ def insertion_deletion(
     rank = pixel_ranks(sal)  # N x M x H x W: the ordering the selection rules share
 
     with eng:
-        t, p_clean = _clean_probs(eng, x, t)
+        t, p_clean = clean_probs(eng, x, t)
 
         # One bank of 3N images [insertion baselines | clean images | deletion baselines];
         # every job input is a gather from it, so nothing per-step is ever stored.
@@ -360,23 +360,23 @@ def average_drop_increase(
     "% Increase in Confidence" are ``100 * drop.mean()`` and ``100 * increase.float().mean()``.
     Shapes: ``N`` for ``N x H x W`` maps, ``N x M`` for ``N x M x H x W`` maps.
     """
-    _check_x(x)
+    check_images(x)
     n = x.shape[0]
-    sal, multi = _check_saliency(saliency, x)
+    sal, multi = check_saliency(saliency, x)
     m = sal.shape[1]
     out_of_range = ((sal < 0) | (sal > 1)).flatten(1).any(1)
     if bool(out_of_range.any()):
         i = int(out_of_range.nonzero()[0, 0])
         raise ValueError(f"saliency of image {i} has values outside [0, 1]")
-    eng = _engine(model, chunk_size, autocast)
-    t = _check_targets(targets, n, x.device)
+    eng = as_engine(model, chunk_size, autocast)
+    t = check_targets(targets, n, x.device)
 
     def make_inputs(idx: Tensor) -> Tensor:
         img = idx // m
         return x[img] * sal[img, idx % m].unsqueeze(1).to(x.dtype)
 
     with eng:
-        t, y = _clean_probs(eng, x, t)
+        t, y = clean_probs(eng, x, t)
         o = eng.probs(n * m, make_inputs, t.repeat_interleave(m), x.device).view(n, m)
     y = y.view(n, 1)
     drop = (y - o).clamp_min(0) / y

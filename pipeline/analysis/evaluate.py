@@ -30,7 +30,6 @@ Why it is organised this way:
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -43,7 +42,8 @@ if TYPE_CHECKING:  # torch is imported when a function runs: `import pipeline.an
     import torch
     from torch import nn
 
-    from unioncam.union import UnionCAMResult
+    from unioncam.cam import CAMResult
+    from unioncam.engine import Engine
 
 __all__ = [
     "INS_DEL_METRICS",
@@ -126,81 +126,46 @@ def store_metric_names(
     return tuple(names)
 
 
-def _autocast(value: str | torch.dtype | None) -> torch.dtype | None:
-    import torch
-
-    from unioncam.base import AUTOCAST_DTYPES
-
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    if value not in AUTOCAST_DTYPES:
-        raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {value!r}")
-    return AUTOCAST_DTYPES[value]
-
-
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy().astype(np.float32, copy=False)
-
-
-@contextlib.contextmanager
-def _scoring_model(model: nn.Module, channels_last: bool) -> Iterator[Any]:
-    """The model in eval mode, optionally channels_last for the duration (restored after).
-
-    Speed only: on CPUs channels_last runs EfficientNet-style depthwise convolutions about
-    twice as fast; the probabilities agree to float rounding.
-    """
-    import torch
-
-    from unioncam.hooks import eval_mode
-
-    with eval_mode(model):
-        if not channels_last:
-            yield model
-            return
-        model.to(memory_format=torch.channels_last)
-        try:
-            # the metric's inputs are built NCHW; hand them to the model channels_last
-            yield lambda t: model(t.contiguous(memory_format=torch.channels_last))
-        finally:
-            model.to(memory_format=torch.contiguous_format)
 
 
 # ---------------------------------------------------------------------------------------
 # The worker's call
 def evaluate_batch(
-    model: nn.Module,
+    engine: nn.Module | Engine,
     x: torch.Tensor,
-    result: UnionCAMResult,
+    result: CAMResult,
     *,
     all_members: bool = False,
     step: int = 224,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     insertion_baseline: str | torch.Tensor = "blur",
     deletion_baseline: str | torch.Tensor = "zeros",
-    autocast: str | torch.dtype | None = None,
-    channels_last: bool = False,
+    autocast: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Insertion/deletion AUC of a UnionCAM batch result, per image, as numpy vectors.
 
     Returns ``insertion``, ``deletion`` and ``ins_minus_del`` (shape ``N``) of the selected
-    map, scored for the class UnionCAM explained (``result.classes``). With
+    map, scored for the class UnionCAM explained (``result.target``). With
     ``all_members=True`` also ``<metric>@<member>`` for every pool member (needs
     ``result.components``, i.e. UnionCAM run with ``return_components=True``); the selected
     map's values are then taken from its member's (same map, same numbers) so the batch
     costs ``2·N·P·(steps−1)`` forwards rather than ``2·N·(P+1)·(steps−1)``.
 
-    ``step`` is RISE's pixels per step (224 at 224 px = 224 steps); ``chunk_size`` is
-    forwards per model call and ``channels_last`` the memory format of the forwards (both
-    speed only). ``x`` and ``result`` must be the batch UnionCAM was run on, on the model's
-    device.
+    ``engine``: the CAM that made ``result`` (its engine: the metric forwards then run with
+    the CAM's tuned chunk size, memory format and precision, and leave them as they are) or
+    a bare model (then ``chunk_size``/``autocast`` apply). ``step`` is RISE's pixels per step
+    (224 at 224 px = 224 steps). ``x`` and ``result`` must be the batch UnionCAM was run on,
+    on the model's device.
     """
     import torch
 
-    from unioncam.union import UnionCAMResult
+    from unioncam.cam import CAMResult
 
-    if not isinstance(result, UnionCAMResult):
+    if not isinstance(result, CAMResult) or result.selected is None:
         raise ValueError(
-            f"evaluate_batch: result must be a UnionCAMResult, got {type(result).__name__}"
+            f"evaluate_batch: result must be a UnionCAM CAMResult, got {type(result).__name__}"
         )
     if x.shape[0] != len(result):
         raise ValueError(
@@ -209,35 +174,34 @@ def evaluate_batch(
     from unioncam.metrics import insertion_deletion
 
     kw: dict[str, Any] = dict(
-        targets=result.classes,
+        targets=result.target,
         step=step,
         chunk_size=chunk_size,
         insertion_baseline=insertion_baseline,
         deletion_baseline=deletion_baseline,
-        autocast=_autocast(autocast),
+        autocast=autocast,
     )
     out: dict[str, np.ndarray] = {}
-    with _scoring_model(model, channels_last) as net:
-        if not all_members:
-            r = insertion_deletion(net, x, result.maps, **kw)
-            ins, dele = r.insertion, r.deletion
-        else:
-            comps = result.components
-            missing = [p for p in result.pool if comps is None or p not in comps]
-            if missing:
-                raise ValueError(
-                    "evaluate_batch: all_members=True needs every pool member's map (missing "
-                    f"{missing[0]!r}); run UnionCAM with return_components=True"
-                )
-            assert comps is not None
-            stacked = torch.stack([comps[p] for p in result.pool], 1)
-            r = insertion_deletion(net, x, stacked, **kw)
-            sel = result.selected.to(r.insertion.device).long()[:, None]
-            ins, dele = r.insertion.gather(1, sel)[:, 0], r.deletion.gather(1, sel)[:, 0]
-            for j, p in enumerate(result.pool):
-                out[member_metric("insertion", p)] = _np(r.insertion[:, j])
-                out[member_metric("deletion", p)] = _np(r.deletion[:, j])
-                out[member_metric("ins_minus_del", p)] = _np(r.insertion[:, j] - r.deletion[:, j])
+    if not all_members:
+        r = insertion_deletion(engine, x, result.maps, **kw)
+        ins, dele = r.insertion, r.deletion
+    else:
+        comps = result.components
+        missing = [p for p in result.pool if comps is None or p not in comps]
+        if missing:
+            raise ValueError(
+                "evaluate_batch: all_members=True needs every pool member's map (missing "
+                f"{missing[0]!r}); run UnionCAM with return_components=True"
+            )
+        assert comps is not None
+        stacked = torch.stack([comps[p] for p in result.pool], 1)
+        r = insertion_deletion(engine, x, stacked, **kw)
+        sel = result.selected.to(r.insertion.device).long()[:, None]
+        ins, dele = r.insertion.gather(1, sel)[:, 0], r.deletion.gather(1, sel)[:, 0]
+        for j, p in enumerate(result.pool):
+            out[member_metric("insertion", p)] = _np(r.insertion[:, j])
+            out[member_metric("deletion", p)] = _np(r.deletion[:, j])
+            out[member_metric("ins_minus_del", p)] = _np(r.insertion[:, j] - r.deletion[:, j])
     head = {
         "insertion": _np(ins),
         "deletion": _np(dele),
@@ -350,7 +314,7 @@ def compare_methods(
     """
     import torch
 
-    from unioncam import UnionCAM, UnionCAMConfig
+    from unioncam import Engine, UnionCAM, UnionCAMConfig
     from unioncam.gradient import GRADIENT_METHODS, GradientCAM
     from unioncam.metrics import insertion_deletion
     from unioncam.union import PRESETS
@@ -368,6 +332,8 @@ def compare_methods(
         cfg = UnionCAMConfig(
             gradient=tuple(gradient),
             region=tuple(region),
+            include_gradient_maps=False,
+            selection="beta",
             theta=theta,
             baseline=baseline,
             groups=groups,
@@ -381,7 +347,7 @@ def compare_methods(
             tuned_chunk, tuned_cl = cam.chunk_size, bool(cam.channels_last)
         assert res.components is not None and res.beta is not None
         comp = dict(res.components)
-        classes, probs, explain_fw = res.classes, res.probs, res.forwards
+        classes, probs, explain_fw = res.target, res.prob, res.forwards
         beta = {p: res.beta[:, i] for i, p in enumerate(res.pool)}
     else:  # gradient maps only: one gradient pass per method, no masked forwards
         tuned_chunk, tuned_cl = chunk_size, bool(channels_last)
@@ -392,8 +358,9 @@ def compare_methods(
                 model, layer, method=g, theta=theta, chunk_size=chunk_size or 16,
                 channels_last=bool(channels_last), autocast=autocast,
             ) as cam:  # fmt: skip
-                comp[f"gradient:{g}"] = cam(x, targets)
-                classes, probs = cam.last["classes"], cam.last["probs"]
+                gres = cam(x, targets)
+                comp[f"gradient:{g}"] = gres.maps
+                classes, probs = gres.target, gres.prob
             explain_fw += x.shape[0]
         beta = {}
     if "faithful" in want:
@@ -406,7 +373,7 @@ def compare_methods(
         comp["faithful"] = fres.maps
         explain_fw += fres.forwards
         if classes is None:
-            classes, probs = fres.classes, fres.probs
+            classes, probs = fres.target, fres.prob
     t_explain = time.perf_counter() - t0
 
     pool = ("region:scorecam", "fused:denoised+scorecam")
@@ -434,12 +401,13 @@ def compare_methods(
             scored.append(m)
     stacked = torch.stack([comp[key_of(m)] for m in scored], 1)
     t1 = time.perf_counter()
-    with _scoring_model(model, tuned_cl) as net:
-        r = insertion_deletion(
-            net, x, stacked, targets=classes, step=step, chunk_size=tuned_chunk or 16,
-            insertion_baseline=insertion_baseline, deletion_baseline=deletion_baseline,
-            return_curves=return_curves, autocast=_autocast(autocast),
-        )  # fmt: skip
+    # Scored through an engine with the settings the explanation was tuned to (speed only).
+    scorer = Engine(model, chunk_size=tuned_chunk or 16, channels_last=tuned_cl, autocast=autocast)
+    r = insertion_deletion(
+        scorer, x, stacked, targets=classes, step=step,
+        insertion_baseline=insertion_baseline, deletion_baseline=deletion_baseline,
+        return_curves=return_curves,
+    )  # fmt: skip
     t_metrics = time.perf_counter() - t1
     metric_fw = n * 3 + 2 * n * len(scored) * (r.n_steps - 1)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.store.layout import STORE_FORMAT
+from unioncam.union import UnionCAMConfig
 
 __all__ = [
     "EXPLAINERS",
@@ -82,9 +83,9 @@ class RunConfig:
     model: str = "efficientnet-lite0"
     weights: str | None = None
     layer: str | None = None
-    #: ``UnionCAMConfig`` fields as a JSON-safe dict (``UnionCAMConfig.to_dict()``);
-    #: empty means the paper defaults.
-    method: dict[str, Any] = field(default_factory=dict)
+    #: The method, typed from the CLI to every actor (a dict of its fields is accepted and
+    #: converted, for JSON). Default: the library's default preset.
+    method: UnionCAMConfig = field(default_factory=UnionCAMConfig)
     #: Side of the square network input (and of the stored maps); ``None``: the model's
     #: default crop size.
     image_size: int | None = None
@@ -164,8 +165,10 @@ class RunConfig:
             raise ValueError(f"explainer must be one of {EXPLAINERS}, got {self.explainer!r}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
-        if not isinstance(self.method, dict):
-            raise ValueError(f"method must be a dict of UnionCAMConfig fields, got {self.method!r}")
+        if isinstance(self.method, dict):  # from JSON (a store's provenance, a script)
+            object.__setattr__(self, "method", UnionCAMConfig.from_dict(self.method))
+        if not isinstance(self.method, UnionCAMConfig):
+            raise ValueError(f"method must be a UnionCAMConfig (or its dict), got {self.method!r}")
         for m in self.metrics:
             if m not in METRICS:
                 raise ValueError(f"unknown metric {m!r}; choose from {', '.join(METRICS)}")
@@ -195,7 +198,7 @@ class RunConfig:
             "model": self.model,
             "weights": self.weights,
             "layer": self.layer,
-            "method": _normalised_method(self.method) if self.explainer == "unioncam" else {},
+            "method": self.method.result_settings() if self.explainer == "unioncam" else {},
             "image_size": self.image_size,
             "target": self.target,
             "explainer": self.explainer,
@@ -227,6 +230,8 @@ class RunConfig:
                 v = dataclasses.asdict(v) if v is not None else None
             elif f.name == "metrics":
                 v = list(v)
+            elif f.name == "method":
+                v = v.to_dict()
             d[f.name] = v
         return d
 
@@ -241,19 +246,3 @@ class RunConfig:
         if "metrics" in kw:
             kw["metrics"] = tuple(kw["metrics"])
         return cls(**kw)
-
-
-def _normalised_method(method: dict[str, Any]) -> dict[str, Any]:
-    """The method settings that change results, with defaults filled in.
-
-    Uses ``UnionCAMConfig.fingerprint()`` so ``{}`` and the explicit paper defaults hash
-    the same, and speed-only settings (``chunk_size``, ``channels_last``) do not block a
-    resume. Falls back to the raw dict if the library cannot interpret it (the driver
-    reports such errors separately, with a clearer message).
-    """
-    try:
-        from unioncam import UnionCAMConfig
-
-        return json.loads(UnionCAMConfig.from_dict(dict(method)).fingerprint())
-    except Exception:
-        return dict(method)

@@ -83,9 +83,9 @@ def resolve(config: RunConfig) -> Resolved:
 
     import torch
 
-    from unioncam import UnionCAMConfig, resolve_layer
+    from unioncam import resolve_layer
 
-    method = UnionCAMConfig.from_dict(dict(config.method))
+    method = config.method
     loaded = quiet_load_model(config.model, config.weights)
     pre = loaded.preprocess
     size = config.image_size or pre.crop_size
@@ -138,7 +138,8 @@ def store_attrs(res: Resolved, manifest: Any) -> dict[str, Any]:
         "layer": cfg.layer,
         "image_size": res.image_size,
         "preprocess": res.preprocess,
-        "method": cfg.method,
+        "method": cfg.method.to_dict(),
+        "preset": cfg.method.preset_name,  # None: a custom configuration
         "pool": list(res.pool),
         "target": cfg.target,
         "explainer": cfg.explainer,

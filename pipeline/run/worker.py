@@ -64,23 +64,19 @@ def empty_unit_arrays(n: int, ctx: UnitContext) -> dict[str, np.ndarray]:
 def rows_from_result(res: Any) -> dict[str, np.ndarray]:
     """THE mapping from the library's result to the store's per-row arrays (one place).
 
-    ``res`` is a ``UnionCAMResult``; keys are store array names (see
-    :meth:`pipeline.store.layout.StoreLayout.arrays`): ``beta`` is the confidence gain of
-    every member, ``selection_score`` what the selection rule ranked by (β itself for the
-    ``beta`` rule), ``target`` the class explained.
+    ``res`` is a UnionCAM :class:`unioncam.CAMResult`; the store's arrays carry the same
+    names (see :meth:`pipeline.store.layout.StoreLayout.arrays`): ``beta`` is the confidence
+    gain of every member, ``selection_score`` what the selection rule ranked by (β itself
+    for the ``beta`` rule), ``target`` the class explained.
     """
-    # The library's older field names (scores, classes, probs, baseline_probs) are read
-    # here and only here; the renamed result (selection_score, target, prob, baseline_prob)
-    # changes this one function (and ``res.classes`` in ``_metrics_for`` below).
-    beta = getattr(res, "beta", None)
     return {
         "maps": res.maps.float().cpu().numpy(),
-        "beta": (res.scores if beta is None else beta).float().cpu().numpy(),
-        "selection_score": res.scores.float().cpu().numpy(),
+        "beta": res.beta.float().cpu().numpy(),
+        "selection_score": res.selection_score.float().cpu().numpy(),
         "selected": res.selected.cpu().numpy(),
-        "target": res.classes.cpu().numpy(),
-        "prob": res.probs.float().cpu().numpy(),
-        "baseline_prob": res.baseline_probs.float().cpu().numpy(),
+        "target": res.target.cpu().numpy(),
+        "prob": res.prob.float().cpu().numpy(),
+        "baseline_prob": res.baseline_prob.float().cpu().numpy(),
     }
 
 
@@ -132,7 +128,7 @@ class ExplainWorker:
 
         import torch
 
-        from unioncam import UnionCAM, UnionCAMConfig
+        from unioncam import UnionCAM
 
         # Without this torch uses one thread inside a Ray actor (Ray sets
         # OMP_NUM_THREADS=1 unless num_cpus is given); make it match what we reserved.
@@ -146,13 +142,13 @@ class ExplainWorker:
         if ctx.image_size != pre.crop_size:
             pre = pre.with_size(ctx.image_size)
         self.preprocess = pre
-        method = UnionCAMConfig.from_dict(dict(config.method))
+        method = config.method
         # Components are a storage option of the run, not a result setting of the method.
         # ... and so are every member's maps when every member is scored.
         method = dataclasses.replace(
             method, return_components=bool(ctx.components) or config.metrics_all_members
         )
-        self.cam = UnionCAM(self.model, target_layer=ctx.layer, config=method)
+        self.cam = UnionCAM(self.model, ctx.layer, config=method)
         self.cam.__enter__()
         # Auto-tune now (seconds, once per actor) rather than inside the first unit.
         s = ctx.image_size
@@ -338,7 +334,7 @@ class ExplainWorker:
                 )
             out = rows_from_result(res)
             if self.config.target == "label":
-                out["predicted"] = self.cam.class_probs(x).argmax(1).cpu().numpy()
+                out["predicted"] = self.cam.softmax(x).argmax(1).cpu().numpy()
             else:
                 out["predicted"] = out["target"]
             for name in self.ctx.components:
@@ -374,30 +370,20 @@ class ExplainWorker:
 
         want = set(self.ctx.metrics)
         out: dict[str, np.ndarray] = {}
-        chunk = int(self.config.method.get("chunk_size") or 64)
-        with _hook_paused(self.cam):
-            if want & {"average_drop", "increase"}:
-                drop, inc = M.average_drop_increase(
-                    self.model, x, res.maps, targets=res.classes, chunk_size=chunk
-                )
-                if "average_drop" in want:
-                    out["average_drop"] = drop.float().cpu().numpy()
-                if "increase" in want:
-                    out["increase"] = inc.float().cpu().numpy()
-            if any(parse_metric_name(n)[0] in INS_DEL_METRICS for n in want):
-                # selected map (and every pool member with metrics_all_members), named
-                # like the store's metrics/<name> arrays
-                ev = evaluate_batch(
-                    self.model,
-                    x,
-                    res,
-                    all_members=self.config.metrics_all_members,
-                    step=self.config.metric_step,
-                    chunk_size=chunk,
-                    channels_last=bool(self.cam.channels_last),
-                    autocast=self.config.method.get("autocast"),
-                )
-                out.update({name: ev[name] for name in self.ctx.metrics if name in ev})
+        # Scored through the CAM itself: its engine's tuned chunk size, memory format and
+        # precision, its hook off, and nothing about the model's state changed behind it.
+        if want & {"average_drop", "increase"}:
+            drop, inc = M.average_drop_increase(self.cam, x, res.maps, targets=res.target)
+            if "average_drop" in want:
+                out["average_drop"] = drop.float().cpu().numpy()
+            if "increase" in want:
+                out["increase"] = inc.float().cpu().numpy()
+        if any(parse_metric_name(n)[0] in INS_DEL_METRICS for n in want):
+            # selected map (and every pool member with metrics_all_members), named
+            # like the store's metrics/<name> arrays
+            ev = evaluate_batch(self.cam, x, res, all_members=self.config.metrics_all_members,
+                                step=self.config.metric_step)
+            out.update({name: ev[name] for name in self.ctx.metrics if name in ev})
         return out
 
     def shutdown(self) -> None:
@@ -406,27 +392,6 @@ class ExplainWorker:
             self.cam.__exit__(None, None, None)
             self.cam = None
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-class _hook_paused:
-    """Switch the CAM's activation hook off around forwards that are not CAM passes.
-
-    Why: while on, the hook keeps every forward's activation until the next CAM call, so
-    the hundreds of metric forwards of a batch would pile up gigabytes. Uses the library's
-    ``_hook.enabled`` switch (the same one its own masked passes use); a no-op if absent.
-    """
-
-    def __init__(self, cam: Any) -> None:
-        self.hook = getattr(cam, "_hook", None)
-        self.was = getattr(self.hook, "enabled", None)
-
-    def __enter__(self) -> None:
-        if self.hook is not None:
-            self.hook.enabled = False
-
-    def __exit__(self, *exc: object) -> None:
-        if self.hook is not None:
-            self.hook.enabled = self.was
 
 
 class _WorkerMetrics:
