@@ -60,7 +60,7 @@ PHOTO_FILES = [
     ("coffee_portrait", "coffee", "rotate"),
     ("chelsea_q30", "chelsea", "quality 30"),
     ("camera_crop", "camera", "crop 128 64 384 448 rgb"),
-    ("rocket_mirror", "rocket", "mirror"),
+    ("motorcycle_mirror", "motorcycle", "mirror"),
     ("motorcycle_square", "motorcycle", "crop 120 0 620 500"),
     ("coffee_444", "coffee", "resize 450 300 subsampling444"),
     ("chelsea_tiny", "chelsea", "resize 64 43"),
