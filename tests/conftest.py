@@ -210,7 +210,7 @@ def imagenet_photos(effnet, imagenet_dir, imagenet_labels):
     return load_batch(effnet, imagenet_dir, imagenet_labels, IMAGENET_ROWS, 96)
 
 
-_DESELECTED = pytest.StashKey[int]()
+_TIER = pytest.StashKey[tuple[int, bool]]()  # (tests in the tier, whether they run)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -218,19 +218,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if any(f in getattr(item, "fixturenames", ()) for f in IMAGENET_FIXTURES):
             item.add_marker(pytest.mark.imagenet)
-    if imagenet_available():
-        return
     tier = [item for item in items if item.get_closest_marker("imagenet")]
-    if tier:
+    config.stash[_TIER] = (len(tier), imagenet_available())
+    if tier and not imagenet_available():
         config.hook.pytest_deselected(items=tier)
         items[:] = [item for item in items if not item.get_closest_marker("imagenet")]
-    config.stash[_DESELECTED] = len(tier)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
-    n = config.stash.get(_DESELECTED, None)
-    if n:
+    """One line on the imagenet tier, whenever the run selected any of it."""
+    n, runs = config.stash.get(_TIER, (0, False))
+    tests = f"{n} test{'s' if n != 1 else ''}"
+    if n and runs:
+        terminalreporter.write_line(f"imagenet tier: {tests} selected, on {IMAGENET_DIR}")
+    elif n:
         terminalreporter.write_line(
-            f"imagenet tier: {n} tests deselected (the ImageNet sample is not at "
+            f"imagenet tier: {tests} deselected (the ImageNet sample is not at "
             f"../shared/data/imagenet-sample)"
         )
