@@ -31,10 +31,13 @@ def _hook_count(model: nn.Module) -> int:
                for m in model.modules())
 
 
-@pytest.mark.parametrize(("ours", "theirs"), [
+PARITY = pytest.mark.parametrize(("ours", "theirs"), [
     (GradCAM, "GradCAM"), (GradCAMPlusPlus, "GradCAMPlusPlus"), (XGradCAM, "XGradCAM"),
     (LayerCAM, "LayerCAM"),
 ])
+
+
+@PARITY
 def test_parity_with_pytorch_grad_cam(effnet, photos, ours, theirs):
     """Same maps as pytorch-grad-cam up to where each library normalises.
 
@@ -43,11 +46,19 @@ def test_parity_with_pytorch_grad_cam(effnet, photos, ours, theirs):
     affine images of the same bilinear upsample, so after one more min–max
     they must agree.
     """
+    _check_parity(effnet, photos[0][:3], ours, theirs)
+
+
+@pytest.mark.imagenet
+@PARITY
+def test_parity_with_pytorch_grad_cam_on_imagenet_photos(effnet, imagenet_photos, ours, theirs):
+    _check_parity(effnet, imagenet_photos[0][:3], ours, theirs)
+
+
+def _check_parity(effnet, x, ours, theirs):
     import pytorch_grad_cam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    x, _ = photos
-    x = x[:3]
     model = effnet.model
     layer = resolve_layer(model, STEM)
     with ours(model, STEM, chunk_size=8) as cam:

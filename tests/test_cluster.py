@@ -51,8 +51,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-IMAGES = SHARED / "data" / "imagenet-sample"
 LAUNCHER_YAMLS = ("aws.yaml", "gcp.yaml", "local.yaml")
 #: The `ray` CLI of the Python running the tests (not whichever `ray` is first on PATH).
 _BIN_RAY = Path(sys.executable).with_name("ray")
@@ -120,15 +118,14 @@ def write_token(path: Path) -> str:
     return token
 
 
-def build_tiny_manifest(root: Path) -> tuple[Path, int]:
-    """A Parquet manifest of ``NUM_IMAGES`` real ImageNet JPEGs; returns (path, num_units)."""
+def build_tiny_manifest(root: Path, images: Path) -> tuple[Path, int]:
+    """A Parquet manifest of ``NUM_IMAGES`` real JPEGs from ``images`` (copied into
+    ``root``); returns (path, num_units)."""
     from pipeline.data.build import build_from_folder
 
-    if not IMAGES.is_dir():
-        pytest.skip(f"sample images not found at {IMAGES}")
     img_dir = root / "images"
     img_dir.mkdir(parents=True)
-    for src in sorted(IMAGES.glob("*.JPEG"))[:NUM_IMAGES]:
+    for src in sorted(images.glob("*.JPEG"))[:NUM_IMAGES]:
         shutil.copy(src, img_dir / src.name)
     out = root / "manifest.parquet"
     m = build_from_folder(img_dir, out, layout="flat", unit_size=UNIT_SIZE)
@@ -651,8 +648,8 @@ def wait_for_dashboard(head: dict[str, Any], token: str, timeout: float = 90) ->
 
 
 @pytest.mark.slow
-def test_ray_job_submit_with_token_auth(tmp_path: Path) -> None:
-    manifest, num_units = build_tiny_manifest(tmp_path / "data")
+def test_ray_job_submit_with_token_auth(tmp_path: Path, sample_dir: Path) -> None:
+    manifest, num_units = build_tiny_manifest(tmp_path / "data", sample_dir)
     store = tmp_path / "out" / "store.zarr"
     token_file = tmp_path / "auth_token"
     token = write_token(token_file)
@@ -942,7 +939,7 @@ def _tail(r: subprocess.CompletedProcess, n: int = 5000) -> str:
 
 
 @pytest.mark.slow
-def test_ray_up_submit_down_local_provider_over_ssh() -> None:
+def test_ray_up_submit_down_local_provider_over_ssh(sample_dir: Path) -> None:
     reason = launcher_unavailable()
     if reason:
         pytest.skip(f"cluster launcher test: {reason}")
@@ -952,7 +949,7 @@ def test_ray_up_submit_down_local_provider_over_ssh() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="uclaunch-", dir="/tmp"))
     name = "unioncam-test-" + secrets.token_hex(4)
     try:
-        manifest, num_units = build_tiny_manifest(tmp / "data")
+        manifest, num_units = build_tiny_manifest(tmp / "data", sample_dir)
         store = tmp / "out" / "store.zarr"
         token_file = tmp / "client_auth_token"
         token = write_token(token_file)

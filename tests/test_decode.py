@@ -1,9 +1,9 @@
 """Decoding: every odd-but-valid image becomes upright RGB; every broken one a typed error.
 
-All inputs are generated for real with Pillow / OpenCV / tifffile from a real ImageNet JPEG
-(no hand-written stand-ins): CMYK and YCCK JPEGs, 16-bit PNG/TIFF, palette+transparency,
-alpha, grayscale, EXIF orientation 6, a PNG named .JPEG, a 6000x4500 photo, and truncated /
-corrupt / empty / unsupported / decompression-bomb files.
+All inputs are generated for real with Pillow / OpenCV / tifffile from a real photo JPEG
+(the suite's photo folder, row 0; no hand-written stand-ins): CMYK and YCCK JPEGs, 16-bit
+PNG/TIFF, palette+transparency, alpha, grayscale, EXIF orientation 6, a PNG named .JPEG, a
+6000x4500 photo, and truncated / corrupt / empty / unsupported / decompression-bomb files.
 """
 
 from __future__ import annotations
@@ -29,13 +29,16 @@ from pipeline.data.decode import (
 from pipeline.data.location import redact_uri
 from pipeline.data.manifest import Row
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
-TENCH = SAMPLE / "n01440764_tench.JPEG"  # 500x375 RGB
+
+@pytest.fixture(scope="module")
+def photo(sample_dir: Path, sample_labels) -> Path:
+    """A real 500x375 RGB JPEG."""
+    return sample_dir / sample_labels[0]["file"]
 
 
 @pytest.fixture(scope="module")
-def jpeg_bytes() -> bytes:
-    return TENCH.read_bytes()
+def jpeg_bytes(photo: Path) -> bytes:
+    return photo.read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +243,7 @@ def test_decompression_bombs() -> None:
     assert e.value.status is Status.TOO_LARGE and "9000000" in str(e.value)
 
 
-def test_read_bytes_errors(tmp_path: Path) -> None:
+def test_read_bytes_errors(tmp_path: Path, photo: Path) -> None:
     missing = tmp_path / "nope.JPEG"
     with pytest.raises(DecodeError) as e:
         read_bytes(str(missing))
@@ -253,7 +256,7 @@ def test_read_bytes_errors(tmp_path: Path) -> None:
     assert e.value.status is Status.READ_ERROR
     (tmp_path / "zero.JPEG").write_bytes(b"")
     assert read_bytes(str(tmp_path / "zero.JPEG")) == b""
-    assert read_bytes(f"file://{TENCH}") == TENCH.read_bytes()
+    assert read_bytes(f"file://{photo}") == photo.read_bytes()
 
 
 def test_redaction_keeps_secrets_out_of_messages() -> None:
@@ -273,7 +276,7 @@ def test_decode_error_pickles() -> None:
 
 
 # ------------------------------------------------------------------------------ load_row
-def test_load_row_with_real_preprocessing(tmp_path: Path, rgb: Image.Image) -> None:
+def test_load_row_with_real_preprocessing(tmp_path: Path, rgb: Image.Image, photo: Path) -> None:
     from unioncam.models import Preprocessing
 
     pre = Preprocessing().with_size(112)
@@ -283,7 +286,7 @@ def test_load_row_with_real_preprocessing(tmp_path: Path, rgb: Image.Image) -> N
     big_path = tmp_path / "big_rotated.jpg"
     big_path.write_bytes(_save(big, "JPEG", quality=85, exif=exif.tobytes()))
 
-    t, (h, w), box, status, msg = load_row(Row(0, str(TENCH), 0), pre)
+    t, (h, w), box, status, msg = load_row(Row(0, str(photo), 0), pre)
     assert status is Status.OK and msg == "" and tuple(t.shape) == (3, 112, 112)
     assert (h, w) == (375, 500) and box == pre.crop_box(500, 375)
 
@@ -296,7 +299,7 @@ def test_load_row_with_real_preprocessing(tmp_path: Path, rgb: Image.Image) -> N
     assert float((t - t_full).abs().mean()) < 0.05  # the draft changes pixels only slightly
 
     # Inline bytes win over the uri; failures never raise.
-    row = Row(2, "/does/not/exist.jpg", None, data=TENCH.read_bytes())
+    row = Row(2, "/does/not/exist.jpg", None, data=photo.read_bytes())
     assert load_row(row, pre)[3] is Status.OK
     t, hw, box, status, msg = load_row(Row(3, str(tmp_path / "missing.jpg"), None), pre)
     assert t is None and hw == (-1, -1) and box == (-1, -1, -1, -1)
@@ -305,7 +308,7 @@ def test_load_row_with_real_preprocessing(tmp_path: Path, rgb: Image.Image) -> N
     assert t is None and status is Status.UNSUPPORTED and "row 4" in msg
 
 
-def test_preprocessing_equals_torchvision_transforms() -> None:
+def test_preprocessing_equals_torchvision_transforms(sample_dir: Path) -> None:
     """The numpy preprocessing is torchvision's Resize/CenterCrop/ToTensor/Normalize.
 
     It is numpy (not torch) so that decode threads never start OpenMP teams, which slowed
@@ -317,8 +320,8 @@ def test_preprocessing_equals_torchvision_transforms() -> None:
 
     from unioncam.models import Preprocessing
 
-    files = sorted(SAMPLE.glob("*.JPEG"))[:6]
-    assert files, f"no photos in {SAMPLE}"
+    files = sorted(sample_dir.glob("*.JPEG"))[:6]
+    assert files, f"no photos in {sample_dir}"
     for size in (224, 96):
         pre = Preprocessing().with_size(size)
         ref = T.Compose([T.Resize(pre.resize_size), T.CenterCrop(pre.crop_size), T.ToTensor(),

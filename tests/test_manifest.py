@@ -1,12 +1,12 @@
-"""Manifests: builders on real ImageNet JPEGs, validation errors, unit reads, S3.
+"""Manifests: builders on real JPEGs, validation errors, unit reads, S3.
 
-The ImageNet-train-like and val-like folders are made of symlinks to the 200 real sample
-JPEGs (one per class), so the builders see real files and real synset folder names.
+The ImageNet-train-like and val-like folders are made of symlinks to the suite's real photo
+JPEGs (labelled with ImageNet classes), so the builders see real files and real synset
+folder names. The ImageNet tier builds one from the 200-photo ImageNet sample.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 from pathlib import Path
@@ -21,36 +21,28 @@ from pipeline.data.classes import load_class_list
 from pipeline.data.decode import Status, decode_image, read_bytes
 from pipeline.data.manifest import Manifest, ManifestError, manifest_schema
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-SAMPLE = SHARED / "imagenet-sample"
-CLASSES = SHARED / "imagenet_classes.csv"
-
-
-def _labels() -> list[dict[str, str]]:
-    with open(SAMPLE / "labels.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
-
 
 @pytest.fixture(scope="module")
-def train_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ImageNet train layout: <synset>/<file>.JPEG for 12 classes (+ noise to ignore)."""
+def train_dir(tmp_path_factory: pytest.TempPathFactory, sample_dir, sample_labels) -> Path:
+    """ImageNet train layout: <synset>/<file>.JPEG for 12 photos of 6 classes (+ noise to
+    ignore)."""
     root = tmp_path_factory.mktemp("train")
-    for rec in _labels()[:12]:
+    for rec in sample_labels[:12]:
         d = root / rec["synset"]
-        d.mkdir()
-        os.symlink(SAMPLE / rec["file"], d / rec["file"])
+        d.mkdir(exist_ok=True)
+        os.symlink(sample_dir / rec["file"], d / rec["file"])
         (d / ".DS_Store").write_bytes(b"junk")  # hidden: skipped
     (root / rec["synset"] / "notes.txt").write_text("not an image")  # extension: skipped
     return root
 
 
 @pytest.fixture(scope="module")
-def val_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, str]]]:
+def val_dir(tmp_path_factory: pytest.TempPathFactory, sample_dir, sample_labels):
     """ImageNet val layout: flat ILSVRC2012_val_XXXXXXXX.JPEG files (10 of them)."""
     root = tmp_path_factory.mktemp("val")
-    recs = _labels()[::20]
+    recs = sample_labels[::2][:10]
     for i, rec in enumerate(recs, start=1):
-        os.symlink(SAMPLE / rec["file"], root / f"ILSVRC2012_val_{i:08d}.JPEG")
+        os.symlink(sample_dir / rec["file"], root / f"ILSVRC2012_val_{i:08d}.JPEG")
     return root, recs
 
 
@@ -78,11 +70,13 @@ def test_build_from_folder_classes_sorted(train_dir: Path, tmp_path: Path) -> No
         m.unit_range(3)
 
 
-def test_build_from_folder_with_class_list(train_dir: Path, tmp_path: Path) -> None:
+def test_build_from_folder_with_class_list(
+    train_dir: Path, tmp_path: Path, class_csv, sample_labels
+) -> None:
     m = build_from_folder(
-        train_dir, tmp_path / "t.parquet", layout="classes", class_list=CLASSES, unit_size=8
+        train_dir, tmp_path / "t.parquet", layout="classes", class_list=class_csv, unit_size=8
     )
-    truth = {r["file"]: int(r["class_index"]) for r in _labels()}
+    truth = {r["file"]: int(r["class_index"]) for r in sample_labels}
     rows = m.read_unit(0) + m.read_unit(1)
     assert all(r.label == truth[Path(r.uri).name] for r in rows)
     assert len(m.classes) == 1000 and m.class_names[0] == "tench"
@@ -97,14 +91,16 @@ def test_build_from_folder_with_class_list(train_dir: Path, tmp_path: Path) -> N
     assert "is not in the class list" in _one_line(e)
 
 
-def test_build_from_folder_flat_and_mixed(val_dir, train_dir: Path, tmp_path: Path) -> None:
+def test_build_from_folder_flat_and_mixed(
+    val_dir, train_dir: Path, tmp_path: Path, sample_dir, sample_labels
+) -> None:
     root, _ = val_dir
     m = build_from_folder(root, tmp_path / "flat.parquet")
     assert m.num_rows == 10 and m.num_units == 1 and m.unit_size == 1024 and not m.has_labels
     assert all(r.label is None for r in m.read_unit(0))
     mixed = tmp_path / "mixed"
     shutil.copytree(train_dir, mixed, symlinks=True)
-    os.symlink(SAMPLE / "n01440764_tench.JPEG", mixed / "top.JPEG")
+    os.symlink(sample_dir / sample_labels[0]["file"], mixed / "top.JPEG")
     with pytest.raises(ManifestError) as e:
         build_from_folder(mixed, tmp_path / "m.parquet")
     assert "both at its top level" in _one_line(e)
@@ -113,7 +109,7 @@ def test_build_from_folder_flat_and_mixed(val_dir, train_dir: Path, tmp_path: Pa
         build_from_folder(tmp_path / "nope", tmp_path / "n.parquet")
 
 
-def test_build_from_imagenet_val_formats(val_dir, tmp_path: Path) -> None:
+def test_build_from_imagenet_val_formats(val_dir, tmp_path: Path, class_csv) -> None:
     root, recs = val_dir
     truth = [int(r["class_index"]) for r in recs]
     names = sorted(p.name for p in root.iterdir())
@@ -129,7 +125,7 @@ def test_build_from_imagenet_val_formats(val_dir, tmp_path: Path) -> None:
         "file,synset\n"
         + "".join(f"{n},{r['synset']}\n" for n, r in reversed(list(zip(names, recs, strict=True))))
     )
-    m2 = build_from_imagenet_val(root, pairs, tmp_path / "v2.parquet", class_list=CLASSES)
+    m2 = build_from_imagenet_val(root, pairs, tmp_path / "v2.parquet", class_list=class_csv)
     assert [r.label for r in m2.read_unit(0)] == truth
 
     kaggle = tmp_path / "LOC_val_solution.csv"  # ImageId without extension, boxes after synset
@@ -140,7 +136,7 @@ def test_build_from_imagenet_val_formats(val_dir, tmp_path: Path) -> None:
             for n, r in zip(names, recs, strict=True)
         )
     )
-    m3 = build_from_imagenet_val(root, kaggle, tmp_path / "v3.parquet", class_list=CLASSES)
+    m3 = build_from_imagenet_val(root, kaggle, tmp_path / "v3.parquet", class_list=class_csv)
     assert m3.fingerprint == m2.fingerprint
 
     with pytest.raises(ManifestError, match="pass class_list"):
@@ -162,25 +158,26 @@ def test_build_from_imagenet_val_formats(val_dir, tmp_path: Path) -> None:
     assert "no label for image" in _one_line(e)
 
 
-def test_build_from_list_variants(tmp_path: Path) -> None:
+def test_build_from_list_variants(tmp_path: Path, sample_dir, sample_labels, class_csv) -> None:
     # labels.csv: file names relative to the CSV's folder, integer class_index labels.
-    m = build_from_list(SAMPLE / "labels.csv", tmp_path / "l.parquet", unit_size=64)
-    assert (m.num_rows, m.num_units) == (200, 4)
+    m = build_from_list(sample_dir / "labels.csv", tmp_path / "l.parquet", unit_size=8)
+    assert (m.num_rows, m.num_units) == (24, 3)
+    first_file = sample_labels[0]["file"]
     first = m.read_unit(0)[0]
-    assert first.uri == str(SAMPLE / "n01440764_tench.JPEG") and first.label == 0
-    assert m.read_unit(3)[-1].row_id == 199
+    assert first.uri == str(sample_dir / first_file) and first.label == 967  # espresso
+    assert m.read_unit(2)[-1].row_id == 23
 
     txt = tmp_path / "list.txt"
-    txt.write_text(f"{SAMPLE / 'n01440764_tench.JPEG'} 0\n# comment\nrel/img.png\n")
+    txt.write_text(f"{sample_dir / first_file} 0\n# comment\nrel/img.png\n")
     m2 = build_from_list(txt, tmp_path / "l2.parquet")
     rows = m2.read_unit(0)
     assert rows[0].label == 0 and rows[1].label is None
     assert rows[1].uri == str(tmp_path / "rel" / "img.png")
 
     m3 = build_from_list(
-        [(str(SAMPLE / "n01440764_tench.JPEG"), "n01440764"), "s3://bucket/a.jpg"],
+        [(str(sample_dir / first_file), "n01440764"), "s3://bucket/a.jpg"],
         tmp_path / "l3.parquet",
-        class_list=CLASSES,
+        class_list=class_csv,
     )
     rows = m3.read_unit(0)
     assert rows[0].label == 0 and rows[1].uri == "s3://bucket/a.jpg" and rows[1].label is None
@@ -190,11 +187,11 @@ def test_build_from_list_variants(tmp_path: Path) -> None:
         build_from_list(["a.jpg"], tmp_path / "bad.parquet", unit_size=0)
 
 
-def test_inline_relative_and_copies(tmp_path: Path) -> None:
+def test_inline_relative_and_copies(tmp_path: Path, sample_dir) -> None:
     """Inline bytes; relative uris resolve against wherever the manifest now lives."""
     src = tmp_path / "ds"
     (src / "imgs").mkdir(parents=True)
-    files = sorted(SAMPLE.glob("*.JPEG"))[:6]
+    files = sorted(sample_dir.glob("*.JPEG"))[:6]
     for f in files:
         shutil.copy(f, src / "imgs" / f.name)
     m = build_from_folder(src / "imgs", src / "manifest.parquet", relative=True, unit_size=4)
@@ -218,10 +215,10 @@ def test_inline_relative_and_copies(tmp_path: Path) -> None:
     assert inl.fingerprint == abs_m.fingerprint != m.fingerprint  # relative uris differ
 
 
-def test_reading_a_unit_reads_only_its_row_group(tmp_path: Path) -> None:
+def test_reading_a_unit_reads_only_its_row_group(tmp_path: Path, sample_dir) -> None:
     """Proof by damage: zero the image bytes of units 1..3 on disk. Opening (validation
     included) and reading unit 0 still work, so neither touches other units' data."""
-    uris = [str(p) for p in sorted(SAMPLE.glob("*.JPEG"))[:16]]
+    uris = [str(p) for p in sorted(sample_dir.glob("*.JPEG"))[:16]]
     path = tmp_path / "inline.parquet"
     m = build_from_list(uris, path, inline=True, unit_size=4)
     md = pq.ParquetFile(path).metadata
@@ -295,8 +292,8 @@ def test_row_group_sizes_are_checked(tmp_path: Path) -> None:
     assert (m.num_units, m.unit_size, m.unit_range(2)) == (3, 4, (8, 10))
 
 
-def test_inline_rows_may_lack_uri_and_bad_files(tmp_path: Path) -> None:
-    data = (SAMPLE / "n01440764_tench.JPEG").read_bytes()
+def test_inline_rows_may_lack_uri_and_bad_files(tmp_path: Path, sample_dir, sample_labels) -> None:
+    data = (sample_dir / sample_labels[0]["file"]).read_bytes()
     t = pa.table(
         {
             "row_id": pa.array([0, 1], pa.int64()),
@@ -318,18 +315,39 @@ def test_inline_rows_may_lack_uri_and_bad_files(tmp_path: Path) -> None:
         Manifest.open(tmp_path / "text.parquet")
 
 
-def test_pickle_and_get_rows(tmp_path: Path) -> None:
+def test_pickle_and_get_rows(tmp_path: Path, sample_dir, sample_labels) -> None:
     import pickle
 
-    m = build_from_list(SAMPLE / "labels.csv", tmp_path / "l.parquet", unit_size=64)
+    m = build_from_list(sample_dir / "labels.csv", tmp_path / "l.parquet", unit_size=8)
     clone = pickle.loads(pickle.dumps(m))
     assert clone.read_unit(2) == m.read_unit(2) and clone.fingerprint == m.fingerprint
-    rows = m.get_rows([130, 3, 199])
-    assert [r.row_id for r in rows] == [130, 3, 199]
+    rows = m.get_rows([13, 3, 23])
+    assert [r.row_id for r in rows] == [13, 3, 23]
 
 
-def test_class_list_parsing(tmp_path: Path) -> None:
-    cl = load_class_list(CLASSES)
+@pytest.mark.imagenet
+def test_the_imagenet_sample_as_a_manifest(imagenet_dir: Path, class_csv, tmp_path: Path) -> None:
+    """The 200-photo ImageNet sample's labels.csv as a manifest; its labels are the class
+    list's indices of its synsets, with the class list the package ships."""
+    import csv
+
+    m = build_from_list(imagenet_dir / "labels.csv", tmp_path / "l.parquet", unit_size=64)
+    assert (m.num_rows, m.num_units) == (200, 4)
+    first = m.read_unit(0)[0]
+    assert first.uri == str(imagenet_dir / "n01440764_tench.JPEG") and first.label == 0
+    assert m.read_unit(3)[-1].row_id == 199
+    assert [r.row_id for r in m.get_rows([130, 3, 199])] == [130, 3, 199]
+    synsets = load_class_list(class_csv).synsets
+    with open(imagenet_dir / "labels.csv", newline="") as fh:
+        for rec in csv.DictReader(fh):
+            assert synsets[int(rec["class_index"])] == rec["synset"]
+    shipped = imagenet_dir.parent / "imagenet_classes.csv"
+    if shipped.is_file():
+        assert load_class_list(shipped).synsets == synsets
+
+
+def test_class_list_parsing(tmp_path: Path, class_csv) -> None:
+    cl = load_class_list(class_csv)
     assert len(cl) == 1000 and cl.synsets[0] == "n01440764" and cl.names[1] == "goldfish"
     mapping = tmp_path / "LOC_synset_mapping.txt"
     mapping.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n")
@@ -350,20 +368,20 @@ def s3():
         yield server
 
 
-def test_manifest_on_s3(s3, tmp_path: Path) -> None:
+def test_manifest_on_s3(s3, tmp_path: Path, sample_dir, sample_labels, class_csv) -> None:
     """Images and manifest on S3 (moto on loopback): build from an s3:// folder with
     relative uris, open from S3, read units and bytes from S3."""
     bucket = s3.make_bucket()
     fs = s3.filesystem()
-    recs = _labels()[:5]
+    recs = sample_labels[:5]
     for rec in recs:
         fs.pipe_file(
-            f"{bucket}/train/{rec['synset']}/{rec['file']}", (SAMPLE / rec["file"]).read_bytes()
+            f"{bucket}/train/{rec['synset']}/{rec['file']}", (sample_dir / rec["file"]).read_bytes()
         )
     fs.pipe_file(f"{bucket}/train/{recs[0]['synset']}/broken.JPEG", b"")
     so = s3.storage_options
     m = build_from_folder(
-        f"{bucket}/train", f"{bucket}/manifests/train.parquet", class_list=CLASSES,
+        f"{bucket}/train", f"{bucket}/manifests/train.parquet", class_list=class_csv,
         unit_size=2, storage_options=so, relative=True,
     )  # fmt: skip
     assert (m.num_rows, m.num_units) == (6, 3)

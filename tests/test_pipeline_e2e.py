@@ -3,8 +3,8 @@
 Everything is real: a Ray cluster (``ray.init(num_cpus=2, num_gpus=2)``: two *logical*
 GPUs, so the one-actor-per-GPU code path is scheduled exactly as on a GPU node while the
 math runs on the CPU), Parquet manifests, Zarr stores on disk (and on moto's S3 server on
-loopback), the real ImageNet JPEGs in ``shared/data/imagenet-sample`` and the real
-pretrained EfficientNet-Lite0. Kept fast by a small configuration: 64 px inputs, UnionCAM
+loopback), real JPEGs (the suite's photo folder, made from scikit-image's photos) and the
+real pretrained EfficientNet-Lite0. Kept fast by a small configuration: 64 px inputs, UnionCAM
 with Group-CAM (4 groups) as region side, 4-row units so every run has several units.
 """
 
@@ -37,7 +37,6 @@ from pipeline.store.io import done_units, open_store, read_markers  # noqa: E402
 from pipeline.store.layout import StoreMismatchError  # noqa: E402
 from unioncam import UnionCAM, UnionCAMConfig, find_target_layer, load_model  # noqa: E402
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 N_IMAGES = 20
 UNIT = 4
 N_UNITS = N_IMAGES // UNIT
@@ -47,10 +46,10 @@ METHOD = UnionCAMConfig.preset("fast", groups=4, chunk_size=16).to_dict()
 PER_ROW = ("beta", "selected", "target", "prob", "baseline_prob", "status", "label")
 
 
-def _sample_rows(n: int) -> list[tuple[str, int]]:
-    with open(SAMPLE / "labels.csv", newline="") as fh:
+def _sample_rows(sample_dir: Path, n: int) -> list[tuple[str, int]]:
+    with open(sample_dir / "labels.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    return [(str(SAMPLE / r["file"]), int(r["class_index"])) for r in rows[:n]]
+    return [(str(sample_dir / r["file"]), int(r["class_index"])) for r in rows[:n]]
 
 
 def make_config(manifest: str | Path, store: str | Path, **kw) -> RunConfig:
@@ -81,9 +80,9 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, sample_dir):
     tmp = tmp_path_factory.mktemp("pipeline")
-    rows = _sample_rows(N_IMAGES)
+    rows = _sample_rows(sample_dir, N_IMAGES)
     m = build_from_list(rows, tmp / "manifest.parquet", unit_size=UNIT)
     assert m.num_units == N_UNITS
     return {"tmp": tmp, "rows": rows, "manifest": tmp / "manifest.parquet"}
@@ -291,10 +290,10 @@ def test_ctrl_c_leaves_a_store_that_a_rerun_completes_and_a_finished_rerun_does_
     np.testing.assert_array_equal(open_store(str(store))["status"][:], int(Status.OK))
 
 
-def test_bad_images_are_recorded_and_the_rest_is_written(ray_cluster, tmp_path):
+def test_bad_images_are_recorded_and_the_rest_is_written(ray_cluster, tmp_path, sample_dir):
     from PIL import Image
 
-    good = _sample_rows(3)
+    good = _sample_rows(sample_dir, 3)
     src = good[0][0]
     raw = Path(src).read_bytes()
     d = tmp_path / "imgs"

@@ -30,7 +30,6 @@ from pipeline.data.decode import Status, decode_image, read_bytes  # noqa: E402
 from pipeline.data.manifest import Manifest  # noqa: E402
 from pipeline.store.io import open_store  # noqa: E402
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 REPO = Path(__file__).resolve().parents[1]
 N_GOOD = 11
 BAD_ROW = 5
@@ -50,12 +49,11 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def made(ray_cluster, tmp_path_factory):
+def made(ray_cluster, tmp_path_factory, sample_dir, sample_labels):
     tmp = tmp_path_factory.mktemp("query")
-    with open(SAMPLE / "labels.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))[:N_GOOD]
+    rows = sample_labels[:N_GOOD]
     (tmp / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)
-    entries = [(str(SAMPLE / r["file"]), r["class_index"]) for r in rows]
+    entries = [(str(sample_dir / r["file"]), r["class_index"]) for r in rows]
     entries.insert(BAD_ROW, (str(tmp / "broken.jpg"), "0"))
     with open(tmp / "list.csv", "w", newline="") as fh:
         w = csv.writer(fh)

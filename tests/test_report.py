@@ -1,9 +1,10 @@
 """Faithfulness evaluation (pipeline.analysis.evaluate) and the report (pipeline.analysis.report).
 
-Real photos from ../shared, the packaged pretrained EfficientNet-Lite0 at 64 px on an early
-layer (``_blocks.4``, 40 channels, so Score-CAM costs 40 forwards per image), coarse RISE
-steps (512 px per step = 8 steps), a real Zarr store written with the store's own
-``create_store``/``write_unit``, and a real Parquet manifest for the gallery's originals.
+Real photos (the suite's, made from scikit-image's), the packaged pretrained
+EfficientNet-Lite0 at 64 px on an early layer (``_blocks.4``, 40 channels, so Score-CAM costs
+40 forwards per image), coarse RISE steps (512 px per step = 8 steps), a real Zarr store
+written with the store's own ``create_store``/``write_unit``, and a real Parquet manifest
+for the gallery's originals.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ SIZE = 64
 LAYER = "_blocks.4"
 STEP = 512  # 64*64/512 = 8 RISE steps
 CHUNK = 16
-PHOTOS = [0, 17, 42]  # rows of labels.csv
+PHOTOS = [0, 1, 18]  # rows of labels.csv (coffee, chelsea, motorcycle)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -133,7 +134,9 @@ def test_evaluate_batch_is_batch_and_chunk_invariant(effnet, batch):
     assert effnet.model._conv_stem.weight.is_contiguous()  # the engine gave the model back
     for k in full:
         np.testing.assert_allclose(fmt[k], full[k], atol=2e-5, err_msg=k)
-    # image 1 alone (its own UnionCAM run) equals its row in the batch
+    # image 1 alone (its own UnionCAM run) equals its row in the batch. (Not on every photo:
+    # maps move by ~1e-6 with the batch, and where a map has many tied values that reorders
+    # pixels across a RISE step; the mirrored chelsea photo moved a deletion AUC by 5e-3.)
     with UnionCAM(effnet.model, LAYER, "fast", groups=8, chunk_size=CHUNK, channels_last=False,
                   return_components=True) as cam:  # fmt: skip
         alone = cam(x[1:2])
@@ -273,7 +276,7 @@ def small_store(effnet, sample_dir, sample_labels, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("report_store")
     (tmp / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)
-    picks = [3, 60, 101, 150]
+    picks = [3, 10, 15, 20]
     entries = [(str(sample_dir / sample_labels[i]["file"]), sample_labels[i]["class_index"])
                for i in picks]  # fmt: skip
     entries.insert(2, (str(tmp / "broken.jpg"), "0"))
@@ -377,7 +380,7 @@ def test_report_from_an_image_folder_resumes_from_its_cache(effnet, sample_dir, 
                                                             tmp_path):  # fmt: skip
     imgs = tmp_path / "imgs"
     imgs.mkdir()
-    for i in (5, 77, 130):
+    for i in (5, 13, 21):  # a grayscale JPEG among them
         shutil.copy(sample_dir / sample_labels[i]["file"], imgs)
     (imgs / "notes.txt").write_text("not an image")
     kw = dict(image_dir=imgs, layer=LAYER, image_size=SIZE, step=STEP, groups=8,

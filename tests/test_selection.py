@@ -51,7 +51,7 @@ class ForwardCounter:
 
 @pytest.fixture(scope="module")
 def small(effnet, sample_dir, sample_labels):
-    x, _ = load_batch(effnet, sample_dir, sample_labels, [3, 150], SIZE)
+    x, _ = load_batch(effnet, sample_dir, sample_labels, [3, 19], SIZE)
     return x
 
 
@@ -227,12 +227,25 @@ def test_proxy_rules_pick_the_known_map_where_beta_picks_the_broad_one():
 
 
 def test_a_flat_map_never_wins_a_ranking_rule(effnet, sample_dir, sample_labels):
-    """A real case: at 96 px, Group-CAM (8 groups) on photo 42 comes out flat (all 0).
+    """At 96 px, Group-CAM (8 groups) on photo 0 (the coffee crop) comes out flat (all 0).
 
-    Its insdel score would only measure the raster order its ties fall back to: before the
-    guard it scored +0.23 and was selected. Under ranking rules a flat member gets −inf.
+    Its insdel score would only measure the raster order its ties fall back to. Under
+    ranking rules a flat member gets −inf.
     """
-    x, _ = load_batch(effnet, sample_dir, sample_labels, [0, 42], 96)
+    x, _ = load_batch(effnet, sample_dir, sample_labels, [0, 1], 96)
+    _check_flat_member_loses(effnet, x)
+
+
+@pytest.mark.imagenet
+def test_a_flat_map_never_wins_a_ranking_rule_on_imagenet_photos(effnet, imagenet_dir,
+                                                                  imagenet_labels):  # fmt: skip
+    """The case that was found: at 96 px, Group-CAM (8 groups) on ImageNet photo 42 comes
+    out flat; before the guard it scored +0.23 and was selected."""
+    x, _ = load_batch(effnet, imagenet_dir, imagenet_labels, [0, 42], 96)
+    _check_flat_member_loses(effnet, x)
+
+
+def _check_flat_member_loses(effnet, x):
     kw = dict(gradient=("gradcam",), region=("groupcam",), groups=8, chunk_size=8,
               channels_last=False, include_gradient_maps=True, return_components=True)
     with UnionCAM(effnet.model, LAYER, UnionCAMConfig(**kw, selection="insdel-4")) as cam:

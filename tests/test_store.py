@@ -33,7 +33,6 @@ from pipeline.store.layout import (
     StoreMismatchError,
 )
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 POOL = ("region:scorecam", "region:groupcam", "fused:denoised+scorecam")
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"  # must never reach the store
 
@@ -351,7 +350,7 @@ def s3():
         yield server
 
 
-def test_s3_end_to_end(s3, tmp_path: Path) -> None:
+def test_s3_end_to_end(s3, tmp_path: Path, sample_dir: Path) -> None:
     """Images, manifest and store all on S3 (moto on loopback, via s3fs/FsspecStore)."""
     import xarray as xr
 
@@ -362,7 +361,7 @@ def test_s3_end_to_end(s3, tmp_path: Path) -> None:
     bucket = s3.make_bucket()
     so = s3.storage_options
     fs = s3.filesystem()
-    files = sorted(SAMPLE.glob("*.JPEG"))[:5]
+    files = sorted(sample_dir.glob("*.JPEG"))[:5]
     uris = []
     for f in files:
         fs.pipe_file(f"{bucket}/images/{f.name}", f.read_bytes())

@@ -4,7 +4,7 @@ The reference below is deliberately naive: one image at a time, one masked
 forward per channel, numpy's percentile, no batching, no skipping tricks
 beyond the authors' own ``max == min`` check. The library must agree with it
 to 1e-4 on real photos with the real pretrained model, including which pool
-member is selected.
+member is selected: scikit-image's photos, and ImageNet's in the imagenet tier.
 """
 
 from __future__ import annotations
@@ -86,8 +86,19 @@ def library_result(effnet, photos):
 
 
 def test_matches_naive_reference_on_real_photos(effnet, photos, library_result):
-    x, labels = photos
-    res = library_result
+    _check_against_reference(effnet, photos[0], library_result)
+
+
+@pytest.mark.imagenet
+def test_matches_naive_reference_on_imagenet_photos(effnet, imagenet_photos):
+    x = imagenet_photos[0][:2]
+    with UnionCAM(effnet.model, LAYER, "paper", chunk_size=16, channels_last=False,
+                  return_components=True) as cam:
+        res = cam(x)
+    _check_against_reference(effnet, x, res)
+
+
+def _check_against_reference(effnet, x, res):
     layer = dict(effnet.model.named_modules())[LAYER]
     assert res.pool == ("region:scorecam", "fused:denoised+scorecam")
     for i in range(2):  # the naive loop is slow; two real photos are enough to pin it down
