@@ -139,7 +139,13 @@ def test_errors_are_one_line_with_exit_code_2(made, tmp_path, capsys):
     line = _one_line_error(
         ["run", m, store, *RUN_ARGS[:-5], "--image-size", "96", "--no-progress"], capsys
     )
-    assert "different run" in line and "overwrite" in line
+    assert "different run" in line and "--overwrite" in line and "overwrite=True" in line
+    assert "image_size: store 64, this run 96" in line
+    # ... and every differing setting is named with both values in full, preset included
+    args = [a if a != "fast" else "faithful-fast" for a in RUN_ARGS]
+    line = _one_line_error(["run", m, store, *args], capsys)
+    assert "preset: store custom (fast with groups=4), this run custom (faithful-fast with groups=4)" in line, line
+    assert "'region:groupcam', 'fused:denoised+groupcam'" in line  # the pools, not cut short
 
 
 def test_one_line_error_in_a_real_subprocess(tmp_path):

@@ -324,7 +324,7 @@ def small_store(effnet, sample_dir, sample_labels, tmp_path_factory):
             a["maps"][good] = res.maps.numpy()
             a["selected"][good] = res.selected.numpy()
             a["target"][good] = res.target.numpy()
-            a["beta"][good] = res.scores.numpy()
+            a["beta"][good] = res.beta.numpy()
             for p in pool:
                 a[f"components/{p}"][good] = res.components[p].numpy()
             for k, v in ev.items():

@@ -164,7 +164,9 @@ def cascading_randomization(
     ss = torch.stack([ssim(m, ref) for m in maps], 1)
     layer_step = len(names)
     for i, n in enumerate(names):
-        if resolved_layer == n or resolved_layer.startswith(n + "."):
+        # the first block inside the target layer (layer4.1 of layer4) or containing it
+        if n == resolved_layer or n.startswith(resolved_layer + ".") \
+                or resolved_layer.startswith(n + "."):
             layer_step = i + 1
             break
     return SanityResult(method, ["original", *names], sp, ss, min(layer_step, len(names)),

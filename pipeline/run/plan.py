@@ -139,7 +139,7 @@ def store_attrs(res: Resolved, manifest: Any) -> dict[str, Any]:
         "image_size": res.image_size,
         "preprocess": res.preprocess,
         "method": cfg.method.to_dict(),
-        "preset": cfg.method.preset_name,  # None: a custom configuration
+        "preset": cfg.method.describe(),  # "faithful", or "custom (fast with groups=4)"
         "pool": list(res.pool),
         "target": cfg.target,
         "explainer": cfg.explainer,

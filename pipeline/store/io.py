@@ -155,11 +155,6 @@ def _fingerprints(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in attrs.items() if k.endswith("fingerprint")}
 
 
-def _short(v: Any, n: int = 40) -> str:
-    s = str(v)
-    return s[: n - 3] + "..." if len(s) > n else s
-
-
 def create_store(
     path: str | os.PathLike[str],
     *,
@@ -227,7 +222,7 @@ def create_store(
         if not overwrite:
             raise StoreMismatchError(
                 f"store {name} was made for a different run ({problem}); use another store "
-                "path, or overwrite=True to delete it"
+                "path, or replace it: --overwrite on the command line, overwrite=True in Python"
             )
         _delete(loc, storage_options)
     elif _is_nonempty(loc, storage_options):
@@ -237,19 +232,27 @@ def create_store(
     return _create(loc, layout, user_attrs, storage_options)
 
 
+#: Run settings named first, in full, when a store and a run disagree (user-facing words).
+_SETTINGS = ("preset", "model", "weights", "layer", "image_size", "target", "explainer")
+
+
 def _mismatch(
     old: StoreLayout, new: StoreLayout, old_attrs: Mapping[str, Any], new_attrs: Mapping[str, Any]
 ) -> str | None:
+    """Every differing setting with both values in full (``preset: store faithful, this run
+    fast``), or ``None`` when the store belongs to this run."""
+    problems = [f"{key}: store {old_attrs.get(key)}, this run {new_attrs.get(key)}"
+                for key in _SETTINGS
+                if key in old_attrs and key in new_attrs and old_attrs[key] != new_attrs[key]]
     od, nd = old.to_dict(), new.to_dict()
-    for key in nd:
-        if od.get(key) != nd[key]:
-            return f"{key}: store has {_short(od.get(key))}, this run {_short(nd[key])}"
-    old_fp, new_fp = _fingerprints(old_attrs), _fingerprints(new_attrs)
-    for key in sorted(set(old_fp) | set(new_fp)):
-        if old_fp.get(key) != new_fp.get(key):
-            a, b = _short(old_fp.get(key), 15), _short(new_fp.get(key), 15)
-            return f"{key}: store has {a}, this run {b}"
-    return None
+    problems += [f"{key}: store {od.get(key)}, this run {nd[key]}"
+                 for key in nd if od.get(key) != nd[key]]
+    if not problems:
+        old_fp, new_fp = _fingerprints(old_attrs), _fingerprints(new_attrs)
+        problems = [f"{key}: store {old_fp.get(key)}, this run {new_fp.get(key)}"
+                    for key in sorted(set(old_fp) | set(new_fp))
+                    if old_fp.get(key) != new_fp.get(key)]
+    return "; ".join(problems) or None
 
 
 def _now() -> str:
