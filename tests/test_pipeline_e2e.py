@@ -193,7 +193,9 @@ def test_store_made_with_another_config_or_manifest_is_refused(complete, data, t
     with pytest.raises(StoreMismatchError) as e:
         run(make_config(data["manifest"], store, layer="_blocks.10"))
     msg = str(e.value)
-    assert "\n" not in msg and "config_fingerprint" in msg and str(store) in msg
+    # the setting is named with both values, not only the fingerprint that covers it
+    assert "\n" not in msg and "layer: store _swish, this run _blocks.10" in msg, msg
+    assert str(store) in msg and "--overwrite" in msg
     other = build_from_list(
         data["rows"][: N_IMAGES - 1], tmp_path / "other.parquet", unit_size=UNIT
     )
