@@ -56,3 +56,19 @@ def test_one_default_everywhere():
 
     assert UnionCAMConfig() == PRESETS[DEFAULT_PRESET]
     assert UnionCAM(nn.Conv2d(3, 3, 1)).config == UnionCAMConfig()
+
+
+def test_cli_help_and_status_start_without_torch(tmp_path):
+    """`unioncam --help` and `unioncam status` must not pay for importing torch (seconds)."""
+    code = textwrap.dedent(f"""
+        import sys
+        from pipeline import cli
+        for argv in (["--help"], ["status", {str(tmp_path / "missing.zarr")!r}]):
+            try:
+                cli.main(argv)
+            except SystemExit:
+                pass
+        print("torch" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout[-2000:] + out.stderr[-2000:]

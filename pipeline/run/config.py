@@ -19,10 +19,13 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.store.layout import STORE_FORMAT
-from unioncam.union import UnionCAMConfig
+
+if TYPE_CHECKING:  # torch comes with it: imported when a config is made, so `unioncam
+    # --help`, `status` and `query` start without it
+    from unioncam.union import UnionCAMConfig
 
 __all__ = [
     "EXPLAINERS",
@@ -85,7 +88,7 @@ class RunConfig:
     layer: str | None = None
     #: The method, typed from the CLI to every actor (a dict of its fields is accepted and
     #: converted, for JSON). Default: the library's default preset.
-    method: UnionCAMConfig = field(default_factory=UnionCAMConfig)
+    method: UnionCAMConfig = field(default_factory=lambda: _method_class()())
     #: Side of the square network input (and of the stored maps); ``None``: the model's
     #: default crop size.
     image_size: int | None = None
@@ -165,9 +168,10 @@ class RunConfig:
             raise ValueError(f"explainer must be one of {EXPLAINERS}, got {self.explainer!r}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        method_class = _method_class()
         if isinstance(self.method, dict):  # from JSON (a store's provenance, a script)
-            object.__setattr__(self, "method", UnionCAMConfig.from_dict(self.method))
-        if not isinstance(self.method, UnionCAMConfig):
+            object.__setattr__(self, "method", method_class.from_dict(self.method))
+        if not isinstance(self.method, method_class):
             raise ValueError(f"method must be a UnionCAMConfig (or its dict), got {self.method!r}")
         for m in self.metrics:
             if m not in METRICS:
@@ -246,3 +250,10 @@ class RunConfig:
         if "metrics" in kw:
             kw["metrics"] = tuple(kw["metrics"])
         return cls(**kw)
+
+
+def _method_class() -> type[UnionCAMConfig]:
+    """The library's method config, imported on first use (it imports torch)."""
+    from unioncam.union import UnionCAMConfig
+
+    return UnionCAMConfig
