@@ -1,4 +1,4 @@
-"""The ``unioncam`` command line: manifest, run, status, query, export, demo.
+"""The ``unioncam`` command line: manifest, run, status, query, export, analyze, atlas, demo.
 
 Why it is built this way: every failure a user can cause (a missing folder, a typo in a
 layer name, a store made with other settings) must end as ONE line on stderr and exit code
@@ -243,11 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", metavar="STORE")
     _add_storage(p)
     qs = p.add_subparsers(dest="what", metavar="QUERY", parser_class=_Parser)
-    q = qs.add_parser("classes", help="per-class β statistics and pool-member wins")
+    q = qs.add_parser("classes", help="per-class β statistics and pool-member wins, or the "
+                      "analysis's class table sorted by a descriptor")
     q.add_argument(
-        "--by", choices=("target", "label", "predicted"), default="target"
+        "--by", default="target",
+        help="target, label or predicted: β statistics of the classes in that column; a "
+        "descriptor (centre_bias, border, spread, entropy, area, centre_x, centre_y), "
+        "clever_hans, spearman or top_iou: the class table of 'unioncam analyze', largest first",
     )
+    q.add_argument("--ascending", action="store_true", help="with a descriptor: smallest first")
     q.add_argument("--limit", type=int, default=50, help="show the N largest classes (0 = all)")
+    q.add_argument("--json", action="store_true")
+    q = qs.add_parser("strategies", help="strategies of a class or group (after analyze); "
+                      "without --class/--group the Clever-Hans ranking")
+    q.add_argument("--class", dest="class_index", type=int, help="a class (shows its group)")
+    q.add_argument("--group", help="a group by name")
     q.add_argument("--json", action="store_true")
     q = qs.add_parser("top", help="top-k (or bottom-k) rows by a score")
     q.add_argument(
@@ -297,6 +307,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=100, help="max overlays when --rows is not given")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--cmap", default="jet")
+    _add_storage(p)
+
+    # analyze / atlas ------------------------------------------------------------------
+    from pipeline.analysis.commands import add_analyze_arguments, add_atlas_arguments
+
+    p = sub.add_parser(
+        "analyze",
+        help="descriptors, per-class tables, strategies (and a comparison) into the store",
+        description="Analyse every finished unit of STORE into its 'analysis' group: "
+        "per-row descriptors (centre of mass, spread, area, entropy, centre bias, border), "
+        "per-class means, strategies per class or group with Clever-Hans scores; with "
+        "--compare, agreement with another store. Rerun to cover new units.",
+    )
+    add_analyze_arguments(p)
+    _add_storage(p)
+    p = sub.add_parser(
+        "atlas",
+        help="a static website to browse the analysis (opens from file://)",
+        description="Write an HTML site (no network needed): classes and groups sortable "
+        "by any descriptor, a page per group with its strategies and overlays.",
+    )
+    add_atlas_arguments(p)
     _add_storage(p)
 
     # report ---------------------------------------------------------------------------
@@ -430,9 +462,18 @@ def _cmd_query(a: argparse.Namespace) -> int:
     from pipeline.data.classes import class_name, load_class_names
 
     if not a.what:
-        raise CLIError("query needs one of: classes, top, maps, mean (see unioncam query --help)")
+        raise CLIError("query needs one of: classes, top, maps, mean, strategies "
+                       "(see unioncam query --help)")
     r = open_reader(a.store, parse_storage_options(a.storage_option))
     names = load_class_names()
+    if a.what == "classes" and a.by not in ("target", "label", "predicted"):
+        from pipeline.analysis.commands import query_class_table
+
+        return query_class_table(r, a.by, a.limit, a.json, a.ascending, names)
+    if a.what == "strategies":
+        from pipeline.analysis.commands import query_strategies
+
+        return query_strategies(r, a.class_index, a.group, a.json, names)
     if a.what == "classes":
         stats = sorted(r.class_stats(by=a.by), key=lambda s: (-s.count, s.class_index))
         stored = {k for s in stats for k in s.mean_metrics}
@@ -530,6 +571,18 @@ def _cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(a: argparse.Namespace) -> int:
+    from pipeline.analysis.commands import analyze_command
+
+    return analyze_command(a, parse_storage_options(a.storage_option))
+
+
+def _cmd_atlas(a: argparse.Namespace) -> int:
+    from pipeline.analysis.commands import atlas_command
+
+    return atlas_command(a, parse_storage_options(a.storage_option))
+
+
 def _cmd_report(a: argparse.Namespace) -> int:
     from pipeline.analysis.report.command import report_command
 
@@ -553,6 +606,8 @@ COMMANDS = {
     "status": _cmd_status,
     "query": _cmd_query,
     "export": _cmd_export,
+    "analyze": _cmd_analyze,
+    "atlas": _cmd_atlas,
     "report": _cmd_report,
     "demo": _cmd_demo,
 }

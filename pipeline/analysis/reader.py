@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.analysis.images import overlay_image
+from pipeline.analysis.results import AnalysisResults, open_analysis
 from pipeline.data.decode import Status, decode_image, read_bytes
 from pipeline.data.manifest import Manifest
 from pipeline.store.io import done_units, open_store
@@ -178,6 +179,11 @@ class StoreReader:
         if "metrics" in self.group:
             names += [f"metrics/{k}" for k in sorted(self.group["metrics"].array_keys())]
         return names
+
+    def analysis(self) -> AnalysisResults | None:
+        """What ``unioncam analyze`` stored in the store's ``analysis`` group (descriptors,
+        per-class tables, strategies, comparison), or None when it was not analysed."""
+        return open_analysis(self.group.store)
 
     # ------------------------------------------------------------------ status
     def status(self) -> StoreStatus:
