@@ -141,11 +141,19 @@ def _planted_rows(seed: int = 0):
 
 
 def write_store(path: Path, maps: np.ndarray, target: np.ndarray, units: list[int] | None = None,
-                *, bad: bool = True) -> Path:  # fmt: skip
-    """A real store (the worker's write calls) holding ``maps``; ``units`` = which to write."""
+                *, bad: bool = True, attrs: dict | None = None,
+                sizes: np.ndarray | None = None) -> Path:  # fmt: skip
+    """A real store (the worker's write calls) holding ``maps``; ``units`` = which to write;
+    ``sizes``: the photos' (h, w), whose whole frame is then the crop box."""
     n = len(maps)
     create_store(path, num_rows=n, unit_size=UNIT, image_size=S, pool=POOL,
-                 attrs={"manifest_fingerprint": "planted", "config_fingerprint": "c"})  # fmt: skip
+                 attrs={"manifest_fingerprint": "planted", "config_fingerprint": "c",
+                        **(attrs or {})})  # fmt: skip
+    extra: dict[str, np.ndarray] = {}
+    if sizes is not None:
+        extra["orig_size"] = np.asarray(sizes, dtype=np.int32)
+        extra["crop_box"] = np.stack([np.zeros(n), np.zeros(n), sizes[:, 1], sizes[:, 0]],
+                                     1).astype(np.int32)  # fmt: skip
     status = np.full(n, int(Status.OK), dtype=np.uint8)
     maps = maps.copy()
     if bad:
@@ -156,7 +164,9 @@ def write_store(path: Path, maps: np.ndarray, target: np.ndarray, units: list[in
     for u in range(nu) if units is None else units:
         s, e = u * UNIT, min(n, (u + 1) * UNIT)
         write_unit(path, u, {"maps": maps[s:e], "status": status[s:e], "target": target[s:e],
-                             "label": target[s:e]})  # fmt: skip
+                             "label": target[s:e], **{k: v[s:e] for k, v in extra.items()},
+                             **({"error": np.where(status[s:e] == 0, "", "planted failure")}
+                                if bad else {})})  # fmt: skip
     return path
 
 
