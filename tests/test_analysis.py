@@ -324,6 +324,11 @@ def test_compare_self_is_perfect_and_a_shifted_copy_is_less(planted, tmp_path):
     shutil.copytree(planted["path"], path)
     analyze(str(path), compare=str(path), parallel=False)
     a = open_reader(str(path)).analysis()
+    computed = a.compare["spearman"].metadata.to_dict()
+    stamp = os.stat(path / "analysis" / "compare" / "spearman" / "zarr.json").st_mtime_ns
+    analyze(str(path), compare=str(path), parallel=False)  # unchanged: not recomputed
+    assert os.stat(path / "analysis" / "compare" / "spearman" / "zarr.json").st_mtime_ns == stamp
+    assert computed["dimension_names"] == ("image",)
     rho = np.asarray(a.compare["spearman"][:])
     ok = np.isfinite(rho)
     assert ok.sum() == len(rho) - 2 and np.allclose(rho[ok], 1.0)

@@ -16,11 +16,13 @@ Per row, on the rows that are OK with a valid map in both (others are NaN):
 Per class (the class explained in the first store): the mean of each over its compared
 rows. The classes where the two differ most are those with the lowest mean ``spearman``.
 Results are written to ``analysis/compare`` with the other store's path, fingerprints
-and units in the attributes.
+and units in the attributes; a rerun recomputes them only when those (or either store's
+finished units) changed.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -109,6 +111,17 @@ def compare_stores(
         from pipeline.store.io import open_store
 
         store = open_store(reader.path, mode="r+", storage_options=storage_options).store
+    other_done = o.done_units()
+    key = {"other": o.path, "other_fingerprints": _fingerprints(o), "maps": list(maps),
+           "units": sorted(reader.done_units()), "other_units": sorted(other_done),
+           "source": _fingerprints(reader) | {"created_at": reader.attrs.get("created_at")}}
+    try:
+        old = dict(zarr.open_group(store, path=f"{ANALYSIS}/compare", mode="r",
+                                   use_consolidated=False).attrs)  # fmt: skip
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+        old = {}
+    if old.get("key") == json.loads(json.dumps(key, default=str)):
+        return old  # nothing changed since it was computed
     n, unit = reader.num_rows, reader.unit_size
     g = zarr.open_group(store, path=f"{ANALYSIS}/compare", mode="w")
     zrho = zarr.create_array(store, name=f"{ANALYSIS}/compare/spearman", shape=(n,),
@@ -117,7 +130,6 @@ def compare_stores(
     ziou = zarr.create_array(store, name=f"{ANALYSIS}/compare/top_iou", shape=(n,),
                              chunks=(unit,), dtype="f4", fill_value=float("nan"),
                              dimension_names=("image",))  # fmt: skip
-    other_done = o.done_units()
     sums: dict[int, np.ndarray] = {}
     compared = 0
     units = []
@@ -170,6 +182,7 @@ def compare_stores(
         "top_share": TOP_SHARE,
         "spearman_mean": float(table[:, 1].sum() / max(compared, 1)) if compared else None,
         "top_iou_mean": float(table[:, 2].sum() / max(compared, 1)) if compared else None,
+        "key": key,
     }
     g.update_attributes(info)
     return info

@@ -115,9 +115,10 @@ class AnalysisSummary:
         ]
         if self.units < self.num_units:
             lines.append("the run is not finished: rerun analyze when it is to cover every unit")
-        if self.top_clever_hans:
-            lines.append("Clever-Hans candidates (group: score): " + ", ".join(
-                f"{g}: {s:.3f}" for g, s in self.top_clever_hans))  # fmt: skip
+        top = [(g, s) for g, s in self.top_clever_hans if s > 0]
+        lines.append("Clever-Hans candidates (group: score): " + ", ".join(
+            f"{g}: {s:.3f}" for g, s in top) if top else
+            "Clever-Hans candidates: none (no group split into strategies)")  # fmt: skip
         return "\n".join(lines)
 
 
