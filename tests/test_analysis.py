@@ -368,3 +368,49 @@ def test_thumbnails_are_unit_norm_area_means():
     assert t[0, 0, 0] == pytest.approx(1.0) and t[0, 1, 1] == 0.0
     st = find_strategies(np.repeat(t, 3, 0))
     assert st.k == 1
+
+
+# ---------------------------------------------------------------------------------------
+# localisation against boxes
+def test_a_map_inside_a_box_scores_one_and_boxes_outside_the_crop_count_outside(tmp_path):
+    from pipeline.analysis.boxes import box_mask, localisation
+
+    crop = (100, 50, 300, 250)  # 200 x 200 original pixels -> a 10 x 10 map, 20 px per pixel
+    inside = box_mask(crop, [(120, 70, 220, 170)], 10, 10)  # map pixels 1..5 x 1..5
+    assert inside.sum() == 25 and inside[1:6, 1:6].all()
+    m = np.zeros((10, 10))
+    m[2:5, 2:5] = 1.0
+    energy, peak, iou = localisation(m[None], inside[None], np.array([True]))[0]
+    assert (energy, peak) == (1.0, 1.0) and iou == pytest.approx(9 / 25)
+    # a box partly outside the crop: only its part inside the crop covers pixels
+    part = box_mask(crop, [(250, 0, 400, 100)], 10, 10)
+    assert part.sum() == 6 and part[:2, 7:].all()
+    assert box_mask(crop, [(0, 0, 90, 40)], 10, 10).sum() == 0  # wholly outside
+    energy, peak, _ = localisation(m[None], part[None], np.array([True]))[0]
+    assert (energy, peak) == (0.0, 0.0)
+    assert np.isnan(localisation(m[None], part[None], np.array([False]))).all()
+
+
+def test_boxes_files_in_both_formats(tmp_path):
+    from pipeline.analysis.boxes import load_boxes, match_rows
+
+    loc = tmp_path / "LOC_val_solution.csv"
+    loc.write_text("ImageId,PredictionString\n"
+                   "ILSVRC2012_val_00000001,n01751748 111 108 441 375 n01751748 1 2 3 4 \n"
+                   "ILSVRC2012_val_00000002,n09193705 31 26 463 270 \n")  # fmt: skip
+    synsets = [ln.split("\t")[0] for ln in
+               (Path(IMAGENET_GROUPS).parent / "imagenet_classes.txt").read_text().splitlines()
+               if ln and not ln.startswith("#")]  # fmt: skip
+    b = load_boxes(loc, synsets)
+    assert b["ILSVRC2012_val_00000001"] == [(65, 111, 108, 441, 375), (65, 1, 2, 3, 4)]
+    rows = match_rows(["/data/val/ILSVRC2012_val_00000001.JPEG",
+                       "s3://b/ILSVRC2012_val_00000002.JPEG", "/x/other.jpg"], [65, 3, 1], b)
+    assert rows == [[(111, 108, 441, 375), (1, 2, 3, 4)], [], []]  # row 2: label is not 970
+    generic = tmp_path / "boxes.csv"
+    generic.write_text("uri,class,x1,y1,x2,y2\n/p/a.jpg,,0,0,10,10\n/p/a.jpg,,5,5,20,20\n")
+    g = load_boxes(generic)
+    assert match_rows(["a.jpg"], [-1], g) == [[(0, 0, 10, 10), (5, 5, 20, 20)]]
+    with pytest.raises(ValueError, match="expected LOC_val_solution"):
+        bad = tmp_path / "bad.csv"
+        bad.write_text("a,b\n1,2\n")
+        load_boxes(bad)

@@ -51,8 +51,16 @@ def site(tmp_path_factory, sample_dir, sample_labels):
                         sizes=np.array(sizes))  # fmt: skip
     shifted = write_store(tmp / "shifted.zarr", np.roll(maps, 5, axis=1), target,
                           attrs={"manifest": str(manifest)}, sizes=np.array(sizes))  # fmt: skip
-    analyze(str(store), config=AnalysisConfig(groups="class"), compare=str(shifted),
-            parallel=False)  # fmt: skip
+    # one box per photo, on its central half: class 8's maps look there, class 9's left of it
+    with open(tmp / "boxes.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["uri", "class", "x1", "y1", "x2", "y2"])
+        for f in files:
+            with Image.open(f) as im:
+                w.writerow([f.name, "", im.width / 4, im.height / 4, im.width * 3 / 4,
+                            im.height * 3 / 4])  # fmt: skip
+    analyze(str(store), config=AnalysisConfig(groups="class", boxes=str(tmp / "boxes.csv")),
+            compare=str(shifted), parallel=False)  # fmt: skip
     out = tmp / "site"
     assert main(["atlas", str(store), "--out", str(out)]) == 0
     return out
@@ -139,6 +147,16 @@ def test_screenshot_of_the_index(site, tmp_path):
         # not a blank page: the mean-map thumbnails put colour on it
         colours = np.asarray(im.convert("RGB").resize((64, 45))).reshape(-1, 3)
         assert len(np.unique(colours, axis=0)) > 50
+
+
+def test_boxes_score_the_rows_and_show_in_the_atlas(site):
+    from pipeline.analysis.reader import open_reader
+
+    res = open_reader(str(site.parent / "s.zarr")).analysis()
+    table = {r["class"]: r for r in res.class_table()}
+    assert table[8]["energy_in_box"] > 0.4 > table[9]["energy_in_box"]
+    assert table[8]["max_in_box"] > 0.9 and table[8]["box_iou"] > table[9]["box_iou"]
+    assert "energy_in_box" in (site / "index.html").read_text()
 
 
 def test_failed_rows_are_listed(site):

@@ -322,7 +322,8 @@ def _table(heads: list[str], rows: list[str], ident: str) -> str:
 
 def _class_table(rows: list[dict[str, Any]], names: list[str], thumbs: dict[int, str],
                  link: bool) -> str:  # fmt: skip
-    extra = [k for k in ("spearman", "top_iou") if rows and k in rows[0]]
+    extra = [k for k in ("energy_in_box", "max_in_box", "box_iou", "spearman", "top_iou")
+             if rows and k in rows[0]]
     heads = ["class", "name", "group", *(["mean map"] if thumbs else []), "rows", *DESCRIPTORS,
              *extra]
     trs = []

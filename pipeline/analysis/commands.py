@@ -26,7 +26,8 @@ __all__ = [
 ]
 
 #: What ``query STORE classes --by`` sorts by when the store has an analysis.
-CLASS_SORT_KEYS = (*DESCRIPTORS, "clever_hans", "spearman", "top_iou", "count")
+CLASS_SORT_KEYS = (*DESCRIPTORS, "energy_in_box", "max_in_box", "box_iou", "clever_hans",
+                   "spearman", "top_iou", "count")
 
 
 def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +48,11 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
         help="map arrays to compare: this store's A with the other's B (default maps,maps; "
         "e.g. maps,components/region_groupcam)",
     )  # fmt: skip
+    p.add_argument(
+        "--boxes", metavar="FILE",
+        help="object boxes for localisation scores: ImageNet's LOC_val_solution.csv, or a "
+        "CSV uri,class,x1,y1,x2,y2 (original pixels, one box per line)",
+    )  # fmt: skip
     p.add_argument("--sample-per-group", type=int, default=500,
                    help="rows clustered per group (the rest are assigned; default 500)")
     p.add_argument("--force", action="store_true", help="recompute everything")
@@ -59,7 +65,7 @@ def analyze_command(a: argparse.Namespace, storage_options: dict[str, Any] | Non
     maps = tuple(s.strip() for s in a.compare_maps.split(","))
     if len(maps) != 2 or not all(maps):
         raise ValueError(f"--compare-maps: expected A,B, got {a.compare_maps!r}")
-    cfg = AnalysisConfig(groups=a.groups, sample_per_group=a.sample_per_group)
+    cfg = AnalysisConfig(groups=a.groups, sample_per_group=a.sample_per_group, boxes=a.boxes)
     s = analyze(a.store, config=cfg, compare=a.compare, compare_maps=maps,  # type: ignore[arg-type]
                 storage_options=storage_options, force=a.force)  # fmt: skip
     print(json.dumps(s.__dict__, default=str, indent=1) if a.json else s.format())
@@ -121,6 +127,8 @@ def query_class_table(reader: Any, by: str, limit: int, as_json: bool, ascending
     table = res.class_table()
     if by in ("spearman", "top_iou") and (not table or by not in table[0]):
         raise ValueError(f"--by {by}: the analysis has no comparison (analyze --compare)")
+    if by in ("energy_in_box", "max_in_box", "box_iou") and (not table or by not in table[0]):
+        raise ValueError(f"--by {by}: the analysis has no boxes (analyze --boxes FILE)")
     sign = 1.0 if ascending else -1.0
     table.sort(key=lambda r: (math.isnan(float(r[by])), sign * float(r[by]), r["class"]))
     if limit:

@@ -15,7 +15,8 @@ The group (every array has ``dimension_names``; each subgroup opens with
   0 = no map because the row failed, 2 = bad map: NaN/inf, flat or unreadable; 255 = not
   analysed yet), ``thumbs`` (``image, ty, tx`` float16: the map area-averaged to the
   thumbnail side), ``group`` (index into ``analysis/groups/group``), ``strategy`` (index of
-  the row's strategy in its group, -1 = none) and ``strategy_distance``.
+  the row's strategy in its group, -1 = none) and ``strategy_distance``; with ``--boxes``
+  also ``energy_in_box``, ``max_in_box`` and ``box_iou`` (:mod:`pipeline.analysis.boxes`).
 * ``analysis/classes`` (dim ``class``): ``class`` (the class index), ``group``, ``count``
   (described rows), ``<descriptor>_mean``, ``<descriptor>_std``, ``mean_map``
   (``class, ty, tx``).
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from pipeline.analysis.boxes import LOCALISATION
 from pipeline.analysis.descriptors import DESCRIPTORS
 
 __all__ = [
@@ -116,7 +118,9 @@ class AnalysisResults:
     # ---------------------------------------------------------------- classes
     def class_table(self) -> list[dict[str, Any]]:
         """One dict per class: ``class``, ``group`` (name), ``count``, each descriptor's
-        mean and std (``<name>``, ``<name>_std``), its group's ``clever_hans``, and the
+        mean and std (``<name>``, ``<name>_std``; with boxes also ``energy_in_box``,
+        ``max_in_box``, ``box_iou`` over the rows that have a box), its group's
+        ``clever_hans``, and the
         comparison's ``spearman``/``top_iou`` means when a comparison was stored."""
         if self.classes is None:
             return []
@@ -125,8 +129,9 @@ class AnalysisResults:
         names = self.group_names()
         ch = self._col(self.groups, "clever_hans") if self.groups is not None else None
         cnt = self._col(self.classes, "count")
-        cols = {d: self._col(self.classes, f"{d}_mean") for d in DESCRIPTORS}
-        stds = {d: self._col(self.classes, f"{d}_std") for d in DESCRIPTORS}
+        names_ = (*DESCRIPTORS, *(n for n in LOCALISATION if f"{n}_mean" in self.classes))
+        cols = {d: self._col(self.classes, f"{d}_mean") for d in names_}
+        stds = {d: self._col(self.classes, f"{d}_std") for d in names_}
         cmp: dict[int, tuple[float, float]] = {}
         if self.compare is not None and "class" in self.compare:
             for c, s, t in zip(self._col(self.compare, "class").tolist(),
@@ -141,7 +146,7 @@ class AnalysisResults:
                 "group": names[g] if 0 <= g < len(names) else "",
                 "count": int(cnt[i]),
             }
-            for d in DESCRIPTORS:
+            for d in names_:
                 row[d] = float(cols[d][i])
                 row[f"{d}_std"] = float(stds[d][i])
             row["clever_hans"] = float(ch[g]) if ch is not None and 0 <= g < len(ch) else 0.0

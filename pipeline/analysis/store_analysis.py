@@ -39,11 +39,13 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
+from pipeline.analysis.boxes import LOCALISATION, box_mask, load_boxes, localisation, match_rows
 from pipeline.analysis.descriptors import DESCRIPTORS, describe
 from pipeline.analysis.groups import AUTO_MIN_ROWS, Grouping, load_grouping
 from pipeline.analysis.reader import StoreReader, open_reader
@@ -56,6 +58,8 @@ from pipeline.analysis.strategies import (
 )
 from pipeline.data.decode import Status
 from pipeline.store.io import open_store
+
+IMAGENET_CLASSES = Path(__file__).resolve().parents[1] / "data" / "imagenet_classes.txt"
 
 __all__ = ["AnalysisConfig", "AnalysisSummary", "analyze", "describe_unit"]
 
@@ -82,9 +86,15 @@ class AnalysisConfig:
     exemplars: int = 4
     off_object: int = 8
     seed: int = 0
+    #: Object boxes (``LOC_val_solution.csv`` or a generic CSV; :mod:`pipeline.analysis.boxes`).
+    boxes: str | None = None
 
     def key(self) -> dict[str, Any]:
-        return {**asdict(self), "version": ANALYSIS_VERSION}
+        key = {**asdict(self), "version": ANALYSIS_VERSION}
+        if self.boxes:  # the file's content, not only its name, decides
+            with open(self.boxes, "rb") as fh:
+                key["boxes_sha256"] = hashlib.sha256(fh.read()).hexdigest()
+        return key
 
 
 @dataclass
@@ -156,6 +166,9 @@ def _row_arrays(reader: StoreReader, cfg: AnalysisConfig, store: Any) -> None:
             {"codes": DESCRIBED})  # fmt: skip
     _create(store, "rows/thumbs", (n, side, side), (u, side, side), "f2", float("nan"),
             ("image", "ty", "tx"), {"description": "the map area-averaged to a thumbnail"})
+    if cfg.boxes:
+        for name in LOCALISATION:
+            _create(store, f"rows/{name}", (n,), (u,), "f4", float("nan"), ("image",))
     _create(store, "rows/group", (n,), (u,), "i4", -1, ("image",))
     _create(store, "rows/strategy", (n,), (u,), "i1", -1, ("image",))
     _create(store, "rows/strategy_distance", (n,), (u,), "f4", float("nan"), ("image",))
@@ -192,9 +205,12 @@ def _read_maps(reader: StoreReader, start: int, stop: int) -> tuple[np.ndarray, 
 
 
 def describe_unit(store_path: str, u: int, thumb_side: int,
-                  storage_options: dict[str, Any] | None = None) -> dict[str, int]:  # fmt: skip
-    """Describe one unit and write its rows of ``analysis/rows`` (whole chunks). Returns
-    counts by outcome. A plain function so it can run as a Ray task."""
+                  storage_options: dict[str, Any] | None = None,
+                  boxes: list[list[tuple[float, float, float, float]]] | None = None,
+                  ) -> dict[str, int]:  # fmt: skip
+    """Describe one unit and write its rows of ``analysis/rows`` (whole chunks); with
+    ``boxes`` (per row of the unit) also its localisation scores. Returns counts by
+    outcome. A plain function so it can run as a Ray task."""
     reader = open_reader(store_path, storage_options)
     start, stop = reader.unit_range(u)
     status = np.asarray(reader.group["status"][start:stop])
@@ -214,6 +230,14 @@ def describe_unit(store_path: str, u: int, thumb_side: int,
         rows[d][start:stop] = desc[:, j]
     rows["thumbs"][start:stop] = thumbs.astype(np.float16)
     rows["described"][start:stop] = code
+    if boxes is not None:
+        crop = np.asarray(reader.group["crop_box"][start:stop])
+        s = reader.image_size
+        masks = np.stack([box_mask(crop[i], boxes[i], s, s) for i in range(stop - start)])
+        scored = valid & np.array([len(b) > 0 for b in boxes])
+        loc = localisation(maps, masks, scored)
+        for j, name in enumerate(LOCALISATION):
+            rows[name][start:stop] = loc[:, j]
     return {"described": int(valid.sum()), "no_map": int((~ok).sum()),
             "bad_map": int((ok & ~valid).sum())}  # fmt: skip
 
@@ -231,18 +255,47 @@ def _run_units(store_path: str, units: list[int], cfg: AnalysisConfig,
             use_ray = ray.is_initialized() and len(units) > 1
         except ImportError:
             use_ray = False
+    unit_boxes = _boxes_of_units(store_path, units, cfg, storage_options)
     if not use_ray:
         for u in units:
-            done(u, describe_unit(store_path, u, cfg.thumb_side, storage_options))
+            done(u, describe_unit(store_path, u, cfg.thumb_side, storage_options,
+                                  unit_boxes.get(u)))  # fmt: skip
         return
     import ray
 
     task = ray.remote(num_cpus=1)(describe_unit)
-    pending = {task.remote(store_path, u, cfg.thumb_side, storage_options): u for u in units}
+    pending = {task.remote(store_path, u, cfg.thumb_side, storage_options, unit_boxes.get(u)): u
+               for u in units}  # fmt: skip
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
             done(pending.pop(ref), ray.get(ref))
+
+
+def _boxes_of_units(store_path: str, units: list[int], cfg: AnalysisConfig,
+                    storage_options: dict[str, Any] | None) -> dict[int, list]:  # fmt: skip
+    """Per unit, per row, the boxes the row is scored against (empty without ``--boxes``);
+    rows are matched by the manifest's URIs."""
+    if not cfg.boxes or not units:
+        return {}
+    from pipeline.data.manifest import Manifest
+
+    reader = open_reader(store_path, storage_options)
+    uri = reader.attrs.get("manifest")
+    if not uri:
+        raise ValueError(f"{reader.path} records no manifest: boxes are matched to rows "
+                         "through the manifest's URIs")  # fmt: skip
+    names = [ln.split("\t", 1)[0] for ln in IMAGENET_CLASSES.read_text().splitlines()
+             if ln and not ln.startswith("#")]  # fmt: skip
+    boxes = load_boxes(cfg.boxes, names)
+    manifest = Manifest.open(uri, storage_options=storage_options)
+    out = {}
+    for u in units:
+        s, e = reader.unit_range(u)
+        rows = manifest.get_rows(range(s, e), with_images=False)
+        labels = np.asarray(reader.group["label"][s:e]).tolist()
+        out[u] = match_rows([r.uri for r in rows], labels, boxes)
+    return out
 
 
 def _choose_grouping(cfg: AnalysisConfig, counts: dict[int, int]) -> tuple[Grouping, str]:
@@ -310,12 +363,13 @@ def _tables(reader: StoreReader, cfg: AnalysisConfig, store: Any) -> tuple[int, 
     names = grouping.names(classes)
     gidx = {g: i for i, g in enumerate(names)}
     class_group = np.array([gidx[grouping.group_of(c)] for c in classes], dtype=np.int64)
-    nd, side, cs = len(DESCRIPTORS), rows_g["thumbs"].shape[1], min(cfg.cluster_side,
+    loc = tuple(n for n in LOCALISATION if n in rows_g)  # with --boxes
+    nd, side, cs = len(DESCRIPTORS) + len(loc), rows_g["thumbs"].shape[1], min(cfg.cluster_side,
                                                                    rows_g["thumbs"].shape[1])
     ncl, ng = len(classes), len(names)
-    csum, csq = np.zeros((ncl, nd)), np.zeros((ncl, nd))
+    csum, csq, cnum = np.zeros((ncl, nd)), np.zeros((ncl, nd)), np.zeros((ncl, nd))
     cmap = np.zeros((ncl, side, side))
-    gsum, gmap = np.zeros((ng, nd)), np.zeros((ng, side, side))
+    gsum, gmap = np.zeros((ng, len(DESCRIPTORS))), np.zeros((ng, side, side))
     gcount = np.zeros(ng, dtype=np.int64)
     # the sample keeps unit-norm thumbnails at the clustering side, float16 (bounded memory)
     sample: list[_TopK] = [_TopK(cfg.sample_per_group) for _ in range(ng)]
@@ -325,7 +379,7 @@ def _tables(reader: StoreReader, cfg: AnalysisConfig, store: Any) -> tuple[int, 
         ok = np.asarray(rows_g["described"][s:e]) == DESCRIBED["DESCRIBED"]
         idx = np.nonzero(ok)[0]
         tgt = np.asarray(reader.group["target"][s:e])[idx]
-        desc = np.stack([np.asarray(rows_g[d][s:e])[idx] for d in DESCRIPTORS], 1)
+        desc = np.stack([np.asarray(rows_g[d][s:e])[idx] for d in (*DESCRIPTORS, *loc)], 1)
         th = np.asarray(rows_g["thumbs"][s:e])[idx].astype(np.float32)
         return s, idx, tgt, desc.astype(np.float64), th
 
@@ -336,10 +390,13 @@ def _tables(reader: StoreReader, cfg: AnalysisConfig, store: Any) -> tuple[int, 
             continue
         ci = np.array([cidx[int(c)] for c in tgt])
         gi = class_group[ci]
-        np.add.at(csum, ci, desc)
-        np.add.at(csq, ci, desc**2)
+        fin = np.isfinite(desc)  # localisation is NaN for rows without a box
+        d0 = np.where(fin, desc, 0.0)
+        np.add.at(csum, ci, d0)
+        np.add.at(csq, ci, d0**2)
+        np.add.at(cnum, ci, fin)
         np.add.at(cmap, ci, th)
-        np.add.at(gsum, gi, desc)
+        np.add.at(gsum, gi, d0[:, : len(DESCRIPTORS)])
         np.add.at(gmap, gi, th)
         np.add.at(gcount, gi, 1)
         rid = s + idx
@@ -386,17 +443,23 @@ def _tables(reader: StoreReader, cfg: AnalysisConfig, store: Any) -> tuple[int, 
                 for jj in range(ks[g]):
                     sel = j == jj
                     exemplars[g][jj].add(d[sel], s + idx[m][sel])
-                off[g].add(-desc[m, bi], s + idx[m])
+                # most off-object: least energy in the boxes when scored, else most border
+                key = -desc[m, bi]
+                if loc:
+                    e_in = desc[m, len(DESCRIPTORS)]
+                    key = np.where(np.isfinite(e_in), e_in - 1.0, key)
+                off[g].add(key, s + idx[m])
         rows_g["group"][s:e] = grp
         rows_g["strategy"][s:e] = strat
         rows_g["strategy_distance"][s:e] = dist
     # write the tables
     with np.errstate(invalid="ignore", divide="ignore"):
-        cn = np.maximum(ccount, 1)[:, None]
+        cn = np.maximum(cnum, 1)
         cmean = csum / cn
         cstd = np.sqrt(np.maximum(csq / cn - cmean**2, 0.0))
         gmean = gsum / np.maximum(gcount, 1)[:, None]
-    cmean[ccount == 0], gmean[gcount == 0] = np.nan, np.nan
+    cmean[cnum == 0], cstd[cnum == 0] = np.nan, np.nan
+    gmean[gcount == 0] = np.nan
     zarr.open_group(store, path=f"{ANALYSIS}/classes", mode="w")
     ncl1 = max(ncl, 1)
     a = _create(store, "classes/class", (ncl,), (ncl1,), "i4", -1, ("class",))
@@ -405,7 +468,7 @@ def _tables(reader: StoreReader, cfg: AnalysisConfig, store: Any) -> tuple[int, 
     a[:] = class_group.astype(np.int32)
     a = _create(store, "classes/count", (ncl,), (ncl1,), "i8", 0, ("class",))
     a[:] = ccount.astype(np.int64)
-    for j, d in enumerate(DESCRIPTORS):
+    for j, d in enumerate((*DESCRIPTORS, *loc)):
         _create(store, f"classes/{d}_mean", (ncl,), (ncl1,), "f4", float("nan"),
                 ("class",))[:] = cmean[:, j].astype(np.float32)  # fmt: skip
         _create(store, f"classes/{d}_std", (ncl,), (ncl1,), "f4", float("nan"),
