@@ -414,3 +414,24 @@ def test_boxes_files_in_both_formats(tmp_path):
         bad = tmp_path / "bad.csv"
         bad.write_text("a,b\n1,2\n")
         load_boxes(bad)
+
+
+def test_units_described_as_ray_tasks_give_the_same_analysis(planted, tmp_path):
+    """With a Ray instance up, units are described by Ray tasks; the result is the same."""
+    ray = pytest.importorskip("ray")
+    path = tmp_path / "s.zarr"
+    shutil.copytree(planted["path"], path)
+    shutil.rmtree(path / "analysis")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        s = analyze(str(path), config=AnalysisConfig(groups="class"))
+    finally:
+        ray.shutdown()
+    assert s.ray_tasks and not planted["summary"].ray_tasks
+    assert s.rows_described == planted["summary"].rows_described
+    serial = zarr.open_group(str(planted["path"]), path="analysis/rows", mode="r")
+    parallel = zarr.open_group(str(path), path="analysis/rows", mode="r")
+    for name in (*DESCRIPTORS, "described", "strategy"):
+        np.testing.assert_array_equal(np.asarray(parallel[name][:]), np.asarray(serial[name][:]))

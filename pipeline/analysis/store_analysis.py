@@ -113,6 +113,8 @@ class AnalysisSummary:
     grouping: str
     seconds: float
     top_clever_hans: list[tuple[str, float]] = field(default_factory=list)
+    #: Whether the units were described as Ray tasks.
+    ray_tasks: bool = False
 
     def format(self) -> str:
         cover = "all" if self.units == self.num_units else f"{self.units} of {self.num_units}"
@@ -244,9 +246,10 @@ def describe_unit(store_path: str, u: int, thumb_side: int,
 
 def _run_units(store_path: str, units: list[int], cfg: AnalysisConfig,
                storage_options: dict[str, Any] | None, parallel: bool | None,
-               done: Callable[[int, dict[str, int]], None]) -> None:  # fmt: skip
+               done: Callable[[int, dict[str, int]], None]) -> bool:  # fmt: skip
     """Describe ``units``: as Ray tasks when Ray is initialised (and ``parallel`` is not
-    False), else one after the other; ``done`` is called after each unit."""
+    False), else one after the other; ``done`` is called after each unit. Returns whether
+    Ray tasks did it."""
     use_ray = False
     if parallel is not False:
         try:
@@ -260,7 +263,7 @@ def _run_units(store_path: str, units: list[int], cfg: AnalysisConfig,
         for u in units:
             done(u, describe_unit(store_path, u, cfg.thumb_side, storage_options,
                                   unit_boxes.get(u)))  # fmt: skip
-        return
+        return False
     import ray
 
     task = ray.remote(num_cpus=1)(describe_unit)
@@ -270,6 +273,7 @@ def _run_units(store_path: str, units: list[int], cfg: AnalysisConfig,
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
             done(pending.pop(ref), ray.get(ref))
+    return True
 
 
 def _boxes_of_units(store_path: str, units: list[int], cfg: AnalysisConfig,
@@ -560,7 +564,7 @@ def analyze(
         group.update_attributes({"units": sorted(described), "counts": counts})
 
     group.update_attributes({"source": source, "params": params})
-    _run_units(store, todo, cfg, storage_options, parallel, done)
+    used_ray = _run_units(store, todo, cfg, storage_options, parallel, done)
     recomputed = bool(todo) or not old.get("tables_done")
     ng, gname = old.get("groups", 0), old.get("grouping", "")
     ranking = old.get("top_clever_hans") or []
@@ -582,7 +586,7 @@ def analyze(
         rows_bad_map=counts.get("bad_map", 0), units_added=len(todo), recomputed=recomputed,
         groups=int(ng), grouping=str(gname),
         seconds=time.perf_counter() - t0,
-        top_clever_hans=[(str(g), float(s)) for g, s in ranking],
+        top_clever_hans=[(str(g), float(s)) for g, s in ranking], ray_tasks=used_ray,
     )  # fmt: skip
 
 
