@@ -56,6 +56,11 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-per-group", type=int, default=500,
                    help="rows clustered per group (the rest are assigned; default 500)")
     p.add_argument("--force", action="store_true", help="recompute everything")
+    p.add_argument(
+        "--address",
+        help="describe units as Ray tasks on this Ray cluster ('auto', 'ray://host:10001'); "
+        "default: one after the other in this process",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -66,8 +71,18 @@ def analyze_command(a: argparse.Namespace, storage_options: dict[str, Any] | Non
     if len(maps) != 2 or not all(maps):
         raise ValueError(f"--compare-maps: expected A,B, got {a.compare_maps!r}")
     cfg = AnalysisConfig(groups=a.groups, sample_per_group=a.sample_per_group, boxes=a.boxes)
-    s = analyze(a.store, config=cfg, compare=a.compare, compare_maps=maps,  # type: ignore[arg-type]
-                storage_options=storage_options, force=a.force)  # fmt: skip
+    if a.address:
+        import ray
+
+        ray.init(address=a.address, logging_level="ERROR")
+    try:
+        s = analyze(a.store, config=cfg, compare=a.compare, compare_maps=maps,  # type: ignore[arg-type]
+                    storage_options=storage_options, force=a.force)  # fmt: skip
+    finally:
+        if a.address:
+            import ray
+
+            ray.shutdown()
     print(json.dumps(s.__dict__, default=str, indent=1) if a.json else s.format())
     if a.compare:
         from pipeline.analysis.reader import open_reader

@@ -115,6 +115,8 @@ class AnalysisSummary:
     top_clever_hans: list[tuple[str, float]] = field(default_factory=list)
     #: Whether the units were described as Ray tasks.
     ray_tasks: bool = False
+    #: Wall seconds by step: describe, tables (all of step 2), of which clustering.
+    timings: dict[str, float] = field(default_factory=dict)
 
     def format(self) -> str:
         cover = "all" if self.units == self.num_units else f"{self.units} of {self.num_units}"
@@ -349,7 +351,8 @@ class _TopK:
             self.payload = both[order]
 
 
-def _tables(reader: StoreReader, cfg: AnalysisConfig, store: Any) -> tuple[int, str, list]:
+def _tables(reader: StoreReader, cfg: AnalysisConfig, store: Any,
+            timings: dict[str, float]) -> tuple[int, str, list]:  # fmt: skip
     """Step 2: per-class tables, per-group strategies, every row's strategy."""
     rows_g = zarr.open_group(store, path=f"{ANALYSIS}/rows", mode="r+", use_consolidated=False)
     units = sorted(reader.done_units())
@@ -412,6 +415,7 @@ def _tables(reader: StoreReader, cfg: AnalysisConfig, store: Any) -> tuple[int, 
     ccount = np.bincount([cidx[c] for c in classes], weights=[counts[c] for c in classes],
                          minlength=ncl) if ncl else np.zeros(0)  # fmt: skip
     # clustering
+    t_cluster = time.perf_counter()
     kmax = MAX_STRATEGIES
     centroids = np.zeros((ng, kmax, cs, cs), dtype=np.float32)
     ks = np.zeros(ng, dtype=np.int64)
@@ -425,6 +429,7 @@ def _tables(reader: StoreReader, cfg: AnalysisConfig, store: Any) -> tuple[int, 
         ks[g] = st.k
         centroids[g, : st.k] = st.centroids
         sil[g] = st.silhouette
+    timings["clustering"] = time.perf_counter() - t_cluster
     # pass c: assign every row, exemplars, off-object rows
     sizes = np.zeros((ng, kmax), dtype=np.int64)
     exemplars = [[_TopK(cfg.exemplars) for _ in range(kmax)] for _ in range(ng)]
@@ -564,13 +569,18 @@ def analyze(
         group.update_attributes({"units": sorted(described), "counts": counts})
 
     group.update_attributes({"source": source, "params": params})
+    timings: dict[str, float] = {}
+    t1 = time.perf_counter()
     used_ray = _run_units(store, todo, cfg, storage_options, parallel, done)
+    timings["describe"] = time.perf_counter() - t1
     recomputed = bool(todo) or not old.get("tables_done")
     ng, gname = old.get("groups", 0), old.get("grouping", "")
     ranking = old.get("top_clever_hans") or []
     if recomputed:
         group.update_attributes({"tables_done": False})
-        ng, gname, full = _tables(reader, cfg, zstore)
+        t2 = time.perf_counter()
+        ng, gname, full = _tables(reader, cfg, zstore, timings)
+        timings["tables"] = time.perf_counter() - t2
         ranking = [[g, round(float(s), 4)] for g, s in full[:5]]
         group.update_attributes({"tables_done": True, "groups": ng, "grouping": gname,
                                  "top_clever_hans": ranking, "computed_at": _now(),
@@ -587,6 +597,7 @@ def analyze(
         groups=int(ng), grouping=str(gname),
         seconds=time.perf_counter() - t0,
         top_clever_hans=[(str(g), float(s)) for g, s in ranking], ray_tasks=used_ray,
+        timings=timings,
     )  # fmt: skip
 
 
