@@ -604,8 +604,3 @@ def analyze(
 def _plain(d: Any) -> Any:
     """JSON round trip: what the attributes give back for ``d``."""
     return json.loads(json.dumps(d, default=str))
-
-
-def fingerprint(d: Any) -> str:
-    """A short stable hash of a JSON-able value."""
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
