@@ -217,9 +217,11 @@ def write_atlas(reader: StoreReader, out: str | Path, *, manifest: str | None = 
         slug = _slug(name)
         group_thumb[name] = imgs.map_png(f"mean-group-{slug}", st.mean_map, THUMB_PX)
         large = imgs.map_png(f"mean-group-{slug}-large", st.mean_map, LARGE_PX)
+        title = _group_title(name, st.classes, names)
+        nc = len(st.classes)
         body = ['<p><a href="index.html">&larr; all groups and classes</a></p>',
-                f"<h1>{_e(name)}</h1>",
-                f'<p class="meta">{st.count} rows described, {len(st.classes)} classes; '
+                f"<h1>{_e(title)}</h1>",
+                f'<p class="meta">{st.count} rows described, {nc} class{"es" if nc != 1 else ""}; '
                 f"{st.k} strateg{'y' if st.k == 1 else 'ies'}"
                 + (f" (silhouette {st.silhouette:.3f})" if st.k > 1 else
                    " (no split reached a silhouette of 0.5)")
@@ -251,7 +253,7 @@ def write_atlas(reader: StoreReader, out: str | Path, *, manifest: str | None = 
         body.append("<h2>Classes</h2>" + _class_table(rows, names, {}, link=False))
         gfailed = [f for f in failed if group_of.get(f[1]) == name]
         body.append(f"<h2>Failed rows ({len(gfailed)})</h2>" + _failed_table(gfailed, names))
-        (out / f"group-{slug}.html").write_text(_page(f"{name} – unioncam atlas",
+        (out / f"group-{slug}.html").write_text(_page(f"{title} – unioncam atlas",
                                                        "\n".join(body)), encoding="utf-8")
         pages += 1
     # ---------------------------------------------------------------- class thumbnails
@@ -311,6 +313,13 @@ def write_atlas(reader: StoreReader, out: str | Path, *, manifest: str | None = 
     (out / "atlas.json").write_text(json.dumps({"store": reader.path, "groups": len(groups),
                                                 "classes": len(classes)}), encoding="utf-8")
     return AtlasSite(index=out / "index.html", pages=pages, images=imgs.count)
+
+
+def _group_title(name: str, classes: list[int], names: list[str]) -> str:
+    """A group's heading: a class analysed alone is named as a class."""
+    if name.isdigit() and classes == [int(name)]:
+        return f"class {name}: {class_name(names, int(name))}"
+    return name
 
 
 def _table(heads: list[str], rows: list[str], ident: str) -> str:
