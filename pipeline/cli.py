@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--class", dest="class_index", type=int, help="only rows explained for this class"
     )
     q.add_argument("--json", action="store_true")
+    q = qs.add_parser("row", help="every stored field of one row (its file, status, scores)")
+    q.add_argument("row_id", metavar="ROW", type=int)
+    q.add_argument("--json", action="store_true")
     q = qs.add_parser("maps", help="maps of rows as .npy and/or overlay PNGs")
     q.add_argument("--rows", required=True, help="row ids, e.g. 0,5,10-12")
     q.add_argument("--out", required=True, help="output folder")
@@ -293,8 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", metavar="STORE")
     p.add_argument("--csv", metavar="FILE", help="write per-row results to this CSV")
     p.add_argument("--overlays", metavar="DIR", help="write overlay PNGs here")
-    p.add_argument("--rows", help="rows for --overlays (default: the first --limit OK rows)")
-    p.add_argument("--limit", type=int, default=100, help="max overlays when --rows is not given")
+    p.add_argument(
+        "--rows", help="rows for --overlays (default: the --limit OK rows of highest probability)"
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=100,
+        help="without --rows, overlay the N OK rows with the highest probability (default 100)",
+    )
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--cmap", default="jet")
     _add_storage(p)
@@ -430,7 +440,9 @@ def _cmd_query(a: argparse.Namespace) -> int:
     from pipeline.data.classes import class_name, load_class_names
 
     if not a.what:
-        raise CLIError("query needs one of: classes, top, maps, mean (see unioncam query --help)")
+        raise CLIError(
+            "query needs one of: classes, top, row, maps, mean (see unioncam query --help)"
+        )
     r = open_reader(a.store, parse_storage_options(a.storage_option))
     names = load_class_names()
     if a.what == "classes":
@@ -457,12 +469,29 @@ def _cmd_query(a: argparse.Namespace) -> int:
         if a.json:
             print(json.dumps([x.__dict__ for x in rows], indent=1))
             return 0
-        print(f"{'row':>8} {a.by:>14}  {'class':<28} {'label':>5}  selected")
+        print(f"{'row':>8} {a.by:>14}  {'class':<28} {'label':>5}  {'selected':<24} file")
         for x in rows:
             print(
                 f"{x.row_id:>8} {x.score:>14.5f}  {class_name(names, x.target)[:28]:<28} "
-                f"{x.label:>5}  {x.selected}"
+                f"{x.label:>5}  {x.selected:<24} {x.uri}"
             )
+        return 0
+    if a.what == "row":
+        info = r.row(a.row_id)
+        if a.json:
+            print(json.dumps(info, indent=1))
+            return 0
+        t = info.get("target", -1)
+        print(f"row {info['row_id']}: {info['uri'] or '<inline image>'}")
+        print(f"status: {info['status_name']}" + (f" ({info['error']})" if info["error"] else ""))
+        if info["status_name"] == "OK":
+            print(f"class explained: {t} {class_name(names, t)}; label {info.get('label')}, "
+                  f"predicted {info.get('predicted')}")  # fmt: skip
+            print(f"prob {info['prob']:.4f} (baseline {info['baseline_prob']:.4f}); "
+                  f"selected {info['selected_name']}")  # fmt: skip
+            for name, b in zip(r.pool, info["beta"], strict=True):
+                print(f"  beta {b:9.5f}  {name}")
+        print(f"original size (h, w) {info['orig_size']}, crop box {info['crop_box']}")
         return 0
     if a.what == "maps":
         import numpy as np
@@ -502,10 +531,28 @@ def _cmd_query(a: argparse.Namespace) -> int:
             print(
                 f"class {c} ({class_name(names, c)}): mean of {n} maps -> {out / f'mean-class-{c:04d}.png'}"
             )
-        if not means:
-            print("no OK rows for the requested classes")
+        if classes is not None:
+            empty = [c for c in classes if c not in means]
+            if empty:
+                print(f"no OK rows for classes {_ranges(empty)}")
+        elif not means:
+            print("no OK rows in the store")
         return 0
     raise CLIError(f"unknown query {a.what!r}")
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``1-3, 7`` (how the user typed them)."""
+    out: list[str] = []
+    vals = sorted(set(values))
+    i = 0
+    while i < len(vals):
+        j = i
+        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
+            j += 1
+        out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
+        i = j + 1
+    return ", ".join(out)
 
 
 def _cmd_export(a: argparse.Namespace) -> int:

@@ -162,6 +162,39 @@ def test_end_to_end_every_row_written_and_equal_to_the_library(complete, data, r
     assert attrs["layer"] == reference["layer"] and attrs["image_size"] == SIZE
     assert len(attrs["config_fingerprint"]) == 64 and attrs["manifest_fingerprint"]
     assert attrs["summary"]["complete"] is True
+    # Every row names its file; the wall time splits into its three parts.
+    assert g["uri"][:].tolist() == [uri for uri, _ in data["rows"]]
+    assert s.startup_s > 0 and s.explain_s > 0 and s.finish_s >= 0 and s.ray_s >= 0
+    assert s.startup_s + s.explain_s + s.finish_s == pytest.approx(s.wall_s, abs=1e-6)
+    assert 0 < s.actor_startup_s <= s.startup_s
+    assert "start-up" in s.format() and "explaining" in s.format()
+
+
+def test_the_bar_moves_per_batch_not_per_unit(ray_cluster, data, tmp_path, monkeypatch):
+    """Two 4-row units in batches of 3: the bar must show 3 (a unit's first batch) at some
+    point; per-unit progress would only ever show 0, 4 and 8."""
+    import io
+    import re
+
+    from pipeline.run import scheduler
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:  # redraw as on a terminal, not every 30 s as in a log
+            return True
+
+    m = build_from_list(data["rows"][:8], tmp_path / "two.parquet", unit_size=UNIT)
+    err = Terminal()
+    monkeypatch.setattr("sys.stderr", err)
+    monkeypatch.setattr(scheduler, "PROGRESS_S", 0.02)
+    # The default preset at 64 px: a batch takes long enough for a poll to see it.
+    method = UnionCAMConfig(chunk_size=16).to_dict()
+    s = run(make_config(m.uri, tmp_path / "p.zarr", method=method, actors=1, cpu_only=True,
+                        cpus_per_actor=2, progress=True))  # fmt: skip
+    assert s.complete
+    frames = err.getvalue().replace("\r", "\n").splitlines()
+    shown = {int(x) for x in re.findall(r"\| *(\d+)/8 \[", "\n".join(frames))}
+    assert shown >= {0, 8} and shown - {0, 4, 8}, frames
+    assert any(f.startswith("actor 0 ready on cpu after") for f in frames), frames
 
 
 def test_xarray_opens_the_store(complete):
@@ -345,6 +378,12 @@ def test_bad_images_are_recorded_and_the_rest_is_written(ray_cluster, tmp_path, 
             assert np.isnan(maps[i]).all() and np.isnan(g["beta"][i]).all()
             assert g["selected"][i] == -1
     assert "failed images by status" in s.format()
+    # The summary names the failed files (row, path, status), not just their number.
+    assert sorted((r, u, st) for r, u, st, _m in s.failed_rows) == [
+        (i, entries[i][0], expected[i].name) for i in range(len(entries)) if expected[i] != Status.OK
+    ]
+    assert f"row 5 {entries[5][0]}: MISSING" in s.format()
+    assert g["uri"][:].tolist() == [uri for uri, _ in entries]
 
 
 def test_s3_end_to_end_manifest_images_and_store_on_s3(ray_cluster, data, reference):

@@ -19,6 +19,7 @@ def export_csv(reader: StoreReader, path: str, names: list[str]) -> int:
     """Per-row results of every finished unit, streamed unit by unit into a CSV."""
     cols = [
         "row_id",
+        "uri",
         "status",
         "error",
         "label",
@@ -34,6 +35,7 @@ def export_csv(reader: StoreReader, path: str, names: list[str]) -> int:
         cols += [f"selection_score:{p}" for p in reader.pool]
     n = 0
     arrays = [
+        "uri",
         "status",
         "error",
         "label",
@@ -51,12 +53,12 @@ def export_csv(reader: StoreReader, path: str, names: list[str]) -> int:
             for i in range(a["status"].shape[0]):
                 st = int(a["status"][i])
                 sel = int(a["selected"][i])
-                err = a["error"][i]
-                err = err.decode("utf-8", "replace") if isinstance(err, bytes) else str(err or "")
+                err = _text(a["error"][i])
                 ce = int(a["target"][i])
                 w.writerow(
                     [
                         start + i,
+                        _text(a["uri"][i]),
                         Status(st).name if st in Status._value2member_map_ else st,
                         err,
                         int(a["label"][i]),
@@ -73,6 +75,10 @@ def export_csv(reader: StoreReader, path: str, names: list[str]) -> int:
                 )
                 n += 1
     return n
+
+
+def _text(v: Any) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v or "")
 
 
 def _fmt(v: Any) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ import numpy as np
 from pipeline.analysis.images import overlay_image
 from pipeline.data.decode import Status, decode_image, read_bytes
 from pipeline.data.manifest import Manifest
+from pipeline.run.summary import MAX_FAILED_ROWS
 from pipeline.store.io import done_units, open_store
 from pipeline.store.layout import LAYOUT_ATTR, StoreFormatError, StoreLayout, safe_name
 
@@ -55,6 +56,8 @@ class StoreStatus:
     attrs: dict[str, Any] = field(default_factory=dict)
     #: finished / in progress (...) / interrupted / incomplete (see ``StoreReader.status``)
     state: str = ""
+    #: ``(row id, uri, status, message)`` of the first failed rows (at most 10).
+    failed_rows: list[tuple[int, str, str, str]] = field(default_factory=list)
 
     def format(self) -> str:
         a = self.attrs
@@ -69,6 +72,14 @@ class StoreStatus:
             lines.append(
                 "rows by status: "
                 + ", ".join(f"{k}={v}" for k, v in sorted(self.rows_by_status.items()))
+            )
+        for row, uri, status, message in self.failed_rows:
+            lines.append(f"  row {row} {uri or '<inline image>'}: {status}: {message}")
+        failed = sum(v for k, v in self.rows_by_status.items() if k != "OK")
+        if failed > len(self.failed_rows):
+            lines.append(
+                f"  ... {failed - len(self.failed_rows)} more failed rows: unioncam export "
+                f"{self.store} --csv FILE lists every row with its file and status"
             )
         if a:
             lines.append(
@@ -102,6 +113,7 @@ class TopRow:
     target: int
     label: int
     selected: str
+    uri: str = ""
 
 
 def open_reader(store: str, storage_options: dict[str, Any] | None = None) -> StoreReader:
@@ -184,9 +196,15 @@ class StoreReader:
         done = self.done_units()
         counts: dict[str, int] = {}
         rows_done = 0
-        for _start, a in self.iter_units(["status"]):
+        failed: list[tuple[int, str, str, str]] = []
+        for start, a in self.iter_units(["status"]):
             st = a["status"]
             rows_done += st.shape[0]
+            for i in np.nonzero(st != int(Status.OK))[0][: MAX_FAILED_ROWS - len(failed)]:
+                r = start + int(i)
+                failed.append((r, _as_str(np.asarray(self.group["uri"][r]).item()),
+                               _status_name(int(st[i])),
+                               _as_str(np.asarray(self.group["error"][r]).item())))  # fmt: skip
             vals, cnt = np.unique(st, return_counts=True)
             for v, c in zip(vals.tolist(), cnt.tolist(), strict=True):
                 name = Status(v).name if v in Status._value2member_map_ else str(v)
@@ -216,6 +234,7 @@ class StoreReader:
             complete=len(done) == self.num_units,
             attrs=keep,
             state=run_state,
+            failed_rows=failed,
         )
 
     def _run_state(self, complete: bool) -> str:
@@ -337,10 +356,10 @@ class StoreReader:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         names, get = self._score_arrays(score)
-        want = sorted(set(names) | {"status", "target", "label", "selected"})
+        want = sorted(set(names) | {"status", "target", "label", "selected", "uri"})
         best_ids = np.zeros(0, dtype=np.int64)
         best_val = np.zeros(0, dtype=np.float64)
-        info: dict[int, tuple[int, int, int]] = {}
+        info: dict[int, tuple[int, int, int, str]] = {}
         sign = -1.0 if largest else 1.0
         for start, a in self.iter_units(want):
             ok = a["status"] == int(Status.OK)
@@ -358,6 +377,7 @@ class StoreReader:
                     int(a["target"][i]),
                     int(a["label"][i]),
                     int(a["selected"][i]),
+                    _as_str(a["uri"][i]),
                 )
             order = np.lexsort((ids, sign * vals))[:k]  # stable: ties by row id
             best_ids, best_val = ids[order], vals[order]
@@ -371,6 +391,7 @@ class StoreReader:
                 selected=self.pool[info[int(r)][2]]
                 if 0 <= info[int(r)][2] < len(self.pool)
                 else "",
+                uri=info[int(r)][3],
             )
             for r, v in zip(best_ids.tolist(), best_val.tolist(), strict=True)
         ]
@@ -417,7 +438,8 @@ class StoreReader:
             out["selection_score"] = np.asarray(g["selection_score"][r], np.float64).tolist()
         out["orig_size"] = tuple(int(v) for v in np.asarray(g["orig_size"][r]))
         out["crop_box"] = tuple(int(v) for v in np.asarray(g["crop_box"][r]))
-        out["error"] = _as_str(np.asarray(g["error"][r]).item()) if "error" in g else ""
+        out["error"] = _as_str(np.asarray(g["error"][r]).item())
+        out["uri"] = _as_str(np.asarray(g["uri"][r]).item())
         sel = out.get("selected", -1)
         out["selected_name"] = self.pool[sel] if 0 <= sel < len(self.pool) else ""
         return out
@@ -502,7 +524,11 @@ class StoreReader:
         manifest: str | None = None,
         class_names: list[str] | None = None,
     ) -> list[Path]:
-        """Write ``row-<id>[-<class>].png`` overlays; rows without a map are skipped."""
+        """Write ``<row id>_<file stem>.png`` overlays; rows without a map are skipped.
+
+        The file's stem makes the PNG findable next to the photo it came from; the class
+        name stands in for photos with no file name (inline bytes).
+        """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = []
@@ -511,17 +537,19 @@ class StoreReader:
             if info["status_name"] != "OK":
                 continue
             img = self.overlay(r, alpha=alpha, cmap=cmap, manifest=manifest)
-            tag = ""
             c = info.get("target", -1)
-            if class_names and 0 <= c < len(class_names):
-                tag = (
-                    "-"
-                    + "".join(ch if ch.isalnum() else "_" for ch in class_names[c]).strip("_")[:40]
-                )
-            p = out / f"row-{r:07d}{tag}.png"
+            stem = PurePosixPath(info["uri"]).stem if info["uri"] else ""
+            if not stem and class_names and 0 <= c < len(class_names):
+                stem = class_names[c]
+            tag = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in stem).strip("_")
+            p = out / (f"{r:07d}_{tag[:60]}.png" if tag else f"{r:07d}.png")
             img.save(p, format="PNG")
             paths.append(p)
         return paths
+
+
+def _status_name(v: int) -> str:
+    return Status(v).name if v in Status._value2member_map_ else str(v)
 
 
 def _as_str(v: Any) -> str:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.decode import Status, load_row
+from pipeline.data.location import redact_uri
 from pipeline.data.manifest import Manifest
 from pipeline.messages import error_line
 from pipeline.run.config import RunConfig
@@ -43,6 +44,9 @@ from pipeline.store.io import write_unit
 from pipeline.store.layout import StoreLayout
 
 __all__ = ["ExplainWorker", "PoolMismatchError", "empty_unit_arrays", "rows_from_result"]
+
+#: Failed rows a unit names in its summary (the run summary shows at most 10 in all).
+MAX_FAILED_ROWS_REPORTED = 10
 
 
 class PoolMismatchError(RuntimeError):
@@ -113,6 +117,9 @@ class ExplainWorker:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         self._storage_options = config.storage_options or None
         self._units_done = 0
+        #: unit -> (attempt, rows explained so far): what :meth:`progress` reports, so the
+        #: driver's bar moves per batch rather than per unit (a unit is ~minutes on a CPU).
+        self._progress: dict[int, tuple[int, int]] = {}
         self._metrics = _WorkerMetrics(actor_index) if config.ray_metrics else None
 
         # The driver validated the manifest; an actor only needs its footer.
@@ -124,6 +131,7 @@ class ExplainWorker:
             self.loaded = None
             self.cam = None
             self.preprocess = None
+            self.load_s = self.tune_s = 0.0
             return
 
         import torch
@@ -136,6 +144,7 @@ class ExplainWorker:
 
         use_cuda = torch.cuda.is_available() and not config.cpu_only
         self.device = torch.device("cuda") if use_cuda else torch.device("cpu")
+        t_load = time.perf_counter()
         self.loaded = quiet_load_model(config.model, config.weights)
         self.model = self.loaded.model.to(self.device)
         pre = self.loaded.preprocess
@@ -152,7 +161,10 @@ class ExplainWorker:
         self.cam.__enter__()
         # Auto-tune now (seconds, once per actor) rather than inside the first unit.
         s = ctx.image_size
+        t_tune = time.perf_counter()
+        self.load_s = t_tune - t_load
         self.cam.prepare(torch.zeros(1, 3, s, s, device=self.device))
+        self.tune_s = time.perf_counter() - t_tune
 
     # ------------------------------------------------------------------ info
     def ready(self) -> dict[str, Any]:
@@ -163,7 +175,18 @@ class ExplainWorker:
             "pid": self.pid,
             "device": str(self.device),
             "cpus": self.cpus,
+            # Where this actor's start-up went (the driver's summary splits the wall time).
+            "load_s": self.load_s,
+            "tune_s": self.tune_s,
         }
+
+    def progress(self) -> dict[int, tuple[int, int]]:
+        """Rows explained so far of each unit in flight: ``{unit: (attempt, rows)}``.
+
+        Polled by the driver (the actor is threaded, so this answers while a unit runs);
+        a finished unit is reported by :meth:`process`'s return value instead.
+        """
+        return dict(self._progress)
 
     # ------------------------------------------------------------------ work
     def process(self, u: int, attempt: int = 0) -> dict[str, Any]:
@@ -181,13 +204,14 @@ class ExplainWorker:
         n = len(rows)
         arrays = empty_unit_arrays(n, self.ctx)
         arrays["label"][:] = [(-1 if r.label is None else int(r.label)) for r in rows]
+        arrays["uri"][:] = [redact_uri(r.uri) if r.uri else "" for r in rows]
         t_read = time.perf_counter()
 
         if self.config.explainer == "null":
             self._null_fill(arrays)
             decode_s = compute_s = lock_s = 0.0
         else:
-            decode_s, compute_s, lock_s = self._explain_rows(u, rows, arrays)
+            decode_s, compute_s, lock_s = self._explain_rows(u, rows, arrays, attempt)
         t_explained = time.perf_counter()
 
         write_unit(
@@ -210,6 +234,8 @@ class ExplainWorker:
         }
         ok = int((status == int(Status.OK)).sum())
         self._units_done += 1
+        self._progress.pop(u, None)
+        bad = np.nonzero(status != int(Status.OK))[0][:MAX_FAILED_ROWS_REPORTED]
         summary = {
             "unit": u,
             "attempt": attempt,
@@ -217,6 +243,13 @@ class ExplainWorker:
             "ok": ok,
             "failed": n - ok,
             "status_counts": counts,
+            # (row id, uri, status, message) of the first few failed rows: the run summary
+            # names files, not just counts.
+            "failed_rows": [
+                (int(self.manifest.unit_range(u)[0] + i), str(arrays["uri"][i]),
+                 Status(int(status[i])).name, str(arrays["error"][i]))
+                for i in bad.tolist()
+            ],
             "seconds": t_end - t0,
             "wall_start": wall0,
             "wall_end": wall0 + (t_end - t0),
@@ -251,8 +284,8 @@ class ExplainWorker:
         return _Decoded(t, orig, box, status, msg)
 
     def _explain_rows(
-        self, u: int, rows: Sequence, arrays: dict[str, np.ndarray]
-    ) -> tuple[float, float]:
+        self, u: int, rows: Sequence, arrays: dict[str, np.ndarray], attempt: int = 0
+    ) -> tuple[float, float, float]:
         """Decode (threads, prefetched) and explain all rows of a unit into ``arrays``."""
         bs = self.config.batch_size
         starts = list(range(0, len(rows), bs))
@@ -303,6 +336,7 @@ class ExplainWorker:
                     )
                 compute += time.perf_counter() - tc
                 batch_no += 1
+                self._progress[u] = (attempt, s + len(decoded))
                 if (
                     fi is not None
                     and fi.crash_unit == u

@@ -33,10 +33,13 @@ __all__ = [
     "safe_name",
 ]
 
-#: The store format this code writes and reads. 2: arrays ``beta``, ``selection_score``
-#: (always) and ``target``, layout ``image_size`` (format 1: ``scores``, ``selection_scores``
-#: for non-β rules only, ``class_explained``, ``map_size``; unioncam < 0.2).
-STORE_FORMAT = 2
+#: The store format this code writes and reads. 3: a per-row ``uri`` array (the image's
+#: redacted location). 2 (unioncam 0.2): arrays ``beta``, ``selection_score`` (always) and
+#: ``target``, layout ``image_size``. 1 (unioncam < 0.2): ``scores``, ``selection_scores``
+#: for non-β rules only, ``class_explained``, ``map_size``.
+STORE_FORMAT = 3
+#: Which unioncam wrote each older format (named in the refusal).
+_WRITTEN_BY = {1: "unioncam < 0.2", 2: "unioncam 0.2"}
 #: Root attribute holding the layout (what shapes/arrays the store has).
 LAYOUT_ATTR = "unioncam_store"
 MARKERS = "markers"
@@ -64,7 +67,7 @@ def check_format(layout: Mapping[str, Any], name: str) -> None:
     fmt = layout.get("format", 1)
     if fmt == STORE_FORMAT:
         return
-    written = "unioncam < 0.2" if fmt == 1 else "another unioncam version"
+    written = _WRITTEN_BY.get(fmt, "another unioncam version")
     raise StoreFormatError(
         f"store {name} has format {fmt} ({written}); this unioncam reads format "
         f"{STORE_FORMAT}: re-run into a new store or pass --overwrite"
@@ -230,6 +233,9 @@ class StoreLayout:
                       attrs={"codes": {s.name: int(s) for s in Status}}),
             ArraySpec("error", ("image",), "str", "",
                       attrs={"description": "one-line message for rows whose status != OK"}),
+            ArraySpec("uri", ("image",), "str", "",
+                      attrs={"description": "where the image was read from (query strings "
+                                            "and credentials redacted); empty for inline bytes"}),
         ]  # fmt: skip
         for name in self.components:
             specs.append(
