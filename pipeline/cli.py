@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("method (UnionCAM settings)")
     g.add_argument(
+        "--method", default="unioncam",
+        help="the CAM method(s), comma separated: unioncam (default; settings below), "
+        "gradcam, gradcam++, xgradcam, layercam, denoised, scorecam, groupcam; several "
+        "(e.g. gradcam,unioncam) store one map each for the same images",
+    )
+    g.add_argument(
         "--preset", default=None,
         help="method preset: faithful, paper (the paper's exact method), faithful-fast or fast "
         "(Group-CAM region side); default: the library's unioncam.DEFAULT_PRESET"
@@ -251,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q = qs.add_parser("top", help="top-k (or bottom-k) rows by a score")
     q.add_argument(
-        "--by", default="beta",
-        help="beta, prob, baseline_prob, beta:<pool member>, metrics/<name>, "
+        "--by", default=None,
+        help="default beta (prob in a store without UnionCAM); beta, prob, baseline_prob, beta:<pool member>, metrics/<name>, "
         "selection_score, selection_score:<pool member> (what the selection rule ranked by)",
     )
     q.add_argument("-k", type=int, default=10)
@@ -278,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--manifest", help="manifest to find the originals (default: the one recorded in the store)"
     )
+    q.add_argument("--method", help="whose maps, in a store of several methods "
+                   "(default: unioncam if stored, else the run's first method)")
     q = qs.add_parser("mean", help="mean map per class (PNG + .npy)")
     q.add_argument("--classes", help="class ids, e.g. 1,281-285 (default: all)")
     q.add_argument(
@@ -285,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--cmap", default="jet")
+    q.add_argument("--method", help="whose maps, in a store of several methods "
+                   "(default: unioncam if stored, else the run's first method)")
 
     # export ---------------------------------------------------------------------------
     p = sub.add_parser(
@@ -307,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--cmap", default="jet")
+    p.add_argument("--method", help="whose maps, in a store of several methods "
+                   "(default: unioncam if stored, else the run's first method)")
     _add_storage(p)
 
     # report ---------------------------------------------------------------------------
@@ -391,6 +403,7 @@ def _config_from_args(a: argparse.Namespace):
         model=a.model,
         weights=a.weights,
         layer=a.layer,
+        methods=tuple(s.strip() for s in a.method.split(",") if s.strip()),
         **({"method": method} if method is not None else {}),
         image_size=a.image_size,
         target=a.target,
@@ -465,6 +478,7 @@ def _cmd_query(a: argparse.Namespace) -> int:
             )
         return 0
     if a.what == "top":
+        a.by = a.by or ("beta" if r.layout.has_pool else "prob")
         rows = r.top_k(a.by, a.k, largest=not a.bottom, class_index=a.class_index)
         if a.json:
             print(json.dumps([x.__dict__ for x in rows], indent=1))
@@ -500,7 +514,7 @@ def _cmd_query(a: argparse.Namespace) -> int:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         if a.npy or not a.overlay:
-            maps = r.maps(rows)
+            maps = r.maps(rows, method=a.method)
             np.save(out / "maps.npy", maps)
             np.save(out / "row_ids.npy", np.asarray(rows, dtype=np.int64))
             print(
@@ -508,7 +522,8 @@ def _cmd_query(a: argparse.Namespace) -> int:
             )
         if a.overlay:
             paths = r.write_overlays(
-                rows, out, alpha=a.alpha, cmap=a.cmap, manifest=a.manifest, class_names=names
+                rows, out, alpha=a.alpha, cmap=a.cmap, manifest=a.manifest, class_names=names,
+                method=a.method,
             )
             print(f"wrote {len(paths)} overlay PNGs to {out}")
             skipped = len(rows) - len(paths)
@@ -524,13 +539,13 @@ def _cmd_query(a: argparse.Namespace) -> int:
         classes = _int_list(a.classes, "--classes") if a.classes else None
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        means = r.mean_maps(classes, by=a.by)
+        means = r.mean_maps(classes, by=a.by, method=a.method)
+        tag = "" if a.method in (None, r.primary) else f"-{a.method}"
         for c, (m, n) in means.items():
-            np.save(out / f"mean-class-{c:04d}.npy", m)
-            Image.fromarray(colorize(m, a.cmap)).save(out / f"mean-class-{c:04d}.png")
-            print(
-                f"class {c} ({class_name(names, c)}): mean of {n} maps -> {out / f'mean-class-{c:04d}.png'}"
-            )
+            stem = out / f"mean-class-{c:04d}{tag}"
+            np.save(f"{stem}.npy", m)
+            Image.fromarray(colorize(m, a.cmap)).save(f"{stem}.png")
+            print(f"class {c} ({class_name(names, c)}): mean of {n} maps -> {stem}.png")
         if classes is not None:
             empty = [c for c in classes if c not in means]
             if empty:
@@ -572,7 +587,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
             rows = _int_list(a.rows, "--rows")
         else:
             rows = [x.row_id for x in sorted(r.top_k("prob", a.limit), key=lambda x: x.row_id)]
-        paths = r.write_overlays(rows, a.overlays, alpha=a.alpha, cmap=a.cmap, class_names=names)
+        paths = r.write_overlays(rows, a.overlays, alpha=a.alpha, cmap=a.cmap, class_names=names,
+                                 method=a.method)
         print(f"wrote {len(paths)} overlay PNGs to {a.overlays}")
     return 0
 

@@ -499,3 +499,65 @@ def test_a_non_beta_selection_rule_stores_its_scores_and_queries_rank_by_them(
     gb = open_store(str(complete["store"]))
     assert gb["selection_score"].attrs["rule"] == "beta"
     np.testing.assert_array_equal(gb["selection_score"][:], gb["beta"][:])
+
+
+def test_two_methods_in_one_store_equal_the_library_and_resume(
+    complete, data, ray_cluster, reference, tmp_path
+):
+    """``--method gradcam,unioncam``: UnionCAM's map stays in ``maps`` (equal to a
+    UnionCAM-only run), Grad-CAM's goes to ``methods/gradcam`` and equals the library's
+    Grad-CAM for the same class; each is scored; the same set of methods resumes, another
+    set is refused."""
+    from pipeline.analysis.export import export_csv
+    from unioncam import GradCAM
+
+    rows = data["rows"][: 2 * UNIT]
+    m = build_from_list(rows, tmp_path / "two.parquet", unit_size=UNIT)
+    store = tmp_path / "two.zarr"
+    metrics = ("insertion", "deletion", "ins_minus_del")
+    s = run(make_config(m.uri, store, methods=("unioncam", "gradcam"), metrics=metrics,
+                        metric_step=512, actors=1))  # fmt: skip
+    assert s.complete and s.images_ok == len(rows)
+    g = open_store(str(store))
+    assert set(g["methods"].array_keys()) == {"gradcam"} and g.attrs["methods"] == [
+        "gradcam", "unioncam"]  # the library's order
+    np.testing.assert_allclose(g["maps"][:].astype(np.float32), reference["maps"][: len(rows)],
+                               atol=2e-3)  # fmt: skip
+    loaded = load_model("efficientnet-lite0")
+    pre = loaded.preprocess.with_size(SIZE)
+    x = torch.stack([load_row(Row(i, uri, None, None), pre)[0] for i, (uri, _) in enumerate(rows)])
+    with GradCAM(loaded.model, reference["layer"]) as cam:
+        want = cam(x, targets=torch.as_tensor(g["target"][:]).long()).maps.numpy()
+    r = open_reader(str(store))
+    assert r.primary == "unioncam" and r.methods == ("gradcam", "unioncam")
+    np.testing.assert_allclose(r.maps(range(len(rows)), method="gradcam"), want, atol=2e-3)
+    for name in ("insertion", "insertion@gradcam", "ins_minus_del@gradcam"):
+        assert np.isfinite(g[f"metrics/{name.replace('@', '_')}"][:]).all(), name
+    export_csv(r, str(tmp_path / "two.csv"), [])
+    header = (tmp_path / "two.csv").read_text().splitlines()[0].split(",")
+    assert {"insertion", "insertion@gradcam", "uri", "beta:region:groupcam"} <= set(header)
+
+    again = run(make_config(m.uri, store, methods=("gradcam", "unioncam"), metrics=metrics,
+                            metric_step=512, actors=1))  # fmt: skip
+    assert again.units_processed == 0 and again.units_already_done == 2
+    with pytest.raises(StoreMismatchError, match=r"methods: store \['gradcam', 'unioncam'\]"):
+        run(make_config(m.uri, store, metrics=metrics, metric_step=512, actors=1))
+
+
+def test_a_gradcam_only_store_has_no_unioncam_arrays_and_answers_queries(
+    data, ray_cluster, tmp_path
+):
+    from pipeline.analysis.export import export_csv
+
+    m = build_from_list(data["rows"][:UNIT], tmp_path / "g.parquet", unit_size=UNIT)
+    s = run(make_config(m.uri, tmp_path / "g.zarr", methods=("gradcam",), actors=1))
+    assert s.complete and s.images_ok == UNIT
+    g = open_store(str(tmp_path / "g.zarr"))
+    assert "beta" not in g and "selected" not in g and np.isfinite(g["maps"][:]).all()
+    r = open_reader(str(tmp_path / "g.zarr"))
+    assert r.primary == "gradcam" and r.pool == ()
+    assert [x.row_id for x in r.top_k("prob", 2)] == np.argsort(-g["prob"][:])[:2].tolist()
+    assert sum(c.count for c in r.class_stats()) == UNIT
+    assert export_csv(r, str(tmp_path / "g.csv"), []) == UNIT
+    with pytest.raises(ValueError, match="no maps of method 'unioncam'"):
+        r.maps([0], method="unioncam")

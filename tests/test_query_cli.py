@@ -375,3 +375,33 @@ def test_demo_runs_offline_on_bundled_photos(ray_cluster, tmp_path, capsys):
         # Each image's line names the class explained for *that* image's row.
         assert names[r.row(row.row_id)["target"]][:26] in lines[stem]
     assert len(list((tmp_path / "demo" / "overlays").glob("*.png"))) == len(DEMO_IMAGES)
+
+
+def test_method_option_runs_two_methods_and_every_reader_takes_it(made, tmp_path, capsys):
+    """``run --method gradcam,unioncam``, then ``--method`` on maps, mean and overlays."""
+    manifest, store = str(made["manifest"]), str(tmp_path / "two.zarr")
+    assert main(["run", manifest, store, *RUN_ARGS, "--method", "gradcam,unioncam",
+                 "--max-units", "1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert main(["status", store]) == 0
+    assert "methods: gradcam, unioncam" in capsys.readouterr().out
+    r = open_reader(store)
+    d = tmp_path / "q"
+    assert main(["query", store, "maps", "--rows", "0,1", "--npy", "--method", "gradcam",
+                 "--out", str(d)]) == 0  # fmt: skip
+    np.testing.assert_array_equal(np.load(d / "maps.npy"), r.maps([0, 1], method="gradcam"))
+    assert not np.array_equal(r.maps([0, 1], method="gradcam"), r.maps([0, 1]))
+    assert main(["query", store, "mean", "--method", "gradcam", "--out", str(d)]) == 0
+    assert list(d.glob("mean-class-*-gradcam.png"))
+    assert main(["export", store, "--overlays", str(d / "ov"), "--method", "gradcam",
+                 "--rows", "0"]) == 0  # fmt: skip
+    stem = Path(made["entries"][0][0]).stem
+    assert [p.name for p in (d / "ov").iterdir()] == [f"0000000_{stem}_gradcam.png"]
+    capsys.readouterr()
+    assert "no maps of method 'scorecam'" in _one_line_error(
+        ["query", store, "maps", "--rows", "0", "--method", "scorecam", "--out", str(d)], capsys
+    )
+    assert "unknown method 'nope'" in _one_line_error(
+        ["run", manifest, str(tmp_path / "x.zarr"), *RUN_ARGS, "--method", "nope"], capsys
+    )
+    assert "start-up" in out  # the run's own summary

@@ -112,15 +112,22 @@ def metric_names(pool: Sequence[str], *, all_members: bool = False) -> tuple[str
 
 
 def store_metric_names(
-    requested: Sequence[str], pool: Sequence[str], all_members: bool = False
+    requested: Sequence[str],
+    pool: Sequence[str],
+    all_members: bool = False,
+    others: Sequence[str] = (),
 ) -> tuple[str, ...]:
-    """The ``metrics/<name>`` arrays a run must create: the requested metrics, plus — with
-    ``all_members`` — every requested insertion/deletion-family metric per pool member.
+    """The ``metrics/<name>`` arrays a run must create: the requested metrics (of the
+    primary method's maps: UnionCAM's selected map), ``<metric>@<method>`` for each of the
+    ``others`` methods of the run, plus — with ``all_members`` — every requested
+    insertion/deletion-family metric per pool member.
 
     ``requested`` are :data:`pipeline.run.config.METRICS` names (``average_drop`` and
-    ``increase`` stay selected-map only: they are one forward each and rarely compared).
+    ``increase`` stay selected-map only for pool members: they are one forward each and
+    rarely compared).
     """
     names = list(requested)
+    names += [member_metric(m, method) for method in others for m in requested]
     if all_members:
         names += [member_metric(m, p) for p in pool for m in requested if m in INS_DEL_METRICS]
     return tuple(names)

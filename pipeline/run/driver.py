@@ -65,6 +65,9 @@ def run(config: RunConfig) -> RunSummary:
     resolved = resolve(config)
     cfg = resolved.config
     attrs = store_attrs(resolved, manifest)
+    primary = "unioncam" if "unioncam" in resolved.methods else resolved.methods[0]
+    metric_names = store_metric_names(cfg.metrics, resolved.pool, cfg.metrics_all_members,
+                                      others=[m for m in resolved.methods if m != primary])
     create_store(
         cfg.store,
         num_rows=manifest.num_rows,
@@ -72,8 +75,9 @@ def run(config: RunConfig) -> RunSummary:
         image_size=resolved.image_size,
         pool=resolved.pool,
         components=resolved.components,
-        metrics=store_metric_names(cfg.metrics, resolved.pool, cfg.metrics_all_members),
+        metrics=metric_names,
         selection=resolved.selection,
+        methods=resolved.methods,
         attrs=attrs,
         overwrite=cfg.overwrite,
         storage_options=so,
@@ -102,9 +106,10 @@ def run(config: RunConfig) -> RunSummary:
         image_size=resolved.image_size,
         pool=resolved.pool,
         components=resolved.components,
-        metrics=store_metric_names(cfg.metrics, resolved.pool, cfg.metrics_all_members),
+        metrics=metric_names,
         layer=cfg.layer,
         selection=resolved.selection,
+        methods=resolved.methods,
     )
     sizes = {u: _unit_rows(manifest, u) for u in todo}
     del manifest  # the actors read rows themselves; the driver keeps only unit sizes
