@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 "startup_s": round(s.startup_s, 1),
                 "write_ms_per_unit": round(1000 * act.write_s / max(1, act.units), 1)
                 if act else None,
-                "decode_threads_to_feed": round(rate * results["decode_ms_per_image"] / 1000, 1),
+                "decode_threads_to_feed": round(rate * results["decode_ms_per_image"] / 1000, 3),
                 "imagenet_train_hours_8_gpus": round(IMAGENET_TRAIN / (8 * rate) / 3600, 2)
                 if rate == rate and rate > 0 else None,
                 "images_ok": s.images_ok,

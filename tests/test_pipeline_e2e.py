@@ -561,3 +561,36 @@ def test_a_gradcam_only_store_has_no_unioncam_arrays_and_answers_queries(
     assert export_csv(r, str(tmp_path / "g.csv"), []) == UNIT
     with pytest.raises(ValueError, match="no maps of method 'unioncam'"):
         r.maps([0], method="unioncam")
+
+
+def test_road_metrics_in_a_run_equal_the_library_and_reach_the_report(
+    complete, data, ray_cluster, tmp_path
+):
+    """``--metrics road,...`` for two methods: the stored numbers are the library's
+    :func:`unioncam.road.road` on the same maps, and the store's report has a ROAD table
+    comparing the two."""
+    from pipeline.analysis.report.render import build_report
+    from unioncam import GradCAM
+    from unioncam.road import road
+
+    rows = data["rows"][:UNIT]
+    m = build_from_list(rows, tmp_path / "r.parquet", unit_size=UNIT)
+    store = tmp_path / "road.zarr"
+    metrics = ("road_morf", "road_lerf", "road")
+    s = run(make_config(m.uri, store, methods=("gradcam", "layercam"), metrics=metrics,
+                        actors=1))  # fmt: skip
+    assert s.complete and s.images_ok == UNIT
+    g = open_store(str(store))
+    loaded = load_model("efficientnet-lite0")
+    layer = g.attrs["layer"]
+    x = torch.stack([load_row(Row(i, uri, None, None), loaded.preprocess.with_size(SIZE))[0]
+                     for i, (uri, _) in enumerate(rows)])  # fmt: skip
+    with GradCAM(loaded.model, layer) as cam:
+        res = cam(x)
+        want = road(cam, x, res.maps, targets=res.target)
+    np.testing.assert_allclose(g["metrics/road_morf"][:], want.morf.numpy(), atol=1e-5)
+    np.testing.assert_allclose(g["metrics/road_lerf"][:], want.lerf.numpy(), atol=1e-5)
+    np.testing.assert_allclose(g["metrics/road"][:], want.road.numpy(), atol=1e-5)
+    assert np.isfinite(g["metrics/road_layercam"][:]).all()
+    md = build_report(tmp_path / "rep", store=str(store), n_boot=200, gallery=2).read_text()
+    assert "## ROAD" in md and "| Grad-CAM |" in md and "| Layer-CAM |" in md, md

@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # torch is imported when a function runs: `import pipeline.an
 
 __all__ = [
     "INS_DEL_METRICS",
+    "ROAD_METRICS",
     "MEMBER_SEP",
     "METHODS",
     "METHOD_LABELS",
@@ -62,6 +63,9 @@ __all__ = [
 
 #: Per-image metrics of the insertion/deletion family, in the order they are stored.
 INS_DEL_METRICS = ("insertion", "deletion", "ins_minus_del")
+#: ROAD (noisy linear imputation, :func:`unioncam.road.road`): MoRF (lower is better),
+#: LeRF (higher is better) and ``road`` = (LeRF − MoRF) / 2 (higher is better).
+ROAD_METRICS = ("road_morf", "road_lerf", "road")
 
 #: ``insertion@region:scorecam`` = the insertion AUC of that pool member's map. ``@`` is not
 #: used in pool member names (``region:x``, ``fused:g+r``, ``gradient:g``).

@@ -48,7 +48,9 @@ TARGETS = ("predicted", "label")
 
 #: Optional per-image faithfulness metrics of the selected map, stored as
 #: ``metrics/<name>`` (computed with :mod:`unioncam.metrics`; each costs extra forwards).
-METRICS = ("average_drop", "increase", "insertion", "deletion", "ins_minus_del")
+#: ``road_morf``, ``road_lerf``, ``road``: ROAD at 10–90 % removal (18 forwards per map).
+METRICS = ("average_drop", "increase", "insertion", "deletion", "ins_minus_del", "road_morf",
+           "road_lerf", "road")
 
 
 @dataclass(frozen=True)

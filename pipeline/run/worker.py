@@ -437,11 +437,12 @@ class ExplainWorker:
             return {}
         from pipeline.analysis.evaluate import (
             INS_DEL_METRICS,
+            ROAD_METRICS,
             evaluate_batch,
             member_metric,
-            parse_metric_name,
         )
         from unioncam import metrics as M
+        from unioncam.road import road
 
         want = set(self.ctx.metrics)
         out: dict[str, np.ndarray] = {}
@@ -456,7 +457,13 @@ class ExplainWorker:
                 for metric, v in (("average_drop", drop), ("increase", inc)):
                     if named(metric) in want:
                         out[named(metric)] = v.float().cpu().numpy()
-            if not any(parse_metric_name(n)[0] in INS_DEL_METRICS for n in want):
+            if {named(k) for k in ROAD_METRICS} & want:
+                r = road(self.cam, x, res.maps, targets=res.target)
+                for k, v in (("road_morf", r.morf), ("road_lerf", r.lerf), ("road", r.road)):
+                    out[named(k)] = v.float().cpu().numpy()
+            if not {named(k) for k in INS_DEL_METRICS} & want and not (
+                method == "unioncam" and self.config.metrics_all_members
+            ):
                 continue
             if method == "unioncam":
                 # the selected map (and every pool member with metrics_all_members)

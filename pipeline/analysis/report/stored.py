@@ -14,6 +14,7 @@ import numpy as np
 from pipeline.analysis.evaluate import (
     INS_DEL_METRICS,
     METHOD_LABELS,
+    ROAD_METRICS,
     parse_metric_name,
 )
 from pipeline.analysis.reader import open_reader
@@ -123,7 +124,7 @@ def store_sample(
     table: dict[str, dict[str, np.ndarray]] = {}
     for name, v in metrics.items():
         metric, member = parse_metric_name(name)
-        if metric not in INS_DEL_METRICS:
+        if metric not in INS_DEL_METRICS + ROAD_METRICS:
             continue
         table.setdefault(member or reader.primary, {})[metric] = v
     for vals in table.values():
@@ -145,7 +146,8 @@ def store_sample(
                      "stores several for the same images (each scored with --metrics), and "
                      "`unioncam report --images DIR` computes them on the fly.")  # fmt: skip
     notes.append("Curves are not stored, only their areas.")
-    other = {k: v for k, v in metrics.items() if parse_metric_name(k)[0] not in INS_DEL_METRICS}
+    other = {k: v for k, v in metrics.items()
+             if parse_metric_name(k)[0] not in INS_DEL_METRICS + ROAD_METRICS}
     for k, v in other.items():
         notes.append(
             f"stored metric `{k}`: mean {np.nanmean(v):.4f} over {np.isfinite(v).sum()} images"
