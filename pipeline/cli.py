@@ -260,11 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ascending", action="store_true", help="with a descriptor: smallest first")
     q.add_argument("--limit", type=int, default=50, help="show the N largest classes (0 = all)")
     q.add_argument("--json", action="store_true")
-    q = qs.add_parser("strategies", help="strategies of a class or group (after analyze); "
-                      "without --class/--group the Clever-Hans ranking")
-    q.add_argument("--class", dest="class_index", type=int, help="a class (shows its group)")
-    q.add_argument("--group", help="a group by name")
-    q.add_argument("--json", action="store_true")
+    from pipeline.analysis.commands import add_analysis_commands, add_strategies_query
+
+    add_strategies_query(qs)
     q = qs.add_parser("top", help="top-k (or bottom-k) rows by a score")
     q.add_argument(
         "--by", default=None,
@@ -332,26 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage(p)
 
     # analyze / atlas ------------------------------------------------------------------
-    from pipeline.analysis.commands import add_analyze_arguments, add_atlas_arguments
-
-    p = sub.add_parser(
-        "analyze",
-        help="descriptors, per-class tables, strategies (and a comparison) into the store",
-        description="Analyse every finished unit of STORE into its 'analysis' group: "
-        "per-row descriptors (centre of mass, spread, area, entropy, centre bias, border), "
-        "per-class means, strategies per class or group with Clever-Hans scores; with "
-        "--compare, agreement with another store. Rerun to cover new units.",
-    )
-    add_analyze_arguments(p)
-    _add_storage(p)
-    p = sub.add_parser(
-        "atlas",
-        help="a static website to browse the analysis (opens from file://)",
-        description="Write an HTML site (no network needed): classes and groups sortable "
-        "by any descriptor, a page per group with its strategies and overlays.",
-    )
-    add_atlas_arguments(p)
-    _add_storage(p)
+    add_analysis_commands(sub, _add_storage)
 
     # report ---------------------------------------------------------------------------
     from pipeline.analysis.report.command import add_report_arguments

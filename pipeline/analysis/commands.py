@@ -11,14 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 from pipeline.analysis.descriptors import DESCRIPTORS
 
 __all__ = [
     "CLASS_SORT_KEYS",
+    "add_analysis_commands",
     "add_analyze_arguments",
     "add_atlas_arguments",
+    "add_strategies_query",
     "analyze_command",
     "atlas_command",
     "query_class_table",
@@ -28,6 +31,39 @@ __all__ = [
 #: What ``query STORE classes --by`` sorts by when the store has an analysis.
 CLASS_SORT_KEYS = (*DESCRIPTORS, "energy_in_box", "max_in_box", "box_iou", "clever_hans",
                    "spearman", "top_iou", "count")
+
+
+def add_analysis_commands(sub: Any, add_storage: Callable[[argparse.ArgumentParser], None]
+                          ) -> None:  # fmt: skip
+    """The ``analyze`` and ``atlas`` subcommands (``add_storage`` adds --storage-option)."""
+    p = sub.add_parser(
+        "analyze",
+        help="descriptors, per-class tables, strategies (and a comparison) into the store",
+        description="Analyse every finished unit of STORE into its 'analysis' group: "
+        "per-row descriptors (centre of mass, spread, area, entropy, centre bias, border), "
+        "per-class means, strategies per class or group with Clever-Hans scores; with "
+        "--boxes, localisation; with --compare, agreement with another store. Rerun to "
+        "cover new units.",
+    )
+    add_analyze_arguments(p)
+    add_storage(p)
+    p = sub.add_parser(
+        "atlas",
+        help="a static website to browse the analysis (opens from file://)",
+        description="Write an HTML site (no network needed): classes and groups sortable "
+        "by any descriptor, a page per group with its strategies and overlays.",
+    )
+    add_atlas_arguments(p)
+    add_storage(p)
+
+
+def add_strategies_query(qs: Any) -> None:
+    """``query STORE strategies``."""
+    q = qs.add_parser("strategies", help="strategies of a class or group (after analyze); "
+                      "without --class/--group the Clever-Hans ranking")  # fmt: skip
+    q.add_argument("--class", dest="class_index", type=int, help="a class (shows its group)")
+    q.add_argument("--group", help="a group by name")
+    q.add_argument("--json", action="store_true")
 
 
 def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
