@@ -435,3 +435,26 @@ def test_units_described_as_ray_tasks_give_the_same_analysis(planted, tmp_path):
     parallel = zarr.open_group(str(path), path="analysis/rows", mode="r")
     for name in (*DESCRIPTORS, "described", "strategy"):
         np.testing.assert_array_equal(np.asarray(parallel[name][:]), np.asarray(serial[name][:]))
+
+
+def test_compare_two_methods_of_one_store(tmp_path):
+    """A run with two methods keeps the second in methods/<name>; comparing it with maps."""
+    maps, target, _ = _planted_rows(seed=4)
+    path = tmp_path / "s.zarr"
+    n = len(maps)
+    create_store(path, num_rows=n, unit_size=UNIT, image_size=S, pool=POOL,
+                 methods=("unioncam", "gradcam"))  # fmt: skip
+    status = np.zeros(n, np.uint8)
+    other = np.roll(maps, 8, axis=1)
+    for u in range(-(-n // UNIT)):
+        s, e = u * UNIT, min(n, (u + 1) * UNIT)
+        write_unit(path, u, {"maps": maps[s:e], "methods/gradcam": other[s:e],
+                             "status": status[s:e], "target": target[s:e]})  # fmt: skip
+    analyze(str(path), config=AnalysisConfig(groups="class"), compare=str(path),
+            compare_maps=("maps", "methods/gradcam"), parallel=False)  # fmt: skip
+    a = open_reader(str(path)).analysis()
+    rho = np.asarray(a.compare["spearman"][:])
+    assert np.isfinite(rho).all() and rho.mean() < 0.9
+    assert a.compare.attrs["maps"] == ["maps", "methods/gradcam"]
+    with pytest.raises(ValueError, match="no map array 'methods/nope'"):
+        analyze(str(path), compare=str(path), compare_maps=("maps", "methods/nope"))

@@ -82,7 +82,7 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compare-maps", default="maps,maps", metavar="A,B",
         help="map arrays to compare: this store's A with the other's B (default maps,maps; "
-        "e.g. maps,components/region_groupcam)",
+        "e.g. maps,methods/gradcam or maps,components/region_groupcam)",
     )  # fmt: skip
     p.add_argument(
         "--boxes", metavar="FILE",

@@ -1,5 +1,5 @@
 """Compare the maps of two stores over the same manifest (two models), or two map arrays
-of one store (two methods: ``maps`` and ``components/<member>``).
+of one store (two methods: ``maps`` and ``methods/<name>`` or ``components/<member>``).
 
 Why these two numbers: the rank correlation says whether two maps order the pixels the
 same way (insensitive to how each method scales its values), the IoU of the top 15 %
@@ -105,8 +105,9 @@ def compare_stores(
                          f"(fingerprints {fa} and {fb})")  # fmt: skip
     for r, name in ((reader, maps[0]), (o, maps[1])):
         if name not in r.group:
-            raise ValueError(f"{r.path} has no map array {name!r} (choose maps or "
-                             "components/<member>; components are stored with --components)")
+            raise ValueError(f"{r.path} has no map array {name!r} (choose maps, "
+                             "methods/<name> of a run with --method, or components/<member> "
+                             "of a run with --components)")  # fmt: skip
     if store is None:
         from pipeline.store.io import open_store
 

@@ -542,7 +542,7 @@ def analyze(
 ) -> AnalysisSummary:
     """Analyse a store (see the module docstring); ``compare`` another store over the same
     manifest (or the same store with two ``compare_maps``, e.g. ``("maps",
-    "components/region_groupcam")``). Returns what was done. Resumable: a rerun describes
+    "methods/gradcam")``). Returns what was done. Resumable: a rerun describes
     only new units and recomputes the tables only when something changed."""
     cfg = config or AnalysisConfig()
     t0 = time.perf_counter()
