@@ -178,19 +178,24 @@ def _card(src: str, caption: str, problem: str = "") -> str:
             f'<div class="cap">{caption}{note}</div></div>')  # fmt: skip
 
 
-def _failed_rows(reader: StoreReader) -> list[tuple[int, int, str, str]]:
-    """(row, class, status, error) of every failed row of the finished units."""
+def _failed_rows(reader: StoreReader) -> list[tuple[int, int, str, str, str]]:
+    """(row, class, status, file, error) of every failed row of the finished units (the
+    file from the store's per-row ``uri`` when it has one)."""
+    names = ["status", "target", "label", "error"] + (["uri"] if "uri" in reader.group else [])
     out = []
-    for start, a in reader.iter_units(["status", "target", "label", "error"]):
+    for start, a in reader.iter_units(names):
         bad = np.nonzero(a["status"] != int(Status.OK))[0]
         for i in bad.tolist():
             st = int(a["status"][i])
             c = int(a["target"][i]) if int(a["target"][i]) >= 0 else int(a["label"][i])
-            err = a["error"][i]
-            err = err.decode("utf-8", "replace") if isinstance(err, bytes) else str(err or "")
+            err, uri = (_text(a[k][i]) if k in a else "" for k in ("error", "uri"))
             name = Status(st).name if st in Status._value2member_map_ else str(st)
-            out.append((start + i, c, name, err))
+            out.append((start + i, c, name, uri, err))
     return out
+
+
+def _text(v: Any) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v or "")
 
 
 def write_atlas(reader: StoreReader, out: str | Path, *, manifest: str | None = None,
@@ -353,15 +358,16 @@ def _class_table(rows: list[dict[str, Any]], names: list[str], thumbs: dict[int,
     return _table(heads, trs, "classes")
 
 
-def _failed_table(rows: list[tuple[int, int, str, str]], names: list[str]) -> str:
+def _failed_table(rows: list[tuple[int, int, str, str, str]], names: list[str]) -> str:
     if not rows:
         return "<p>none</p>"
     trs = [f'<tr><td data-v="{r}">{r}</td><td class="l" data-v="{c}">'
            f"{_e(class_name(names, c) if c >= 0 else '(no class)')}</td>"
-           f'<td class="l" data-v="{_e(s)}">{_e(s)}</td><td class="l" data-v="{_e(e)}">'
-           f"{_e(e)}</td></tr>" for r, c, s, e in rows[:MAX_FAILED]]  # fmt: skip
+           f'<td class="l" data-v="{_e(s)}">{_e(s)}</td><td class="l" data-v="{_e(u)}">'
+           f'{_e(u)}</td><td class="l" data-v="{_e(e)}">{_e(e)}</td></tr>'
+           for r, c, s, u, e in rows[:MAX_FAILED]]  # fmt: skip
     more = f"<p>and {len(rows) - MAX_FAILED} more</p>" if len(rows) > MAX_FAILED else ""
-    return _table(["row", "class", "status", "error"], trs, "failed") + more
+    return _table(["row", "class", "status", "file", "error"], trs, "failed") + more
 
 
 def _compare_page(reader: StoreReader, res: Any, out: Path, imgs: _Images, names: list[str],
