@@ -31,6 +31,8 @@ from pipeline.data.decode import Status, decode_image, read_bytes
 from pipeline.data.manifest import Manifest
 from pipeline.store.io import done_units, open_store
 from pipeline.store.layout import LAYOUT_ATTR, StoreFormatError, StoreLayout, safe_name
+from pipeline.store.lease import describe_lease, read_lease
+from pipeline.store.verify import VerifyReport, verify_store
 
 __all__ = [
     "ClassStats",
@@ -55,6 +57,8 @@ class StoreStatus:
     attrs: dict[str, Any] = field(default_factory=dict)
     #: finished / in progress (...) / interrupted / incomplete (see ``StoreReader.status``)
     state: str = ""
+    #: the driver lease (host, pid, started_at, heartbeat, ...), None when no driver holds it
+    lease: dict[str, Any] | None = None
 
     def format(self) -> str:
         a = self.attrs
@@ -64,6 +68,7 @@ class StoreStatus:
             f"state: {state}",
             f"units: {self.units_done} of {self.num_units} done",
             f"rows:  {self.rows_done} of {self.num_rows} written",
+            "driver lease: " + (describe_lease(self.lease) if self.lease else "free"),
         ]
         if self.rows_by_status:
             lines.append(
@@ -216,7 +221,13 @@ class StoreReader:
             complete=len(done) == self.num_units,
             attrs=keep,
             state=run_state,
+            lease=read_lease(self.path, storage_options=self.storage_options),
         )
+
+    def verify(self, deep: bool = False, repair: bool = False) -> VerifyReport:
+        """Check every finished unit against its marker (see :func:`verify_store`):
+        objects present with their sizes; ``deep`` also checksums and row counts."""
+        return verify_store(self.path, self.storage_options, deep=deep, repair=repair)
 
     def _run_state(self, complete: bool) -> str:
         """finished / in progress / interrupted / incomplete, from the driver's attributes."""

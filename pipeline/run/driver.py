@@ -46,6 +46,34 @@ log = logging.getLogger("unioncam.pipeline")
 def run(config: RunConfig) -> RunSummary:
     """Run (or resume) the job described by ``config``; return its summary.
 
+    One driver per store: the run holds the store's lease (:mod:`pipeline.store.lease`)
+    from before it touches the store until it has finalised it; a second driver is refused
+    with :class:`~pipeline.store.lease.LeaseHeldError` (one line naming the holder).
+    """
+    from pipeline.store.lease import StoreLease
+
+    lease = StoreLease(config.store, config.storage_options or None, on_lost=_lease_lost)
+    try:
+        return _run(config, lease)
+    except KeyboardInterrupt:
+        if lease.lost:
+            raise RuntimeError(lease.lost) from None
+        raise
+    finally:
+        lease.release()
+
+
+def _lease_lost(reason: str) -> None:
+    """Another driver took this store over: stop this one now (as Ctrl-C would)."""
+    import _thread
+
+    note(reason)
+    _thread.interrupt_main()
+
+
+def _run(config: RunConfig, lease: Any) -> RunSummary:
+    """Run (or resume) the job described by ``config``; return its summary.
+
     Callable from Python (``ray submit`` scripts pass ``address="auto"``). Uses the Ray
     instance already initialised in this process if there is one; else connects to
     ``config.address`` or starts a local one (and shuts down only what it started).
@@ -54,7 +82,7 @@ def run(config: RunConfig) -> RunSummary:
     """
     from pipeline.analysis.evaluate import store_metric_names
     from pipeline.data.manifest import Manifest
-    from pipeline.store.io import create_store, done_units
+    from pipeline.store.io import create_store, done_units, store_exists
 
     t0 = time.perf_counter()
     if "://" not in config.store:
@@ -65,6 +93,8 @@ def run(config: RunConfig) -> RunSummary:
     resolved = resolve(config)
     cfg = resolved.config
     attrs = store_attrs(resolved, manifest)
+    if store_exists(cfg.store, storage_options=so):
+        lease.acquire()  # before the store's attributes are touched
     create_store(
         cfg.store,
         num_rows=manifest.num_rows,
@@ -78,6 +108,9 @@ def run(config: RunConfig) -> RunSummary:
         overwrite=cfg.overwrite,
         storage_options=so,
     )
+    lease.acquire()  # a new store (or one --overwrite replaced): take it now
+    if lease.took_over:
+        note(f"store {cfg.store}: took over the lease of {lease.took_over}")
     done = done_units(cfg.store, storage_options=so)
     todo = [u for u in range(manifest.num_units) if u not in done]
     if cfg.max_units is not None:

@@ -41,6 +41,7 @@ from zarr.codecs import BloscCodec
 
 from pipeline.data.decode import Status
 from pipeline.data.location import is_local, normalise_location, redact_uri, url_to_fs
+from pipeline.store.checksum import RecordingStore
 from pipeline.store.layout import (
     LAYOUT_ATTR,
     MARKERS,
@@ -62,6 +63,7 @@ __all__ = [
     "open_store",
     "read_layout",
     "read_markers",
+    "store_exists",
     "write_unit",
 ]
 
@@ -135,6 +137,13 @@ def _layout_of(meta: Mapping[str, Any] | None, loc: str) -> StoreLayout:
         )
     check_format(raw, redact_uri(loc))
     return StoreLayout.from_dict(raw)
+
+
+def store_exists(
+    store_path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> bool:
+    """Whether a Zarr store (root ``zarr.json``) is at ``store_path`` (one small read)."""
+    return _read_root_json(normalise_location(store_path), storage_options) is not None
 
 
 def read_layout(
@@ -459,7 +468,9 @@ def write_unit(
             f"write_unit(unit {u}): status has invalid code(s) {bad} (PENDING=255 means "
             "'never processed' and cannot be written)"
         )
-    store = _zstore(loc, storage_options, read_only=False)
+    # Every object written goes through the recorder: the marker lists each one's key,
+    # size and CRC32C (what ``unioncam verify`` checks later).
+    store = RecordingStore(_zstore(loc, storage_options, read_only=False))
 
     def put(spec: ArraySpec) -> None:
         arr = zarr.open_array(store, path=spec.name, mode="r+", zarr_format=3)
@@ -483,6 +494,7 @@ def write_unit(
         "written_at": _now(),
         "write_seconds": round(time.perf_counter() - t0, 3),
         **redact(dict(info or {})),
+        **store.record(),
     }
     _write_marker(loc, int(u), marker, storage_options)
     return marker
