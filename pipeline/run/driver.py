@@ -50,10 +50,14 @@ def run(config: RunConfig) -> RunSummary:
     from before it touches the store until it has finalised it; a second driver is refused
     with :class:`~pipeline.store.lease.LeaseHeldError` (one line naming the holder).
     """
+    from pipeline.store.io import store_exists
     from pipeline.store.lease import StoreLease
 
-    lease = StoreLease(config.store, config.storage_options or None, on_lost=_lease_lost)
+    so = config.storage_options or None
+    lease = StoreLease(config.store, so, on_lost=_lease_lost)
     try:
+        if store_exists(config.store, storage_options=so):
+            lease.acquire()  # first: refuse before any work, and before the store is touched
         return _run(config, lease)
     except KeyboardInterrupt:
         if lease.lost:
@@ -82,7 +86,7 @@ def _run(config: RunConfig, lease: Any) -> RunSummary:
     """
     from pipeline.analysis.evaluate import store_metric_names
     from pipeline.data.manifest import Manifest
-    from pipeline.store.io import create_store, done_units, store_exists
+    from pipeline.store.io import create_store, done_units
 
     t0 = time.perf_counter()
     if "://" not in config.store:
@@ -93,8 +97,6 @@ def _run(config: RunConfig, lease: Any) -> RunSummary:
     resolved = resolve(config)
     cfg = resolved.config
     attrs = store_attrs(resolved, manifest)
-    if store_exists(cfg.store, storage_options=so):
-        lease.acquire()  # before the store's attributes are touched
     create_store(
         cfg.store,
         num_rows=manifest.num_rows,
