@@ -266,6 +266,7 @@ def test_a_full_disk_fails_the_unit_in_one_line_and_the_rerun_after_freeing_spac
     assert list(s.failed_units) == [1] and not s.complete
     reason = s.failed_units[1]
     assert "\n" not in reason and "No space left on device" in reason, reason
+    assert f"unit 1: cannot write to store {store}" in reason
     assert "FAILED unit 1:" in s.format()
     assert done_units(str(store)) == {0}  # never marked done
     assert verify_store(str(store)).ok  # and the finished unit is intact

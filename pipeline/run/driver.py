@@ -31,6 +31,7 @@ import os
 import time
 from typing import Any
 
+from pipeline.messages import error_line
 from pipeline.run.config import RunConfig
 from pipeline.run.plan import UnitContext, resolve, run_state, store_attrs
 from pipeline.run.scheduler import Scheduler, note, ray_error_line
@@ -202,13 +203,24 @@ def _unit_rows(manifest: Any, u: int) -> int:
 
 
 def _finalize(cfg: RunConfig, summary: RunSummary) -> None:
-    from pipeline.store.io import finalize_store
-
     if summary.complete:
         _set_run_state(cfg, "finished")
     else:
         why = f"{len(summary.failed_units)} failed units" if summary.failed_units else "max_units"
         _set_run_state(cfg, "incomplete", why)
+
+    try:
+        _finalize_store(cfg, summary)
+    except OSError as e:
+        # A full disk (or a lost mount) while finalising must not hide the failed units,
+        # which are the report; markers stay the truth and a rerun finalises the store.
+        if summary.complete:
+            raise
+        note(f"could not finalise {cfg.store} ({error_line(e)}); rerun the same command")
+
+
+def _finalize_store(cfg: RunConfig, summary: RunSummary) -> None:
+    from pipeline.store.io import finalize_store
 
     finalize_store(
         cfg.store,

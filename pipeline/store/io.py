@@ -41,6 +41,7 @@ from zarr.codecs import BloscCodec
 
 from pipeline.data.decode import Status
 from pipeline.data.location import is_local, normalise_location, redact_uri, url_to_fs
+from pipeline.messages import error_line
 from pipeline.store.checksum import RecordingStore
 from pipeline.store.layout import (
     LAYOUT_ATTR,
@@ -478,8 +479,13 @@ def write_unit(
 
     # Arrays are independent objects: write them concurrently (object-store latency
     # dominates remote writes; zarr runs all of it on its one event loop).
-    with ThreadPoolExecutor(max_workers=min(8, len(specs))) as pool:
-        list(pool.map(put, specs))
+    try:
+        with ThreadPoolExecutor(max_workers=min(8, len(specs))) as pool:
+            list(pool.map(put, specs))
+    except OSError as e:  # a full disk, a lost mount, an object store that keeps failing
+        raise StoreError(
+            f"unit {u}: cannot write to store {redact_uri(loc)}: {error_line(e)}"
+        ) from e
     counts = np.bincount(status.astype(np.int64), minlength=256)
     marker = {
         "unit": int(u),
@@ -511,9 +517,13 @@ def _write_marker(
         final = os.path.join(loc, *key.split("/"))
         os.makedirs(os.path.dirname(final), exist_ok=True)
         tmp = f"{final}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as fh:
-            fh.write(body)
-        os.replace(tmp, final)  # atomic: a marker is either absent or complete
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(body)
+            os.replace(tmp, final)  # atomic: a marker is either absent or complete
+        finally:
+            if os.path.exists(tmp):  # a failed write (full disk) leaves no debris
+                os.remove(tmp)
     else:
         fs, root = url_to_fs(loc, storage_options)
         fs.pipe_file(f"{root}/{key}", body)  # one PUT: atomic on object stores
