@@ -276,3 +276,59 @@ def test_a_full_disk_fails_the_unit_in_one_line_and_the_rerun_after_freeing_spac
     assert again.complete and again.units_processed == 1
     assert verify_store(str(store), deep=True).ok
     assert (open_store(str(store))["status"][:] == int(Status.OK)).all()
+
+
+# ---------------------------------------------------------------------------------------
+# object storage under faults
+def test_a_run_on_faulty_s3_explains_every_row_once_and_a_unit_that_cannot_be_written_fails(
+    ray_cluster, tmp_path, sample_dir, capsys
+):
+    """Connection resets, 500s, 503s, slow answers and requests the server applied but the
+    client never heard back about (dropped, or held past the client's read timeout), on
+    every request of the driver, the actors and verify; and every write of unit 1 refused
+    (503) in the first run."""
+    pytest.importorskip("moto")
+    from faultproxy import ACTIONS, FaultProxy
+    from s3server import S3Server
+
+    m = build_from_list(_rows(sample_dir, N), tmp_path / "m.parquet", unit_size=2)
+    with S3Server() as s3, FaultProxy(
+        s3.endpoint_url, rate=0.08, seed=3, hold_s=2.5, max_per_action=6,
+        fail_always=r"/c/1(/|$)",
+    ) as proxy:  # fmt: skip
+        so = {**s3.storage_options, "endpoint_url": proxy.url,
+              # bounded retries: botocore 3 attempts per request (s3fs adds up to 5 more
+              # for throttling and connection errors), a short read timeout
+              "config_kwargs": {"read_timeout": 2, "connect_timeout": 2,
+                                "retries": {"max_attempts": 3, "mode": "standard"}}}  # fmt: skip
+        store = f"{s3.make_bucket()}/out/s.zarr"
+        cfg = RunConfig(manifest=str(m.uri), store=store, explainer="null", image_size=SIZE,
+                        actors=1, cpu_only=True, progress=False, storage_options=so,
+                        max_retries=1)  # fmt: skip
+        first = run(cfg)
+        assert list(first.failed_units) == [1] and first.units_processed == N // 2 - 1
+        assert "cannot write to store" in first.failed_units[1] or "SlowDown" in (
+            first.failed_units[1]
+        )
+        err = capsys.readouterr().err
+        assert "unit 1: attempt 1 failed" in err and "unit 1 failed 2 times" in err
+        assert done_units(store, so) == {0, 2, 3}  # never marked done
+        refused = sum(1 for _m, _p, a in proxy.requests if a == "fail-always")
+        # bounded: 2 unit attempts x 13 arrays x (3 botocore attempts x 5 s3fs retries)
+        assert 0 < refused <= 2 * 13 * 3 * 5
+        print("unit 1:", first.failed_units[1], "| requests refused:", refused)
+
+        proxy.fail_always = None  # the cause is gone; the random faults stay
+        before = read_markers(store, so)
+        second = run(cfg)
+        assert second.complete and second.units_processed == 1
+        after = read_markers(store, so)
+        assert sorted(after) == list(range(N // 2))
+        assert all(after[u] == before[u] for u in before)  # done once, never redone
+        r = verify_store(store, so, deep=True)
+        assert r.ok and r.units_checked == N // 2 and not r.unchecked, r.lines()
+        g = open_store(store, storage_options=so)
+        assert (np.asarray(g["status"][:]) == int(Status.OK)).all()
+        assert read_lease(store, so) is None
+        injected = {a for _m, _p, a in proxy.requests} - {"pass", "fail-always"}
+        assert injected == set(ACTIONS), proxy.counts  # every kind of fault happened
