@@ -247,3 +247,21 @@ def test_lease_on_s3_uses_conditional_writes(tmp_path):
         assert read_lease(store, so)["token"] == first.token
         first.release()
         assert read_lease(store, so) is None
+
+
+def test_verify_has_help_and_starts_without_torch(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["verify", "--help"])
+    assert e.value.code == 0 and "--repair" in capsys.readouterr().out
+    store = make_store(str(tmp_path / "s.zarr"))
+    code = (
+        "import sys\nfrom pipeline import cli\n"
+        f"rc = cli.main(['verify', {store!r}, '--deep'])\n"
+        "print(rc, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})  # fmt: skip
+    assert out.stdout.strip().splitlines()[-1] == "0 False", out.stdout + out.stderr
+    assert main(["verify", str(tmp_path / "nothing.zarr")]) == 2  # one line, no traceback
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no unioncam store at" in err[0], err
