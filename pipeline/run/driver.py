@@ -221,6 +221,7 @@ def _finalize(cfg: RunConfig, summary: RunSummary) -> None:
 
 def _finalize_store(cfg: RunConfig, summary: RunSummary) -> None:
     from pipeline.store.io import finalize_store
+    from pipeline.store.lease import drop_from_consolidated
 
     finalize_store(
         cfg.store,
@@ -237,6 +238,7 @@ def _finalize_store(cfg: RunConfig, summary: RunSummary) -> None:
             }
         },
     )
+    drop_from_consolidated(cfg.store, storage_options=cfg.storage_options or None)
 
 
 def _init_ray(cfg: RunConfig) -> None:

@@ -57,6 +57,7 @@ __all__ = [
     "LeaseHeldError",
     "StoreLease",
     "describe_lease",
+    "drop_from_consolidated",
     "read_lease",
 ]
 
@@ -241,6 +242,38 @@ def read_lease(
 ) -> dict[str, Any] | None:
     """The store's lease (host, pid, started_at, heartbeat, ...), or None when free."""
     return _Backend(normalise_location(store_path), storage_options).read()[0]
+
+
+def drop_from_consolidated(
+    store_path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> None:
+    """DRIVER ONLY, after consolidating: remove the lease from the consolidated metadata.
+
+    Consolidation runs while the driver holds the lease, so its snapshot would show that
+    driver as the holder long after it released the lease; the lease is only ever read from
+    ``lease/zarr.json`` itself.
+    """
+    loc = normalise_location(store_path)
+    if is_local(loc):
+        path = os.path.join(loc, "zarr.json")
+        with open(path, "rb") as fh:
+            root = json.loads(fh.read())
+    else:
+        fs, base = url_to_fs(loc, storage_options)
+        path = f"{base}/zarr.json"
+        root = json.loads(fs.cat_file(path))
+    meta = (root.get("consolidated_metadata") or {}).get("metadata") or {}
+    if LEASE.split("/")[0] not in meta:
+        return
+    del meta[LEASE.split("/")[0]]
+    body = json.dumps(root, indent=2).encode()
+    if is_local(loc):
+        tmp = f"{path}.{uuid.uuid4().hex}"
+        with open(tmp, "wb") as fh:
+            fh.write(body)
+        os.replace(tmp, path)  # atomic: readers see the old or the new root, never half
+    else:
+        fs.pipe_file(path, body)
 
 
 # ---------------------------------------------------------------------------------------
