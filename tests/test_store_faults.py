@@ -57,19 +57,24 @@ def ray_cluster():
     ray.shutdown()
 
 
-def config(manifest: Path, store: Path, **kw) -> RunConfig:
+def config(manifest: Path, store: Path, null: bool = False, **kw) -> RunConfig:
+    """A tiny run: the ``fast`` preset at 64 px, or the ``null`` explainer (no model) where
+    only the writes matter."""
     from unioncam import UnionCAMConfig
 
     base = {
         "manifest": str(manifest),
         "store": str(store),
-        "method": UnionCAMConfig.preset("fast", groups=4, chunk_size=16).to_dict(),
         "image_size": SIZE,
         "batch_size": 4,
         "actors": 1,
         "cpu_only": True,
         "progress": False,
     }
+    if null:
+        base["explainer"] = "null"
+    else:
+        base["method"] = UnionCAMConfig.preset("fast", groups=4, chunk_size=16).to_dict()
     return RunConfig(**{**base, **kw})
 
 
@@ -248,14 +253,14 @@ def test_a_full_disk_fails_the_unit_in_one_line_and_the_rerun_after_freeing_spac
 ):
     m = build_from_list(_rows(sample_dir, N), tmp_path / "m.parquet", unit_size=4)
     store = small_disk / "s.zarr"
-    first = run(config(m.uri, store, max_units=1))
+    first = run(config(m.uri, store, max_units=1, null=True))
     assert first.units_processed == 1
     # Fill the disk, leaving room for the driver's own small writes (lease, attributes)
     # but not for a unit's shards.
     ballast = small_disk / "ballast"
     st = os.statvfs(small_disk)
     ballast.write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - 16 * 1024))
-    s = run(config(m.uri, store, max_retries=1))
+    s = run(config(m.uri, store, max_retries=1, null=True))
     assert list(s.failed_units) == [1] and not s.complete
     reason = s.failed_units[1]
     assert "\n" not in reason and "No space left on device" in reason, reason
@@ -265,7 +270,7 @@ def test_a_full_disk_fails_the_unit_in_one_line_and_the_rerun_after_freeing_spac
     assert verify_store(str(store)).ok  # and the finished unit is intact
 
     ballast.unlink()  # space freed: the same command completes
-    again = run(config(m.uri, store))
+    again = run(config(m.uri, store, null=True))
     assert again.complete and again.units_processed == 1
     assert verify_store(str(store), deep=True).ok
     assert (open_store(str(store))["status"][:] == int(Status.OK)).all()
