@@ -247,6 +247,27 @@ def test_lease_on_s3_uses_conditional_writes(tmp_path):
         assert read_lease(store, so)["token"] == first.token
         first.release()
         assert read_lease(store, so) is None
+        # Eight drivers at once on the free lease: If-None-Match lets exactly one in.
+        import threading
+
+        leases = [StoreLease(store, so, heartbeat_s=0) for _ in range(8)]
+        won, start = [], threading.Barrier(8)
+
+        def go(lease: StoreLease) -> None:
+            start.wait()
+            try:
+                lease.acquire()
+                won.append(lease)
+            except LeaseHeldError:
+                pass
+
+        threads = [threading.Thread(target=go, args=(x,)) for x in leases]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(won) == 1 and read_lease(store, so)["token"] == won[0].token
+        won[0].release()
 
 
 def test_verify_has_help_and_starts_without_torch(tmp_path, capsys):
@@ -265,3 +286,35 @@ def test_verify_has_help_and_starts_without_torch(tmp_path, capsys):
     assert main(["verify", str(tmp_path / "nothing.zarr")]) == 2  # one line, no traceback
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no unioncam store at" in err[0], err
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["free", "dead-holder"])
+def test_drivers_racing_for_one_lease_exactly_one_wins(tmp_path, stale):
+    """Eight drivers at once, on a free lease (exclusive create) and on a dead holder's
+    (conditional replace, then a re-read): exactly one holds it, the others are refused."""
+    import threading
+
+    store = make_store(str(tmp_path / "s.zarr"))
+    if stale:
+        _plant(store, host=socket.gethostname(), pid=_dead_pid(), heartbeat=time.time())
+    leases = [StoreLease(store, heartbeat_s=0) for _ in range(8)]
+    won: list[StoreLease] = []
+    refused: list[str] = []
+    start = threading.Barrier(len(leases))
+
+    def go(lease: StoreLease) -> None:
+        start.wait()
+        try:
+            lease.acquire()
+            won.append(lease)
+        except LeaseHeldError as e:
+            refused.append(str(e))
+
+    threads = [threading.Thread(target=go, args=(lease,)) for lease in leases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(won) == 1 and len(refused) == 7, (len(won), refused)
+    assert read_lease(store)["token"] == won[0].token
+    won[0].release()
