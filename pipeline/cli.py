@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("method (UnionCAM settings)")
     g.add_argument(
+        "--method", default="unioncam",
+        help="the CAM method(s), comma separated: unioncam (default; settings below), "
+        "gradcam, gradcam++, xgradcam, layercam, denoised, scorecam, groupcam; several "
+        "(e.g. gradcam,unioncam) store one map each for the same images",
+    )
+    g.add_argument(
         "--preset", default=None,
         help="method preset: faithful, paper (the paper's exact method), faithful-fast or fast "
         "(Group-CAM region side); default: the library's unioncam.DEFAULT_PRESET"
@@ -267,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q = qs.add_parser("top", help="top-k (or bottom-k) rows by a score")
     q.add_argument(
-        "--by", default="beta",
-        help="beta, prob, baseline_prob, beta:<pool member>, metrics/<name>, "
+        "--by", default=None,
+        help="default beta (prob in a store without UnionCAM); beta, prob, baseline_prob, beta:<pool member>, metrics/<name>, "
         "selection_score, selection_score:<pool member> (what the selection rule ranked by)",
     )
     q.add_argument("-k", type=int, default=10)
@@ -276,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--class", dest="class_index", type=int, help="only rows explained for this class"
     )
+    q.add_argument("--json", action="store_true")
+    q = qs.add_parser("row", help="every stored field of one row (its file, status, scores)")
+    q.add_argument("row_id", metavar="ROW", type=int)
     q.add_argument("--json", action="store_true")
     q = qs.add_parser("maps", help="maps of rows as .npy and/or overlay PNGs")
     q.add_argument("--rows", required=True, help="row ids, e.g. 0,5,10-12")
@@ -291,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--manifest", help="manifest to find the originals (default: the one recorded in the store)"
     )
+    q.add_argument("--method", help="whose maps, in a store of several methods "
+                   "(default: unioncam if stored, else the run's first method)")
     q = qs.add_parser("mean", help="mean map per class (PNG + .npy)")
     q.add_argument("--classes", help="class ids, e.g. 1,281-285 (default: all)")
     q.add_argument(
@@ -298,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--cmap", default="jet")
+    q.add_argument("--method", help="whose maps, in a store of several methods "
+                   "(default: unioncam if stored, else the run's first method)")
 
     # export ---------------------------------------------------------------------------
     p = sub.add_parser(
@@ -309,10 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", metavar="STORE")
     p.add_argument("--csv", metavar="FILE", help="write per-row results to this CSV")
     p.add_argument("--overlays", metavar="DIR", help="write overlay PNGs here")
-    p.add_argument("--rows", help="rows for --overlays (default: the first --limit OK rows)")
-    p.add_argument("--limit", type=int, default=100, help="max overlays when --rows is not given")
+    p.add_argument(
+        "--rows", help="rows for --overlays (default: the --limit OK rows of highest probability)"
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=100,
+        help="without --rows, overlay the N OK rows with the highest probability (default 100)",
+    )
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--cmap", default="jet")
+    p.add_argument("--method", help="whose maps, in a store of several methods "
+                   "(default: unioncam if stored, else the run's first method)")
     _add_storage(p)
 
     # report ---------------------------------------------------------------------------
@@ -397,6 +419,7 @@ def _config_from_args(a: argparse.Namespace):
         model=a.model,
         weights=a.weights,
         layer=a.layer,
+        methods=tuple(s.strip() for s in a.method.split(",") if s.strip()),
         **({"method": method} if method is not None else {}),
         image_size=a.image_size,
         target=a.target,
@@ -456,7 +479,9 @@ def _cmd_query(a: argparse.Namespace) -> int:
     from pipeline.data.classes import class_name, load_class_names
 
     if not a.what:
-        raise CLIError("query needs one of: classes, top, maps, mean (see unioncam query --help)")
+        raise CLIError(
+            "query needs one of: classes, top, row, maps, mean (see unioncam query --help)"
+        )
     r = open_reader(a.store, parse_storage_options(a.storage_option))
     names = load_class_names()
     if a.what == "classes":
@@ -479,16 +504,34 @@ def _cmd_query(a: argparse.Namespace) -> int:
             )
         return 0
     if a.what == "top":
+        a.by = a.by or ("beta" if r.layout.has_pool else "prob")
         rows = r.top_k(a.by, a.k, largest=not a.bottom, class_index=a.class_index)
         if a.json:
             print(json.dumps([x.__dict__ for x in rows], indent=1))
             return 0
-        print(f"{'row':>8} {a.by:>14}  {'class':<28} {'label':>5}  selected")
+        print(f"{'row':>8} {a.by:>14}  {'class':<28} {'label':>5}  {'selected':<24} file")
         for x in rows:
             print(
                 f"{x.row_id:>8} {x.score:>14.5f}  {class_name(names, x.target)[:28]:<28} "
-                f"{x.label:>5}  {x.selected}"
+                f"{x.label:>5}  {x.selected:<24} {x.uri}"
             )
+        return 0
+    if a.what == "row":
+        info = r.row(a.row_id)
+        if a.json:
+            print(json.dumps(info, indent=1))
+            return 0
+        t = info.get("target", -1)
+        print(f"row {info['row_id']}: {info['uri'] or '<inline image>'}")
+        print(f"status: {info['status_name']}" + (f" ({info['error']})" if info["error"] else ""))
+        if info["status_name"] == "OK":
+            print(f"class explained: {t} {class_name(names, t)}; label {info.get('label')}, "
+                  f"predicted {info.get('predicted')}")  # fmt: skip
+            print(f"prob {info['prob']:.4f} (baseline {info['baseline_prob']:.4f}); "
+                  f"selected {info['selected_name']}")  # fmt: skip
+            for name, b in zip(r.pool, info["beta"], strict=True):
+                print(f"  beta {b:9.5f}  {name}")
+        print(f"original size (h, w) {info['orig_size']}, crop box {info['crop_box']}")
         return 0
     if a.what == "maps":
         import numpy as np
@@ -497,7 +540,7 @@ def _cmd_query(a: argparse.Namespace) -> int:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         if a.npy or not a.overlay:
-            maps = r.maps(rows)
+            maps = r.maps(rows, method=a.method)
             np.save(out / "maps.npy", maps)
             np.save(out / "row_ids.npy", np.asarray(rows, dtype=np.int64))
             print(
@@ -505,7 +548,8 @@ def _cmd_query(a: argparse.Namespace) -> int:
             )
         if a.overlay:
             paths = r.write_overlays(
-                rows, out, alpha=a.alpha, cmap=a.cmap, manifest=a.manifest, class_names=names
+                rows, out, alpha=a.alpha, cmap=a.cmap, manifest=a.manifest, class_names=names,
+                method=a.method,
             )
             print(f"wrote {len(paths)} overlay PNGs to {out}")
             skipped = len(rows) - len(paths)
@@ -521,17 +565,35 @@ def _cmd_query(a: argparse.Namespace) -> int:
         classes = _int_list(a.classes, "--classes") if a.classes else None
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        means = r.mean_maps(classes, by=a.by)
+        means = r.mean_maps(classes, by=a.by, method=a.method)
+        tag = "" if a.method in (None, r.primary) else f"-{a.method}"
         for c, (m, n) in means.items():
-            np.save(out / f"mean-class-{c:04d}.npy", m)
-            Image.fromarray(colorize(m, a.cmap)).save(out / f"mean-class-{c:04d}.png")
-            print(
-                f"class {c} ({class_name(names, c)}): mean of {n} maps -> {out / f'mean-class-{c:04d}.png'}"
-            )
-        if not means:
-            print("no OK rows for the requested classes")
+            stem = out / f"mean-class-{c:04d}{tag}"
+            np.save(f"{stem}.npy", m)
+            Image.fromarray(colorize(m, a.cmap)).save(f"{stem}.png")
+            print(f"class {c} ({class_name(names, c)}): mean of {n} maps -> {stem}.png")
+        if classes is not None:
+            empty = [c for c in classes if c not in means]
+            if empty:
+                print(f"no OK rows for classes {_ranges(empty)}")
+        elif not means:
+            print("no OK rows in the store")
         return 0
     raise CLIError(f"unknown query {a.what!r}")
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``1-3, 7`` (how the user typed them)."""
+    out: list[str] = []
+    vals = sorted(set(values))
+    i = 0
+    while i < len(vals):
+        j = i
+        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
+            j += 1
+        out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
+        i = j + 1
+    return ", ".join(out)
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
@@ -551,7 +613,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
             rows = _int_list(a.rows, "--rows")
         else:
             rows = [x.row_id for x in sorted(r.top_k("prob", a.limit), key=lambda x: x.row_id)]
-        paths = r.write_overlays(rows, a.overlays, alpha=a.alpha, cmap=a.cmap, class_names=names)
+        paths = r.write_overlays(rows, a.overlays, alpha=a.alpha, cmap=a.cmap, class_names=names,
+                                 method=a.method)
         print(f"wrote {len(paths)} overlay PNGs to {a.overlays}")
     return 0
 

@@ -98,7 +98,52 @@ def test_host_syncs_do_not_grow_with_masked_forwards(gpu_model, photos):
     assert counts[0] == counts[1], where
     # exactly the two documented ones: the NaN/Inf check of the batch and the count of
     # non-constant channels that sizes Score-CAM's forwards
-    assert [s.split(":")[0] for s in where[1]] == ["base.py", "region.py"], where
+    assert [s.split(":")[0] for s in where[1]] == ["cam.py", "region.py"], where
+
+
+def _library_syncs(cam, x) -> list[str]:
+    """Where the library synchronised with the host during one call (file:line)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            cam(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sorted(f"{os.path.basename(w.filename)}:{w.lineno}" for w in rec
+                  if "synchroniz" in str(w.message) and f"{os.sep}unioncam{os.sep}" in w.filename)
+
+
+def test_default_preset_syncs_do_not_grow_with_chunks_or_batch(gpu_model, photos):
+    """The default preset (selection-rule forwards, ranking, β) at 4-image chunks syncs as
+    often as in one chunk, and a batch of 4 photos as often as a batch of 2: no host sync
+    inside a per-chunk or per-image loop."""
+    x = photos[0][:4].cuda()
+    seen = {}
+    for chunk, n in ((4, 2), (512, 2), (512, 4)):
+        with UnionCAM(gpu_model, "_blocks.4", chunk_size=chunk, channels_last=False) as cam:
+            cam(x[:n])  # warm-up: layer resolution
+            seen[(chunk, n)] = _library_syncs(cam, x[:n])
+    assert len(seen[(4, 2)]) == len(seen[(512, 2)]) == len(seen[(512, 4)]), seen
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "groupcam"])
+def test_component_methods_on_cuda_match_cpu(effnet, photos, fp32_exact, method):
+    """What ``unioncam run --method <name>`` computes on a GPU actor equals the CPU."""
+    from unioncam import make_cam
+
+    x, _ = photos
+    kw = {"groups": 8} if method == "groupcam" else {}
+    with make_cam(method, effnet.model, "_blocks.4", chunk_size=16, **kw) as cam:
+        cpu = cam(x[:3])
+    model = effnet.model.cuda()
+    try:
+        with make_cam(method, model, "_blocks.4", chunk_size=16, **kw) as cam:
+            gpu = cam(x[:3].cuda(), targets=cpu.target.cuda())
+    finally:
+        effnet.model.cpu()
+    torch.testing.assert_close(gpu.maps.cpu(), cpu.maps, atol=1e-4, rtol=0)
 
 
 def test_autotune_on_cuda_is_exact(gpu_model, photos, fp32_exact):

@@ -162,6 +162,39 @@ def test_end_to_end_every_row_written_and_equal_to_the_library(complete, data, r
     assert attrs["layer"] == reference["layer"] and attrs["image_size"] == SIZE
     assert len(attrs["config_fingerprint"]) == 64 and attrs["manifest_fingerprint"]
     assert attrs["summary"]["complete"] is True
+    # Every row names its file; the wall time splits into its three parts.
+    assert g["uri"][:].tolist() == [uri for uri, _ in data["rows"]]
+    assert s.startup_s > 0 and s.explain_s > 0 and s.finish_s >= 0 and s.ray_s >= 0
+    assert s.startup_s + s.explain_s + s.finish_s == pytest.approx(s.wall_s, abs=1e-6)
+    assert 0 < s.actor_startup_s <= s.startup_s
+    assert "start-up" in s.format() and "explaining" in s.format()
+
+
+def test_the_bar_moves_per_batch_not_per_unit(ray_cluster, data, tmp_path, monkeypatch):
+    """Two 4-row units in batches of 3: the bar must show 3 (a unit's first batch) at some
+    point; per-unit progress would only ever show 0, 4 and 8."""
+    import io
+    import re
+
+    from pipeline.run import scheduler
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:  # redraw as on a terminal, not every 30 s as in a log
+            return True
+
+    m = build_from_list(data["rows"][:8], tmp_path / "two.parquet", unit_size=UNIT)
+    err = Terminal()
+    monkeypatch.setattr("sys.stderr", err)
+    monkeypatch.setattr(scheduler, "PROGRESS_S", 0.02)
+    # The default preset at 64 px: a batch takes long enough for a poll to see it.
+    method = UnionCAMConfig(chunk_size=16).to_dict()
+    s = run(make_config(m.uri, tmp_path / "p.zarr", method=method, actors=1, cpu_only=True,
+                        cpus_per_actor=2, progress=True))  # fmt: skip
+    assert s.complete
+    frames = err.getvalue().replace("\r", "\n").splitlines()
+    shown = {int(x) for x in re.findall(r"\| *(\d+)/8 \[", "\n".join(frames))}
+    assert shown >= {0, 8} and shown - {0, 4, 8}, frames
+    assert any(f.startswith("actor 0 ready on cpu after") for f in frames), frames
 
 
 def test_xarray_opens_the_store(complete):
@@ -345,6 +378,12 @@ def test_bad_images_are_recorded_and_the_rest_is_written(ray_cluster, tmp_path, 
             assert np.isnan(maps[i]).all() and np.isnan(g["beta"][i]).all()
             assert g["selected"][i] == -1
     assert "failed images by status" in s.format()
+    # The summary names the failed files (row, path, status), not just their number.
+    assert sorted((r, u, st) for r, u, st, _m in s.failed_rows) == [
+        (i, entries[i][0], expected[i].name) for i in range(len(entries)) if expected[i] != Status.OK
+    ]
+    assert f"row 5 {entries[5][0]}: MISSING" in s.format()
+    assert g["uri"][:].tolist() == [uri for uri, _ in entries]
 
 
 def test_s3_end_to_end_manifest_images_and_store_on_s3(ray_cluster, data, reference):
@@ -460,3 +499,98 @@ def test_a_non_beta_selection_rule_stores_its_scores_and_queries_rank_by_them(
     gb = open_store(str(complete["store"]))
     assert gb["selection_score"].attrs["rule"] == "beta"
     np.testing.assert_array_equal(gb["selection_score"][:], gb["beta"][:])
+
+
+def test_two_methods_in_one_store_equal_the_library_and_resume(
+    complete, data, ray_cluster, reference, tmp_path
+):
+    """``--method gradcam,unioncam``: UnionCAM's map stays in ``maps`` (equal to a
+    UnionCAM-only run), Grad-CAM's goes to ``methods/gradcam`` and equals the library's
+    Grad-CAM for the same class; each is scored; the same set of methods resumes, another
+    set is refused."""
+    from pipeline.analysis.export import export_csv
+    from unioncam import GradCAM
+
+    rows = data["rows"][: 2 * UNIT]
+    m = build_from_list(rows, tmp_path / "two.parquet", unit_size=UNIT)
+    store = tmp_path / "two.zarr"
+    metrics = ("insertion", "deletion", "ins_minus_del")
+    s = run(make_config(m.uri, store, methods=("unioncam", "gradcam"), metrics=metrics,
+                        metric_step=512, actors=1))  # fmt: skip
+    assert s.complete and s.images_ok == len(rows)
+    g = open_store(str(store))
+    assert set(g["methods"].array_keys()) == {"gradcam"} and g.attrs["methods"] == [
+        "gradcam", "unioncam"]  # the library's order
+    np.testing.assert_allclose(g["maps"][:].astype(np.float32), reference["maps"][: len(rows)],
+                               atol=2e-3)  # fmt: skip
+    loaded = load_model("efficientnet-lite0")
+    pre = loaded.preprocess.with_size(SIZE)
+    x = torch.stack([load_row(Row(i, uri, None, None), pre)[0] for i, (uri, _) in enumerate(rows)])
+    with GradCAM(loaded.model, reference["layer"]) as cam:
+        want = cam(x, targets=torch.as_tensor(g["target"][:]).long()).maps.numpy()
+    r = open_reader(str(store))
+    assert r.primary == "unioncam" and r.methods == ("gradcam", "unioncam")
+    np.testing.assert_allclose(r.maps(range(len(rows)), method="gradcam"), want, atol=2e-3)
+    for name in ("insertion", "insertion@gradcam", "ins_minus_del@gradcam"):
+        assert np.isfinite(g[f"metrics/{name.replace('@', '_')}"][:]).all(), name
+    export_csv(r, str(tmp_path / "two.csv"), [])
+    header = (tmp_path / "two.csv").read_text().splitlines()[0].split(",")
+    assert {"insertion", "insertion@gradcam", "uri", "beta:region:groupcam"} <= set(header)
+
+    again = run(make_config(m.uri, store, methods=("gradcam", "unioncam"), metrics=metrics,
+                            metric_step=512, actors=1))  # fmt: skip
+    assert again.units_processed == 0 and again.units_already_done == 2
+    with pytest.raises(StoreMismatchError, match=r"methods: store \['gradcam', 'unioncam'\]"):
+        run(make_config(m.uri, store, metrics=metrics, metric_step=512, actors=1))
+
+
+def test_a_gradcam_only_store_has_no_unioncam_arrays_and_answers_queries(
+    data, ray_cluster, tmp_path
+):
+    from pipeline.analysis.export import export_csv
+
+    m = build_from_list(data["rows"][:UNIT], tmp_path / "g.parquet", unit_size=UNIT)
+    s = run(make_config(m.uri, tmp_path / "g.zarr", methods=("gradcam",), actors=1))
+    assert s.complete and s.images_ok == UNIT
+    g = open_store(str(tmp_path / "g.zarr"))
+    assert "beta" not in g and "selected" not in g and np.isfinite(g["maps"][:]).all()
+    r = open_reader(str(tmp_path / "g.zarr"))
+    assert r.primary == "gradcam" and r.pool == ()
+    assert [x.row_id for x in r.top_k("prob", 2)] == np.argsort(-g["prob"][:])[:2].tolist()
+    assert sum(c.count for c in r.class_stats()) == UNIT
+    assert export_csv(r, str(tmp_path / "g.csv"), []) == UNIT
+    with pytest.raises(ValueError, match="no maps of method 'unioncam'"):
+        r.maps([0], method="unioncam")
+
+
+def test_road_metrics_in_a_run_equal_the_library_and_reach_the_report(
+    complete, data, ray_cluster, tmp_path
+):
+    """``--metrics road,...`` for two methods: the stored numbers are the library's
+    :func:`unioncam.road.road` on the same maps, and the store's report has a ROAD table
+    comparing the two."""
+    from pipeline.analysis.report.render import build_report
+    from unioncam import GradCAM
+    from unioncam.road import road
+
+    rows = data["rows"][:UNIT]
+    m = build_from_list(rows, tmp_path / "r.parquet", unit_size=UNIT)
+    store = tmp_path / "road.zarr"
+    metrics = ("road_morf", "road_lerf", "road")
+    s = run(make_config(m.uri, store, methods=("gradcam", "layercam"), metrics=metrics,
+                        actors=1))  # fmt: skip
+    assert s.complete and s.images_ok == UNIT
+    g = open_store(str(store))
+    loaded = load_model("efficientnet-lite0")
+    layer = g.attrs["layer"]
+    x = torch.stack([load_row(Row(i, uri, None, None), loaded.preprocess.with_size(SIZE))[0]
+                     for i, (uri, _) in enumerate(rows)])  # fmt: skip
+    with GradCAM(loaded.model, layer) as cam:
+        res = cam(x)
+        want = road(cam, x, res.maps, targets=res.target)
+    np.testing.assert_allclose(g["metrics/road_morf"][:], want.morf.numpy(), atol=1e-5)
+    np.testing.assert_allclose(g["metrics/road_lerf"][:], want.lerf.numpy(), atol=1e-5)
+    np.testing.assert_allclose(g["metrics/road"][:], want.road.numpy(), atol=1e-5)
+    assert np.isfinite(g["metrics/road_layercam"][:]).all()
+    md = build_report(tmp_path / "rep", store=str(store), n_boot=200, gallery=2).read_text()
+    assert "## ROAD" in md and "| Grad-CAM |" in md and "| Layer-CAM |" in md, md

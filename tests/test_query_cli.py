@@ -8,7 +8,9 @@ the raw Zarr arrays (fine at this size; the API itself reads unit by unit).
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import subprocess
@@ -61,11 +63,14 @@ def made(ray_cluster, tmp_path_factory, sample_dir, sample_labels):
         w.writerows(entries)
     manifest, store = tmp / "m.parquet", tmp / "s.zarr"
     assert main(["manifest", str(tmp / "list.csv"), str(manifest), "--unit-size", "4"]) == 0
-    assert main(["run", str(manifest), str(store), *RUN_ARGS]) == 0
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["run", str(manifest), str(store), *RUN_ARGS]) == 0
     g = open_store(str(store))
     raw = {n: np.asarray(g[n][:]) for n in ("maps", "beta", "selected", "prob", "status",
                                               "target", "label", "crop_box")}  # fmt: skip
     return {"tmp": tmp, "store": store, "manifest": manifest, "entries": entries, "raw": raw,
+            "run_out": out.getvalue(),
             "pool": tuple(g["beta"].attrs["pool"])}  # fmt: skip
 
 
@@ -88,7 +93,8 @@ def test_console_script_help_is_fast_and_lists_commands():
 @pytest.mark.parametrize(
     "argv",
     [["manifest"], ["run"], ["status"], ["query"], ["query", "S", "top"], ["query", "S", "maps"],
-     ["query", "S", "classes"], ["query", "S", "mean"], ["export"], ["demo"]],
+     ["query", "S", "classes"], ["query", "S", "mean"], ["query", "S", "row"], ["export"],
+     ["demo"]],
 )  # fmt: skip
 def test_every_command_has_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -167,6 +173,12 @@ def test_status_api_and_cli(made, capsys):
     assert main(["status", str(made["store"])]) == 0
     out = capsys.readouterr().out
     assert "state: finished" in out and "3 of 3" in out and "CORRUPT=1" in out
+    # Which file failed, and why: in status and in the run's own summary.
+    bad = made["entries"][BAD_ROW][0]
+    assert st.failed_rows[0][:3] == (BAD_ROW, bad, "CORRUPT")
+    assert f"row {BAD_ROW} {bad}: CORRUPT" in out
+    assert f"row {BAD_ROW} {bad}: CORRUPT" in made["run_out"]
+    assert "start-up" in made["run_out"] and "explaining" in made["run_out"]
     assert main(["status", str(made["store"]), "--json"]) == 0
     js = json.loads(capsys.readouterr().out)
     assert js["complete"] is True and js["rows_by_status"]["OK"] == N_GOOD
@@ -220,6 +232,23 @@ def test_top_cli_prints_rows(made, capsys):
     assert main(["query", str(made["store"]), "top", "--by", "prob", "-k", "3", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 3 and rows[0]["score"] >= rows[1]["score"] >= rows[2]["score"]
+    files = {row: uri for row, (uri, _label) in enumerate(made["entries"])}
+    assert [x["uri"] for x in rows] == [files[x["row_id"]] for x in rows]
+    assert main(["query", str(made["store"]), "top", "--by", "prob", "-k", "3"]) == 0
+    table = capsys.readouterr().out.splitlines()[1:]
+    assert [ln.split()[-1] for ln in table] == [files[x["row_id"]] for x in rows]
+
+
+def test_row_cli_names_the_file_and_its_fields(made, capsys):
+    ok_row = int(np.nonzero(_ok(made["raw"]))[0][0])
+    assert main(["query", str(made["store"]), "row", str(ok_row)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"row {ok_row}: {made['entries'][ok_row][0]}\n")
+    assert "status: OK" in out and f"beta {made['raw']['beta'][ok_row, 0]:9.5f}" in out
+    assert main(["query", str(made["store"]), "row", str(BAD_ROW), "--json"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert js["status_name"] == "CORRUPT" and js["uri"] == made["entries"][BAD_ROW][0]
+    assert "broken.jpg" in js["error"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -238,8 +267,9 @@ def test_maps_and_overlays(made, tmp_path, capsys):
     assert main(["query", str(made["store"]), "maps", "--rows", "0,7,5", "--overlay", "--npy",
                  "--out", str(out)]) == 0  # fmt: skip
     assert "skipped 1 rows" in capsys.readouterr().out
-    pngs = sorted(out.glob("row-*.png"))
-    assert [p.name[:11] for p in pngs] == ["row-0000000", "row-0000007"]
+    pngs = sorted(out.glob("*.png"))
+    stems = [Path(made["entries"][r][0]).stem for r in (0, 7)]
+    assert [p.name for p in pngs] == [f"0000000_{stems[0]}.png", f"0000007_{stems[1]}.png"]
     np.testing.assert_array_equal(np.load(out / "maps.npy")[:2], maps[:2])
     for p, row in zip(pngs, (0, 7), strict=True):
         orig = decode_image(read_bytes(made["entries"][row][0]))
@@ -263,7 +293,7 @@ def test_maps_and_overlays(made, tmp_path, capsys):
         r.overlay(BAD_ROW)
 
 
-def test_mean_maps_match_brute_force(made, tmp_path):
+def test_mean_maps_match_brute_force(made, tmp_path, capsys):
     raw = made["raw"]
     r = open_reader(str(made["store"]))
     ok = _ok(raw)
@@ -289,6 +319,12 @@ def test_mean_maps_match_brute_force(made, tmp_path):
         == 0
     )
     assert (tmp_path / f"mean-class-{classes[0]:04d}.png").is_file()
+    # Classes asked for without rows are named, not skipped silently.
+    empty = sorted(set(range(0, 1000, 2)) - set(raw["target"][ok].tolist()))[:3]  # not a range
+    capsys.readouterr()
+    spec = ",".join(str(c) for c in [classes[0], *empty])
+    assert main(["query", str(made["store"]), "mean", "--classes", spec, "--out", str(tmp_path)]) == 0
+    assert f"no OK rows for classes {', '.join(map(str, empty))}" in capsys.readouterr().out
 
 
 def test_export_csv_and_overlays(made, tmp_path, capsys):
@@ -313,6 +349,7 @@ def test_export_csv_and_overlays(made, tmp_path, capsys):
     assert len(rows) == N_GOOD + 1
     assert rows[BAD_ROW]["status"] == "CORRUPT" and "broken.jpg" in rows[BAD_ROW]["error"]
     assert rows[0]["status"] == "OK" and rows[0]["selected"] in made["pool"]
+    assert [row["uri"] for row in rows] == [uri for uri, _label in made["entries"]]
     assert float(rows[0][f"beta:{made['pool'][0]}"]) == pytest.approx(
         float(made["raw"]["beta"][0, 0]), rel=1e-5
     )
@@ -338,3 +375,33 @@ def test_demo_runs_offline_on_bundled_photos(ray_cluster, tmp_path, capsys):
         # Each image's line names the class explained for *that* image's row.
         assert names[r.row(row.row_id)["target"]][:26] in lines[stem]
     assert len(list((tmp_path / "demo" / "overlays").glob("*.png"))) == len(DEMO_IMAGES)
+
+
+def test_method_option_runs_two_methods_and_every_reader_takes_it(made, tmp_path, capsys):
+    """``run --method gradcam,unioncam``, then ``--method`` on maps, mean and overlays."""
+    manifest, store = str(made["manifest"]), str(tmp_path / "two.zarr")
+    assert main(["run", manifest, store, *RUN_ARGS, "--method", "gradcam,unioncam",
+                 "--max-units", "1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert main(["status", store]) == 0
+    assert "methods: gradcam, unioncam" in capsys.readouterr().out
+    r = open_reader(store)
+    d = tmp_path / "q"
+    assert main(["query", store, "maps", "--rows", "0,1", "--npy", "--method", "gradcam",
+                 "--out", str(d)]) == 0  # fmt: skip
+    np.testing.assert_array_equal(np.load(d / "maps.npy"), r.maps([0, 1], method="gradcam"))
+    assert not np.array_equal(r.maps([0, 1], method="gradcam"), r.maps([0, 1]))
+    assert main(["query", store, "mean", "--method", "gradcam", "--out", str(d)]) == 0
+    assert list(d.glob("mean-class-*-gradcam.png"))
+    assert main(["export", store, "--overlays", str(d / "ov"), "--method", "gradcam",
+                 "--rows", "0"]) == 0  # fmt: skip
+    stem = Path(made["entries"][0][0]).stem
+    assert [p.name for p in (d / "ov").iterdir()] == [f"0000000_{stem}_gradcam.png"]
+    capsys.readouterr()
+    assert "no maps of method 'scorecam'" in _one_line_error(
+        ["query", store, "maps", "--rows", "0", "--method", "scorecam", "--out", str(d)], capsys
+    )
+    assert "unknown method 'nope'" in _one_line_error(
+        ["run", manifest, str(tmp_path / "x.zarr"), *RUN_ARGS, "--method", "nope"], capsys
+    )
+    assert "start-up" in out  # the run's own summary

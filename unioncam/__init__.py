@@ -26,7 +26,7 @@ from unioncam.registry import METHODS
 from unioncam.selection import SELECTION_RULES
 from unioncam.union import DEFAULT_PRESET, PRESETS, UnionCAM, UnionCAMConfig
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 
 def make_cam(method: str, model, layer=None, **kwargs) -> BaseCAM:

@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # torch is imported when a function runs: `import pipeline.an
 
 __all__ = [
     "INS_DEL_METRICS",
+    "ROAD_METRICS",
     "MEMBER_SEP",
     "METHODS",
     "METHOD_LABELS",
@@ -62,6 +63,9 @@ __all__ = [
 
 #: Per-image metrics of the insertion/deletion family, in the order they are stored.
 INS_DEL_METRICS = ("insertion", "deletion", "ins_minus_del")
+#: ROAD (noisy linear imputation, :func:`unioncam.road.road`): MoRF (lower is better),
+#: LeRF (higher is better) and ``road`` = (LeRF − MoRF) / 2 (higher is better).
+ROAD_METRICS = ("road_morf", "road_lerf", "road")
 
 #: ``insertion@region:scorecam`` = the insertion AUC of that pool member's map. ``@`` is not
 #: used in pool member names (``region:x``, ``fused:g+r``, ``gradient:g``).
@@ -112,15 +116,22 @@ def metric_names(pool: Sequence[str], *, all_members: bool = False) -> tuple[str
 
 
 def store_metric_names(
-    requested: Sequence[str], pool: Sequence[str], all_members: bool = False
+    requested: Sequence[str],
+    pool: Sequence[str],
+    all_members: bool = False,
+    others: Sequence[str] = (),
 ) -> tuple[str, ...]:
-    """The ``metrics/<name>`` arrays a run must create: the requested metrics, plus — with
-    ``all_members`` — every requested insertion/deletion-family metric per pool member.
+    """The ``metrics/<name>`` arrays a run must create: the requested metrics (of the
+    primary method's maps: UnionCAM's selected map), ``<metric>@<method>`` for each of the
+    ``others`` methods of the run, plus — with ``all_members`` — every requested
+    insertion/deletion-family metric per pool member.
 
     ``requested`` are :data:`pipeline.run.config.METRICS` names (``average_drop`` and
-    ``increase`` stay selected-map only: they are one forward each and rarely compared).
+    ``increase`` stay selected-map only for pool members: they are one forward each and
+    rarely compared).
     """
     names = list(requested)
+    names += [member_metric(m, method) for method in others for m in requested]
     if all_members:
         names += [member_metric(m, p) for p in pool for m in requested if m in INS_DEL_METRICS]
     return tuple(names)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -29,8 +29,15 @@ import numpy as np
 from pipeline.analysis.images import overlay_image
 from pipeline.data.decode import Status, decode_image, read_bytes
 from pipeline.data.manifest import Manifest
+from pipeline.run.summary import MAX_FAILED_ROWS
 from pipeline.store.io import done_units, open_store
-from pipeline.store.layout import LAYOUT_ATTR, StoreFormatError, StoreLayout, safe_name
+from pipeline.store.layout import (
+    LAYOUT_ATTR,
+    StoreError,
+    StoreFormatError,
+    StoreLayout,
+    safe_name,
+)
 from pipeline.store.lease import describe_lease, read_lease
 from pipeline.store.verify import VerifyReport, verify_store
 
@@ -57,6 +64,8 @@ class StoreStatus:
     attrs: dict[str, Any] = field(default_factory=dict)
     #: finished / in progress (...) / interrupted / incomplete (see ``StoreReader.status``)
     state: str = ""
+    #: ``(row id, uri, status, message)`` of the first failed rows (at most 10).
+    failed_rows: list[tuple[int, str, str, str]] = field(default_factory=list)
     #: the driver lease (host, pid, started_at, heartbeat, ...), None when no driver holds it
     lease: dict[str, Any] | None = None
 
@@ -75,11 +84,21 @@ class StoreStatus:
                 "rows by status: "
                 + ", ".join(f"{k}={v}" for k, v in sorted(self.rows_by_status.items()))
             )
+        for row, uri, status, message in self.failed_rows:
+            lines.append(f"  row {row} {uri or '<inline image>'}: {status}: {message}")
+        failed = sum(v for k, v in self.rows_by_status.items() if k != "OK")
+        if failed > len(self.failed_rows):
+            lines.append(
+                f"  ... {failed - len(self.failed_rows)} more failed rows: unioncam export "
+                f"{self.store} --csv FILE lists every row with its file and status"
+            )
         if a:
             lines.append(
                 f"model: {a.get('model')} ({a.get('weights')}), layer {a.get('layer')}, "
                 f"image size {a.get('image_size')}, explainer {a.get('explainer', 'unioncam')}"
             )
+            if a.get("methods"):
+                lines.append("methods: " + ", ".join(a["methods"]))
             if a.get("pool"):
                 lines.append("pool: " + ", ".join(a["pool"]))
             if a.get("manifest"):
@@ -107,6 +126,7 @@ class TopRow:
     target: int
     label: int
     selected: str
+    uri: str = ""
 
 
 def open_reader(store: str, storage_options: dict[str, Any] | None = None) -> StoreReader:
@@ -138,6 +158,10 @@ class StoreReader:
         self.unit_size = self.layout.unit_size
         self.num_units = self.layout.num_units
         self.pool: tuple[str, ...] = self.layout.pool
+        #: The CAM methods whose maps the store holds; ``maps(..., method=None)`` means
+        #: :attr:`primary` (UnionCAM when the run had it).
+        self.methods: tuple[str, ...] = self.layout.methods
+        self.primary: str = self.layout.primary
         self.image_size = int(self.layout.image_size[-1])
 
     # ------------------------------------------------------------------ basics
@@ -177,7 +201,9 @@ class StoreReader:
         return {n: f"metrics/{safe_name(n)}" for n in self.layout.metrics}
 
     def score_names(self) -> list[str]:
-        names = ["beta", "prob", "baseline_prob"] + [f"beta:{p}" for p in self.pool]
+        names = ["prob"]
+        if self.layout.has_pool:
+            names += ["beta", "baseline_prob"] + [f"beta:{p}" for p in self.pool]
         if "selection_score" in self.group:
             names += ["selection_score"] + [f"selection_score:{p}" for p in self.pool]
         if "metrics" in self.group:
@@ -189,9 +215,15 @@ class StoreReader:
         done = self.done_units()
         counts: dict[str, int] = {}
         rows_done = 0
-        for _start, a in self.iter_units(["status"]):
+        failed: list[tuple[int, str, str, str]] = []
+        for start, a in self.iter_units(["status"]):
             st = a["status"]
             rows_done += st.shape[0]
+            for i in np.nonzero(st != int(Status.OK))[0][: MAX_FAILED_ROWS - len(failed)]:
+                r = start + int(i)
+                failed.append((r, _as_str(np.asarray(self.group["uri"][r]).item()),
+                               _status_name(int(st[i])),
+                               _as_str(np.asarray(self.group["error"][r]).item())))  # fmt: skip
             vals, cnt = np.unique(st, return_counts=True)
             for v, c in zip(vals.tolist(), cnt.tolist(), strict=True):
                 name = Status(v).name if v in Status._value2member_map_ else str(v)
@@ -204,6 +236,7 @@ class StoreReader:
                 "weights",
                 "layer",
                 "image_size",
+                "methods",
                 "pool",
                 "manifest",
                 "explainer",
@@ -221,6 +254,7 @@ class StoreReader:
             complete=len(done) == self.num_units,
             attrs=keep,
             state=run_state,
+            failed_rows=failed,
             lease=read_lease(self.path, storage_options=self.storage_options),
         )
 
@@ -267,7 +301,8 @@ class StoreReader:
         count: dict[int, int] = {}
         sums: dict[int, np.ndarray] = {}  # [beta_sel, prob, beta_0..beta_p-1]
         wins: dict[int, np.ndarray] = {}
-        want = [by, "beta", "selected", "prob", "status", *metric_arrays.values()]
+        union = ["beta", "selected"] if self.layout.has_pool else []  # else: β is NaN
+        want = [by, *union, "prob", "status", *metric_arrays.values()]
         for _start, a in self.iter_units(want):
             ok = a["status"] == int(Status.OK)
             if not ok.any():
@@ -281,10 +316,14 @@ class StoreReader:
                     sums_c[name] = sums_c.get(name, 0.0) + float(v.sum())
                     counts_c[name] = counts_c.get(name, 0) + int(v.size)
             cls = a[by][ok].astype(np.int64)
-            sc = a["beta"][ok].astype(np.float64)
-            sel = a["selected"][ok].astype(np.int64)
+            if union:
+                sc = a["beta"][ok].astype(np.float64)
+                sel = a["selected"][ok].astype(np.int64)
+                beta_sel = sc[np.arange(sc.shape[0]), sel]
+            else:
+                sc, sel = np.zeros((len(cls), 0)), np.zeros(len(cls), dtype=np.int64)
+                beta_sel = np.full(len(cls), np.nan)
             prob = a["prob"][ok].astype(np.float64)
-            beta_sel = sc[np.arange(sc.shape[0]), sel] if p else np.zeros(len(cls))
             for c in np.unique(cls).tolist():
                 m = cls == c
                 row = np.concatenate([[beta_sel[m].sum(), prob[m].sum()], sc[m].sum(0)])
@@ -312,6 +351,10 @@ class StoreReader:
         return out
 
     def _score_arrays(self, score: str) -> tuple[list[str], Any]:
+        if score not in self.score_names():
+            raise ValueError(
+                f"unknown score {score!r}; choose from {', '.join(self.score_names())}"
+            )
         if score == "beta":
             return ["beta", "selected"], lambda a: a["beta"][
                 np.arange(len(a["selected"])), np.maximum(a["selected"], 0)
@@ -348,10 +391,11 @@ class StoreReader:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         names, get = self._score_arrays(score)
-        want = sorted(set(names) | {"status", "target", "label", "selected"})
+        want = sorted(set(names) | {"status", "target", "label", "uri"}
+                      | ({"selected"} if self.layout.has_pool else set()))
         best_ids = np.zeros(0, dtype=np.int64)
         best_val = np.zeros(0, dtype=np.float64)
-        info: dict[int, tuple[int, int, int]] = {}
+        info: dict[int, tuple[int, int, int, str]] = {}
         sign = -1.0 if largest else 1.0
         for start, a in self.iter_units(want):
             ok = a["status"] == int(Status.OK)
@@ -368,7 +412,8 @@ class StoreReader:
                 info[start + i] = (
                     int(a["target"][i]),
                     int(a["label"][i]),
-                    int(a["selected"][i]),
+                    int(a["selected"][i]) if "selected" in a else -1,
+                    _as_str(a["uri"][i]),
                 )
             order = np.lexsort((ids, sign * vals))[:k]  # stable: ties by row id
             best_ids, best_val = ids[order], vals[order]
@@ -382,6 +427,7 @@ class StoreReader:
                 selected=self.pool[info[int(r)][2]]
                 if 0 <= info[int(r)][2] < len(self.pool)
                 else "",
+                uri=info[int(r)][3],
             )
             for r, v in zip(best_ids.tolist(), best_val.tolist(), strict=True)
         ]
@@ -394,13 +440,20 @@ class StoreReader:
                 raise ValueError(f"row id {r} is out of range (the store has {self.num_rows} rows)")
         return rows
 
-    def maps(self, row_ids: Iterable[int]) -> np.ndarray:
-        """Maps of the given rows as float32 ``len x S x S`` (NaN for failed rows)."""
+    def maps(self, row_ids: Iterable[int], method: str | None = None) -> np.ndarray:
+        """One method's maps of the given rows as float32 ``len x S x S`` (NaN for failed
+        rows); ``method=None``: :attr:`primary`."""
+        arr = self.group[self._maps_path(method)]
         rows = self._check_rows(row_ids)
         if not rows:
             return np.zeros((0, self.image_size, self.image_size), dtype=np.float32)
-        arr = self.group["maps"]
         return np.stack([np.asarray(arr[r], dtype=np.float32) for r in rows])
+
+    def _maps_path(self, method: str | None) -> str:
+        try:
+            return self.layout.maps_path(method)
+        except StoreError as e:
+            raise ValueError(str(e)) from None
 
     def row(self, row_id: int) -> dict[str, Any]:
         """Every per-row field of one row (small arrays; maps excluded)."""
@@ -423,12 +476,14 @@ class StoreReader:
             if out["status"] in Status._value2member_map_
             else str(out["status"])
         )
-        out["beta"] = np.asarray(g["beta"][r], dtype=np.float64).tolist()
+        if "beta" in g:
+            out["beta"] = np.asarray(g["beta"][r], dtype=np.float64).tolist()
         if "selection_score" in g:
             out["selection_score"] = np.asarray(g["selection_score"][r], np.float64).tolist()
         out["orig_size"] = tuple(int(v) for v in np.asarray(g["orig_size"][r]))
         out["crop_box"] = tuple(int(v) for v in np.asarray(g["crop_box"][r]))
-        out["error"] = _as_str(np.asarray(g["error"][r]).item()) if "error" in g else ""
+        out["error"] = _as_str(np.asarray(g["error"][r]).item())
+        out["uri"] = _as_str(np.asarray(g["uri"][r]).item())
         sel = out.get("selected", -1)
         out["selected_name"] = self.pool[sel] if 0 <= sel < len(self.pool) else ""
         return out
@@ -439,16 +494,19 @@ class StoreReader:
         *,
         by: str = "target",
         rows_per_read: int = 256,
+        method: str | None = None,
     ) -> dict[int, tuple[np.ndarray, int]]:
-        """Mean map of the OK rows of each class: ``{class: (S x S float32, count)}``.
+        """Mean map (of one method; ``None``: :attr:`primary`) of the OK rows of each class:
+        ``{class: (S x S float32, count)}``.
 
         Reads only the rows of the requested classes (all classes if ``None``), at most
         ``rows_per_read`` maps at a time.
         """
+        path = self._maps_path(method)
         want = None if classes is None else {int(c) for c in classes}
         sums: dict[int, np.ndarray] = {}
         counts: dict[int, int] = {}
-        arr = self.group["maps"]
+        arr = self.group[path]
         for start, a in self.iter_units([by, "status"]):
             ok = a["status"] == int(Status.OK)
             cls = a[by]
@@ -491,16 +549,18 @@ class StoreReader:
         return m
 
     def overlay(
-        self, row_id: int, *, alpha: float = 0.5, cmap: str = "jet", manifest: str | None = None
+        self, row_id: int, *, alpha: float = 0.5, cmap: str = "jet", manifest: str | None = None,
+        method: str | None = None,
     ):
-        """The row's map placed on its original image (``PIL.Image``, RGB)."""
+        """The row's map (of ``method``; ``None``: :attr:`primary`) placed on its original
+        image (``PIL.Image``, RGB)."""
         info = self.row(row_id)
         if info["status_name"] != "OK":
             raise ValueError(
                 f"row {row_id} has no map: status {info['status_name']} ({info['error']})"
             )
         image = self.original_image(row_id, manifest=manifest)
-        m = self.maps([row_id])[0]
+        m = self.maps([row_id], method=method)[0]
         return overlay_image(image, m, info["crop_box"], alpha=alpha, cmap=cmap)
 
     def write_overlays(
@@ -512,8 +572,17 @@ class StoreReader:
         cmap: str = "jet",
         manifest: str | None = None,
         class_names: list[str] | None = None,
+        method: str | None = None,
     ) -> list[Path]:
-        """Write ``row-<id>[-<class>].png`` overlays; rows without a map are skipped."""
+        """Write ``<row id>_<file stem>.png`` overlays; rows without a map are skipped.
+
+        The file's stem makes the PNG findable next to the photo it came from; the class
+        name stands in for photos with no file name (inline bytes). A ``method`` other than
+        the store's primary one is added to the name (``<row id>_<stem>_gradcam.png``), so
+        the overlays of two methods can share a folder.
+        """
+        suffix = "" if method in (None, self.primary) else f"_{safe_name(method)}"
+        self._maps_path(method)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = []
@@ -521,18 +590,20 @@ class StoreReader:
             info = self.row(r)
             if info["status_name"] != "OK":
                 continue
-            img = self.overlay(r, alpha=alpha, cmap=cmap, manifest=manifest)
-            tag = ""
+            img = self.overlay(r, alpha=alpha, cmap=cmap, manifest=manifest, method=method)
             c = info.get("target", -1)
-            if class_names and 0 <= c < len(class_names):
-                tag = (
-                    "-"
-                    + "".join(ch if ch.isalnum() else "_" for ch in class_names[c]).strip("_")[:40]
-                )
-            p = out / f"row-{r:07d}{tag}.png"
+            stem = PurePosixPath(info["uri"]).stem if info["uri"] else ""
+            if not stem and class_names and 0 <= c < len(class_names):
+                stem = class_names[c]
+            tag = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in stem).strip("_")
+            p = out / (f"{r:07d}_{tag[:60]}{suffix}.png" if tag else f"{r:07d}{suffix}.png")
             img.save(p, format="PNG")
             paths.append(p)
         return paths
+
+
+def _status_name(v: int) -> str:
+    return Status(v).name if v in Status._value2member_map_ else str(v)
 
 
 def _as_str(v: Any) -> str:

@@ -48,7 +48,9 @@ TARGETS = ("predicted", "label")
 
 #: Optional per-image faithfulness metrics of the selected map, stored as
 #: ``metrics/<name>`` (computed with :mod:`unioncam.metrics`; each costs extra forwards).
-METRICS = ("average_drop", "increase", "insertion", "deletion", "ins_minus_del")
+#: ``road_morf``, ``road_lerf``, ``road``: ROAD at 10–90 % removal (18 forwards per map).
+METRICS = ("average_drop", "increase", "insertion", "deletion", "ins_minus_del", "road_morf",
+           "road_lerf", "road")
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,14 @@ class RunConfig:
     model: str = "efficientnet-lite0"
     weights: str | None = None
     layer: str | None = None
-    #: The method, typed from the CLI to every actor (a dict of its fields is accepted and
-    #: converted, for JSON). Default: the library's default preset.
+    #: The CAM methods of the run, by their names in :data:`unioncam.METHODS` (``gradcam``,
+    #: ``scorecam``, ``unioncam``, ...): one map per method per image, in the store's
+    #: ``maps`` array along its ``method`` dimension. The driver puts them in the library's
+    #: order, so ``gradcam,unioncam`` and ``unioncam,gradcam`` are the same run.
+    methods: tuple[str, ...] = ("unioncam",)
+    #: UnionCAM's settings (used when ``unioncam`` is among ``methods``), typed from the CLI
+    #: to every actor (a dict of its fields is accepted and converted, for JSON). Default:
+    #: the library's default preset.
     method: UnionCAMConfig = field(default_factory=lambda: _method_class()())
     #: Side of the square network input (and of the stored maps); ``None``: the model's
     #: default crop size.
@@ -168,6 +176,14 @@ class RunConfig:
             raise ValueError(f"explainer must be one of {EXPLAINERS}, got {self.explainer!r}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if isinstance(self.methods, str):
+            object.__setattr__(self, "methods", tuple(m for m in self.methods.split(",") if m))
+        if isinstance(self.methods, list):
+            object.__setattr__(self, "methods", tuple(self.methods))
+        if not self.methods or not all(isinstance(m, str) and m for m in self.methods):
+            raise ValueError(f"methods must be one or more method names, got {self.methods!r}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods must not repeat, got {', '.join(self.methods)}")
         method_class = _method_class()
         if isinstance(self.method, dict):  # from JSON (a store's provenance, a script)
             object.__setattr__(self, "method", method_class.from_dict(self.method))
@@ -202,7 +218,8 @@ class RunConfig:
             "model": self.model,
             "weights": self.weights,
             "layer": self.layer,
-            "method": self.method.result_settings() if self.explainer == "unioncam" else {},
+            "methods": list(self.methods),
+            "method": self._method_settings() if self.explainer == "unioncam" else {},
             "image_size": self.image_size,
             "target": self.target,
             "explainer": self.explainer,
@@ -212,6 +229,31 @@ class RunConfig:
             **({"metrics_all_members": True} if self.metrics_all_members else {}),
             **({"metric_step": self.metric_step} if self.metric_step != 224 else {}),
         }
+
+    def _method_settings(self) -> dict[str, Any]:
+        """UnionCAM's result settings, or the few the other methods take from it."""
+        if "unioncam" in self.methods:
+            return self.method.result_settings()
+        kw: dict[str, Any] = {}
+        for name in self.methods:
+            kw |= self.method_kwargs(name)
+        return {k: v for k, v in kw.items() if k not in ("chunk_size", "channels_last")}
+
+    def method_kwargs(self, name: str) -> dict[str, Any]:
+        """Keyword arguments of :func:`unioncam.make_cam` for a method other than UnionCAM.
+
+        The run's UnionCAM settings that mean the same for a component method apply to it:
+        ``theta`` (the denoised Grad-CAM), ``groups`` (Group-CAM), the precision and the
+        engine's chunk size and memory format.
+        """
+        m = self.method
+        kw: dict[str, Any] = {"autocast": m.autocast, "chunk_size": m.chunk_size,
+                              "channels_last": m.channels_last}  # fmt: skip
+        if name == "denoised":
+            kw["theta"] = m.theta
+        if name == "groupcam":
+            kw["groups"] = m.groups
+        return kw
 
     def fingerprint(self) -> str:
         """Hex SHA-256 of :meth:`result_settings` (stable JSON encoding).
@@ -232,7 +274,7 @@ class RunConfig:
                 v = sorted(v) if v else []
             elif f.name == "fault_injection":
                 v = dataclasses.asdict(v) if v is not None else None
-            elif f.name == "metrics":
+            elif f.name in ("metrics", "methods"):
                 v = list(v)
             elif f.name == "method":
                 v = v.to_dict()
@@ -247,8 +289,9 @@ class RunConfig:
         kw["storage_options"] = None
         if kw.get("fault_injection") is not None:
             kw["fault_injection"] = FaultInjection(**kw["fault_injection"])
-        if "metrics" in kw:
-            kw["metrics"] = tuple(kw["metrics"])
+        for name in ("metrics", "methods"):
+            if name in kw:
+                kw[name] = tuple(kw[name])
         return cls(**kw)
 
 

@@ -98,6 +98,9 @@ def _run(config: RunConfig, lease: Any) -> RunSummary:
     resolved = resolve(config)
     cfg = resolved.config
     attrs = store_attrs(resolved, manifest)
+    primary = "unioncam" if "unioncam" in resolved.methods else resolved.methods[0]
+    metric_names = store_metric_names(cfg.metrics, resolved.pool, cfg.metrics_all_members,
+                                      others=[m for m in resolved.methods if m != primary])
     create_store(
         cfg.store,
         num_rows=manifest.num_rows,
@@ -105,8 +108,9 @@ def _run(config: RunConfig, lease: Any) -> RunSummary:
         image_size=resolved.image_size,
         pool=resolved.pool,
         components=resolved.components,
-        metrics=store_metric_names(cfg.metrics, resolved.pool, cfg.metrics_all_members),
+        metrics=metric_names,
         selection=resolved.selection,
+        methods=resolved.methods,
         attrs=attrs,
         overwrite=cfg.overwrite,
         storage_options=so,
@@ -138,9 +142,10 @@ def _run(config: RunConfig, lease: Any) -> RunSummary:
         image_size=resolved.image_size,
         pool=resolved.pool,
         components=resolved.components,
-        metrics=store_metric_names(cfg.metrics, resolved.pool, cfg.metrics_all_members),
+        metrics=metric_names,
         layer=cfg.layer,
         selection=resolved.selection,
+        methods=resolved.methods,
     )
     sizes = {u: _unit_rows(manifest, u) for u in todo}
     del manifest  # the actors read rows themselves; the driver keeps only unit sizes
@@ -148,14 +153,21 @@ def _run(config: RunConfig, lease: Any) -> RunSummary:
     import ray
 
     started_ray = False
+    t_ray = time.perf_counter()
     if not ray.is_initialized():
+        if cfg.progress:
+            where = f"connecting to Ray at {cfg.address}" if cfg.address else "starting Ray"
+            note(f"{where}; then {_actors_wanted(cfg)} load the model and tune (seconds)")
         _init_ray(cfg)
         started_ray = True
+    summary.ray_s = time.perf_counter() - t_ray
+    sched = None
     try:
         sched = Scheduler(cfg, ctx, todo, sizes, summary)
         try:
             sched.run()
         except KeyboardInterrupt:
+            redo = sched.rows_in_flight()
             sched.stop(interrupted=True)
             summary.interrupted = True
             summary.units_remaining = manifest_units_left(summary)
@@ -164,8 +176,10 @@ def _run(config: RunConfig, lease: Any) -> RunSummary:
             note(
                 f"interrupted: {summary.units_already_done + summary.units_processed} of "
                 f"{summary.num_units} units are complete in {cfg.store}; rerun the same "
-                "command to resume (finished units are skipped)"
-            )
+                "command to resume (finished units are skipped"
+                + (f"; the {redo} images explained in unfinished units are redone)"
+                   if redo else ")")
+            )  # fmt: skip
             raise
         except BaseException as e:
             sched.stop(interrupted=True)
@@ -176,9 +190,30 @@ def _run(config: RunConfig, lease: Any) -> RunSummary:
         if started_ray:
             ray.shutdown()
     summary.units_remaining = manifest_units_left(summary)
-    summary.wall_s = time.perf_counter() - t0
+    _split_wall_time(summary, sched, t0)
     _finalize(cfg, summary)
+    summary.wall_s = time.perf_counter() - t0
+    summary.finish_s = summary.wall_s - summary.startup_s - summary.explain_s
     return summary
+
+
+def _actors_wanted(cfg: RunConfig) -> str:
+    n = cfg.actors
+    return "the actors" if not n else ("1 actor" if n == 1 else f"{n} actors")
+
+
+def _split_wall_time(summary: RunSummary, sched: Any, t0: float) -> None:
+    """Start-up (to the first ready actor), explaining (to the last unit), finishing."""
+    now = time.perf_counter()
+    summary.wall_s = now - t0
+    first = sched.t_first_ready if sched is not None else None
+    last = sched.t_last_done if sched is not None else None
+    if first is None:
+        summary.startup_s = summary.wall_s
+        return
+    summary.startup_s = first - t0
+    summary.explain_s = max(0.0, (last if last is not None else now) - first)
+    summary.finish_s = max(0.0, summary.wall_s - summary.startup_s - summary.explain_s)
 
 
 
@@ -233,6 +268,8 @@ def _finalize_store(cfg: RunConfig, summary: RunSummary) -> None:
                 "images_processed": summary.images_processed,
                 "images_failed": summary.images_failed,
                 "wall_seconds": round(summary.wall_s, 3),
+                "startup_seconds": round(summary.startup_s, 3),
+                "explain_seconds": round(summary.explain_s, 3),
                 "images_per_second": round(summary.images_per_s, 3),
                 "actors": len(summary.actors),
             }

@@ -39,6 +39,7 @@ class UnitContext:
     metrics: tuple[str, ...]
     layer: str | None
     selection: str = "beta"  # the selection rule (what ``selection_score`` holds)
+    methods: tuple[str, ...] = ("unioncam",)  # the store's ``method`` coordinate, in order
 
 
 def quiet_load_model(model: str, weights: str | None) -> Any:
@@ -67,6 +68,7 @@ class Resolved:
     preprocess: dict[str, Any]
     weights: str | None
     selection: str = "beta"  # the selection rule: what ``selection_score`` holds
+    methods: tuple[str, ...] = ("unioncam",)
 
 
 def resolve(config: RunConfig) -> Resolved:
@@ -79,12 +81,18 @@ def resolve(config: RunConfig) -> Resolved:
     if config.explainer == "null":
         size = config.image_size or 224
         cfg = config.replace(image_size=size, layer=config.layer)
-        return Resolved(cfg, size, ("null",), (), {"crop_size": size}, config.weights)
+        return Resolved(cfg, size, ("null",), (), {"crop_size": size}, config.weights,
+                        methods=("unioncam",))
 
     import torch
 
-    from unioncam import resolve_layer
+    from unioncam import METHODS, resolve_layer
 
+    for name in config.methods:
+        METHODS.check(name)  # one line listing the choices
+    # The library's order: the same set of methods is the same run (and fingerprint).
+    methods = tuple(m for m in METHODS.names() if m in config.methods)
+    union = "unioncam" in methods
     method = config.method
     loaded = quiet_load_model(config.model, config.weights)
     pre = loaded.preprocess
@@ -101,20 +109,26 @@ def resolve(config: RunConfig) -> Resolved:
             msg if msg.startswith(("layer", "target_layer")) else f"layer: {msg}"
         ) from None
     components: tuple[str, ...] = ()
+    if config.components and not union:
+        raise ValueError("components are UnionCAM's pool members: --components needs "
+                         "unioncam among the methods")
+    if config.metrics_all_members and not union:
+        raise ValueError("metrics of every pool member need unioncam among the methods")
     if config.components:
         names = [f"gradient:{g}" for g in method.gradient]
         names += [f"region:{r}" for r in method.region]
         names += [f"fused:{g}+{r}" for g in method.gradient for r in method.region]
         components = tuple(names)
-    cfg = config.replace(layer=str(target), image_size=size, method=method.to_dict())
+    cfg = config.replace(layer=str(target), image_size=size, method=method.to_dict(),
+                         methods=methods)
     preprocess = {
         "resize_size": pre.resize_size,
         "crop_size": pre.crop_size,
         "mean": list(pre.mean),
         "std": list(pre.std),
     }
-    return Resolved(cfg, size, tuple(method.pool), components, preprocess, loaded.weights,
-                    method.selection)
+    return Resolved(cfg, size, tuple(method.pool) if union else (), components, preprocess,
+                    loaded.weights, method.selection if union else "", methods)
 
 
 def store_attrs(res: Resolved, manifest: Any) -> dict[str, Any]:
@@ -138,8 +152,10 @@ def store_attrs(res: Resolved, manifest: Any) -> dict[str, Any]:
         "layer": cfg.layer,
         "image_size": res.image_size,
         "preprocess": res.preprocess,
+        "methods": list(res.methods),
         "method": cfg.method.to_dict(),
-        "preset": cfg.method.describe(),  # "faithful", or "custom (fast with groups=4)"
+        # UnionCAM's preset: "faithful", or "custom (fast with groups=4)"; "" without UnionCAM
+        "preset": cfg.method.describe() if "unioncam" in res.methods else "",
         "pool": list(res.pool),
         "target": cfg.target,
         "explainer": cfg.explainer,

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.run.config import RunConfig
 from pipeline.run.plan import UnitContext, plan_resources
-from pipeline.run.summary import ActorStats, RunSummary
+from pipeline.run.summary import MAX_FAILED_ROWS, ActorStats, RunSummary
 
 __all__ = ["Scheduler", "note", "ray_error_line"]
 
@@ -28,6 +28,8 @@ UNITS_IN_FLIGHT_PER_ACTOR = 2
 POLL_S = 0.5
 #: Warn once if no actor has started after this long (cluster short of resources?).
 ACTOR_START_WARN_S = 120.0
+#: Seconds between progress polls of an actor (rows explained inside its units in flight).
+PROGRESS_S = 1.0
 
 
 
@@ -65,7 +67,7 @@ def ray_error_line(e: BaseException) -> str:
 class _Slot:
     """One live actor and the units it holds (oldest first)."""
 
-    __slots__ = ("index", "handle", "ready", "inflight", "stats", "pid", "solo")
+    __slots__ = ("index", "handle", "ready", "inflight", "stats", "pid", "solo", "polled")
 
     def __init__(self, index: int, handle: Any, stats: ActorStats) -> None:
         self.index = index
@@ -75,6 +77,7 @@ class _Slot:
         self.stats = stats
         self.pid = 0
         self.solo = False  # running a suspect unit alone: nothing else is dispatched
+        self.polled = 0.0  # when its progress was last asked for (0: an answer is awaited)
 
 
 class Scheduler:
@@ -116,6 +119,12 @@ class Scheduler:
         self.stats_all: list[ActorStats] = []
         self.total_images = sum(sizes.values())
         self.t_start = time.perf_counter()
+        #: When the first actor was ready and when the last unit finished (the wall-time split).
+        self.t_first_ready: float | None = None
+        self.t_last_done: float | None = None
+        #: Rows of each in-flight unit already counted on the bar (from progress polls);
+        #: taken back when the unit is retried, topped up to its size when it finishes.
+        self.shown: dict[int, int] = {}
         self.waiting_noted = False
 
     # -- actors -----------------------------------------------------------------------
@@ -161,7 +170,7 @@ class Scheduler:
         self.bar = tqdm(
             total=self.total_images,
             unit="img",
-            desc="unioncam",
+            desc="starting",
             disable=not self.cfg.progress,
             file=sys.stderr,
             dynamic_ncols=True,
@@ -194,8 +203,41 @@ class Scheduler:
             for ref in ready:
                 if ref in self.refs:
                     self._handle(ref)
+            self._poll_progress()
             if self.metrics is not None:
                 self.metrics.set_pending(len(self.queue) + len(self.suspects))
+
+    def _poll_progress(self) -> None:
+        """Ask each busy actor (one question at a time) how far its units are."""
+        if self.bar is None or self.bar.disable:
+            return
+        now = time.perf_counter()
+        for slot in self.slots.values():
+            if slot.ready and slot.inflight and slot.polled and now - slot.polled >= PROGRESS_S:
+                slot.polled = 0.0
+                self.refs[slot.handle.progress.remote()] = (slot.index, "progress", -1)
+
+    def _progress(self, slot: _Slot, value: dict[int, tuple[int, int]]) -> None:
+        slot.polled = time.perf_counter()
+        held = {u for _r, u in slot.inflight}
+        for u, (attempt, rows) in value.items():
+            # A late answer about an earlier attempt (or a unit since finished) is stale.
+            if u not in held or attempt != self.tries.get(u, 0) - 1:
+                continue
+            delta = int(rows) - self.shown.get(u, 0)
+            if delta > 0:
+                self.shown[u] = int(rows)
+                self.bar.update(delta)
+
+    def _unshow(self, u: int) -> None:
+        """Take back the rows of ``u`` the bar showed: the unit will be explained again."""
+        n = self.shown.pop(u, 0)
+        if n and self.bar is not None:
+            self.bar.update(-n)
+
+    def rows_in_flight(self) -> int:
+        """Rows explained in units that have no marker yet (redone by a rerun)."""
+        return sum(self.shown.values())
 
     def _dispatch(self) -> None:
         for slot in list(self.slots.values()):
@@ -222,6 +264,12 @@ class Scheduler:
         slot = self.slots.get(index)
         if slot is None:
             return
+        if kind == "progress":
+            try:
+                self._progress(slot, ray.get(ref))
+            except ray.exceptions.RayError:
+                pass  # the actor's unit refs report its death
+            return
         try:
             value = ray.get(ref)
         except ray.exceptions.RayTaskError as e:
@@ -241,18 +289,41 @@ class Scheduler:
             return
         if kind == "ready":
             slot.ready = True
-            self.ever_ready = True
+            slot.polled = time.perf_counter()
             self.start_failures = 0
             slot.pid = int(value.get("pid", 0))
             slot.stats.host = str(value.get("host", ""))
             slot.stats.device = str(value.get("device", ""))
+            if not self.ever_ready:
+                self._first_ready(slot, value)
+            self.ever_ready = True
             return
         slot.inflight = deque((r, v) for r, v in slot.inflight if r != ref)
         slot.solo = False
         self._unit_done(slot, value)
 
+    def _first_ready(self, slot: _Slot, info: dict[str, Any]) -> None:
+        """Say where start-up went (process + imports, model, tuning) and switch the bar."""
+        self.t_first_ready = time.perf_counter()
+        waited = self.t_first_ready - self.t_start
+        load, tune = float(info.get("load_s", 0.0)), float(info.get("tune_s", 0.0))
+        self.summary.actor_startup_s = waited
+        if self.bar is not None and not self.bar.disable:
+            note(
+                f"actor {slot.index} ready on {slot.stats.device} after {waited:.1f} s "
+                f"(process and imports {max(0.0, waited - load - tune):.1f} s, model "
+                f"{load:.1f} s, tuning {tune:.1f} s); explaining {self.total_images} images"
+            )
+            self.bar.set_description_str("unioncam", refresh=False)
+            # The rate and ETA should count from the first batch, not from Ray's start-up.
+            self.bar.reset(total=self.total_images)
+
     def _unit_done(self, slot: _Slot, s: dict[str, Any]) -> None:
         sm = self.summary
+        self.t_last_done = time.perf_counter()
+        for row in s.get("failed_rows", ()):
+            if len(sm.failed_rows) < MAX_FAILED_ROWS:
+                sm.failed_rows.append(tuple(row))
         sm.units_processed += 1
         sm.images_processed += int(s["rows"])
         sm.images_ok += int(s["ok"])
@@ -274,13 +345,14 @@ class Scheduler:
         self.tries.pop(int(s["unit"]), None)
         self.failures.pop(int(s["unit"]), None)
         if self.bar is not None:
-            self.bar.update(int(s["rows"]))
+            self.bar.update(int(s["rows"]) - self.shown.pop(int(s["unit"]), 0))
             self._postfix()
         if self.metrics is not None:
             self.metrics.unit_done()
 
     def _unit_failed(self, u: int, reason: str, retry_queue: deque[int]) -> None:
         """Blame ``u`` for a failure; retry it (via ``retry_queue``) or give up on it."""
+        self._unshow(u)
         n = self.failures.get(u, 0) + 1
         self.failures[u] = n
         if self.metrics is not None:
@@ -311,6 +383,8 @@ class Scheduler:
         if len(held) == 1:
             self._unit_failed(held[0], reason, self.suspects)
         elif held:
+            for u in held:
+                self._unshow(u)
             note(f"{reason}; retrying units {held} one at a time")
             self.summary.retries += len(held)
             self.suspects.extend(held)
@@ -321,6 +395,7 @@ class Scheduler:
         held = [u for _r, u in slot.inflight]
         self._kill(slot)
         for u in reversed(held):
+            self._unshow(u)
             self.queue.appendleft(u)
         self.start_failures += 1
         if self.start_failures > self.cfg.max_retries + self.plan.actors:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ActorStats", "RunSummary"]
+__all__ = ["MAX_FAILED_ROWS", "ActorStats", "RunSummary"]
+
+#: Failed images the summary names (the rest: ``unioncam export STORE --csv FILE``).
+MAX_FAILED_ROWS = 10
 
 
 @dataclass
@@ -62,6 +65,16 @@ class RunSummary:
     wall_s: float = 0.0
     actors: list[ActorStats] = field(default_factory=list)
     interrupted: bool = False
+    #: ``(row id, uri, status, message)`` of the first :data:`MAX_FAILED_ROWS` failed images.
+    failed_rows: list[tuple[int, str, str, str]] = field(default_factory=list)
+    #: The wall time split: ``startup_s`` (Ray: ``ray_s``; the first actor's process,
+    #: model and tuning: ``actor_startup_s``), ``explain_s`` (first actor ready to last
+    #: unit written) and ``finish_s`` (stopping actors and Ray, consolidating the store).
+    ray_s: float = 0.0
+    actor_startup_s: float = 0.0
+    startup_s: float = 0.0
+    explain_s: float = 0.0
+    finish_s: float = 0.0
 
     @property
     def complete(self) -> bool:
@@ -85,11 +98,26 @@ class RunSummary:
             f"images: {self.images_processed} processed ({self.images_ok} ok, "
             f"{self.images_failed} failed) in {self.wall_s:.1f} s = {self.images_per_s:.2f} images/s",
         ]
+        if self.startup_s or self.explain_s:
+            lines.append(
+                f"time: start-up {self.startup_s:.1f} s (Ray {self.ray_s:.1f} s, first actor "
+                f"{self.actor_startup_s:.1f} s) + explaining {self.explain_s:.1f} s"
+                + (f" = {self.images_processed / self.explain_s:.2f} images/s"
+                   if self.explain_s > 0 else "")
+                + f" + finishing {self.finish_s:.1f} s"
+            )  # fmt: skip
         bad = {k: v for k, v in sorted(self.status_counts.items()) if k != "OK" and v}
         if bad:
             lines.append(
                 "failed images by status: " + ", ".join(f"{k}={v}" for k, v in bad.items())
             )
+            for row, uri, status, message in self.failed_rows:
+                lines.append(f"  row {row} {uri or '<inline image>'}: {status}: {message}")
+            if self.images_failed > len(self.failed_rows):
+                lines.append(
+                    f"  ... {self.images_failed - len(self.failed_rows)} more: "
+                    f"unioncam export {self.store} --csv FILE lists every row with its status"
+                )
         if self.retries or self.actors_replaced:
             lines.append(f"retries: {self.retries}; actors replaced: {self.actors_replaced}")
         for a in self.actors:

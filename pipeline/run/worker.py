@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.decode import Status, load_row
+from pipeline.data.location import redact_uri
 from pipeline.data.manifest import Manifest
 from pipeline.messages import error_line
 from pipeline.run.config import RunConfig
@@ -43,6 +44,9 @@ from pipeline.store.io import write_unit
 from pipeline.store.layout import StoreLayout
 
 __all__ = ["ExplainWorker", "PoolMismatchError", "empty_unit_arrays", "rows_from_result"]
+
+#: Failed rows a unit names in its summary (the run summary shows at most 10 in all).
+MAX_FAILED_ROWS_REPORTED = 10
 
 
 class PoolMismatchError(RuntimeError):
@@ -57,7 +61,7 @@ def empty_unit_arrays(n: int, ctx: UnitContext) -> dict[str, np.ndarray]:
     """
     layout = StoreLayout(num_rows=n, unit_size=n, image_size=(ctx.image_size, ctx.image_size),
                          pool=ctx.pool, components=ctx.components, metrics=ctx.metrics,
-                         selection=ctx.selection)  # fmt: skip
+                         selection=ctx.selection, methods=ctx.methods)  # fmt: skip
     return layout.empty_rows(n)
 
 
@@ -69,15 +73,19 @@ def rows_from_result(res: Any) -> dict[str, np.ndarray]:
     gain of every member, ``selection_score`` what the selection rule ranked by (β itself
     for the ``beta`` rule), ``target`` the class explained.
     """
-    return {
+    out = {
         "maps": res.maps.float().cpu().numpy(),
-        "beta": res.beta.float().cpu().numpy(),
-        "selection_score": res.selection_score.float().cpu().numpy(),
-        "selected": res.selected.cpu().numpy(),
         "target": res.target.cpu().numpy(),
         "prob": res.prob.float().cpu().numpy(),
-        "baseline_prob": res.baseline_prob.float().cpu().numpy(),
     }
+    if res.beta is not None:  # UnionCAM's own fields (another method's result has none)
+        out |= {
+            "beta": res.beta.float().cpu().numpy(),
+            "selection_score": res.selection_score.float().cpu().numpy(),
+            "selected": res.selected.cpu().numpy(),
+            "baseline_prob": res.baseline_prob.float().cpu().numpy(),
+        }
+    return out
 
 
 class _Decoded:
@@ -113,6 +121,9 @@ class ExplainWorker:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         self._storage_options = config.storage_options or None
         self._units_done = 0
+        #: unit -> (attempt, rows explained so far): what :meth:`progress` reports, so the
+        #: driver's bar moves per batch rather than per unit (a unit is ~minutes on a CPU).
+        self._progress: dict[int, tuple[int, int]] = {}
         self._metrics = _WorkerMetrics(actor_index) if config.ray_metrics else None
 
         # The driver validated the manifest; an actor only needs its footer.
@@ -123,12 +134,14 @@ class ExplainWorker:
             self.device = "cpu"
             self.loaded = None
             self.cam = None
+            self.cams = {}
             self.preprocess = None
+            self.load_s = self.tune_s = 0.0
             return
 
         import torch
 
-        from unioncam import UnionCAM
+        from unioncam import UnionCAM, make_cam
 
         # Without this torch uses one thread inside a Ray actor (Ray sets
         # OMP_NUM_THREADS=1 unless num_cpus is given); make it match what we reserved.
@@ -136,6 +149,7 @@ class ExplainWorker:
 
         use_cuda = torch.cuda.is_available() and not config.cpu_only
         self.device = torch.device("cuda") if use_cuda else torch.device("cpu")
+        t_load = time.perf_counter()
         self.loaded = quiet_load_model(config.model, config.weights)
         self.model = self.loaded.model.to(self.device)
         pre = self.loaded.preprocess
@@ -148,11 +162,28 @@ class ExplainWorker:
         method = dataclasses.replace(
             method, return_components=bool(ctx.components) or config.metrics_all_members
         )
-        self.cam = UnionCAM(self.model, ctx.layer, config=method)
-        self.cam.__enter__()
+        # One CAM per method, the primary (UnionCAM if present) first: it decides the class
+        # explained, which the others then explain too.
+        primary = "unioncam" if "unioncam" in ctx.methods else ctx.methods[0]
+        self.cams = {
+            name: UnionCAM(self.model, ctx.layer, config=method) if name == "unioncam"
+            else make_cam(name, self.model, ctx.layer, **config.method_kwargs(name))
+            for name in sorted(ctx.methods, key=lambda m: m != primary)
+        }  # fmt: skip
+        self.cam = self.cams[primary]
+        # One method: entered once for the actor's life. Several: each is entered around
+        # its own call, because an entered CAM keeps its hook on the layer and would hoard
+        # the activations of every other method's forwards.
+        if len(self.cams) == 1:
+            self.cam.__enter__()
         # Auto-tune now (seconds, once per actor) rather than inside the first unit.
         s = ctx.image_size
-        self.cam.prepare(torch.zeros(1, 3, s, s, device=self.device))
+        t_tune = time.perf_counter()
+        self.load_s = t_tune - t_load
+        for cam in self.cams.values():
+            with cam:
+                cam.prepare(torch.zeros(1, 3, s, s, device=self.device))
+        self.tune_s = time.perf_counter() - t_tune
 
     # ------------------------------------------------------------------ info
     def ready(self) -> dict[str, Any]:
@@ -163,7 +194,18 @@ class ExplainWorker:
             "pid": self.pid,
             "device": str(self.device),
             "cpus": self.cpus,
+            # Where this actor's start-up went (the driver's summary splits the wall time).
+            "load_s": self.load_s,
+            "tune_s": self.tune_s,
         }
+
+    def progress(self) -> dict[int, tuple[int, int]]:
+        """Rows explained so far of each unit in flight: ``{unit: (attempt, rows)}``.
+
+        Polled by the driver (the actor is threaded, so this answers while a unit runs);
+        a finished unit is reported by :meth:`process`'s return value instead.
+        """
+        return dict(self._progress)
 
     # ------------------------------------------------------------------ work
     def process(self, u: int, attempt: int = 0) -> dict[str, Any]:
@@ -181,13 +223,14 @@ class ExplainWorker:
         n = len(rows)
         arrays = empty_unit_arrays(n, self.ctx)
         arrays["label"][:] = [(-1 if r.label is None else int(r.label)) for r in rows]
+        arrays["uri"][:] = [redact_uri(r.uri) if r.uri else "" for r in rows]
         t_read = time.perf_counter()
 
         if self.config.explainer == "null":
             self._null_fill(arrays)
             decode_s = compute_s = lock_s = 0.0
         else:
-            decode_s, compute_s, lock_s = self._explain_rows(u, rows, arrays)
+            decode_s, compute_s, lock_s = self._explain_rows(u, rows, arrays, attempt)
         t_explained = time.perf_counter()
 
         write_unit(
@@ -210,6 +253,8 @@ class ExplainWorker:
         }
         ok = int((status == int(Status.OK)).sum())
         self._units_done += 1
+        self._progress.pop(u, None)
+        bad = np.nonzero(status != int(Status.OK))[0][:MAX_FAILED_ROWS_REPORTED]
         summary = {
             "unit": u,
             "attempt": attempt,
@@ -217,6 +262,13 @@ class ExplainWorker:
             "ok": ok,
             "failed": n - ok,
             "status_counts": counts,
+            # (row id, uri, status, message) of the first few failed rows: the run summary
+            # names files, not just counts.
+            "failed_rows": [
+                (int(self.manifest.unit_range(u)[0] + i), str(arrays["uri"][i]),
+                 Status(int(status[i])).name, str(arrays["error"][i]))
+                for i in bad.tolist()
+            ],
             "seconds": t_end - t0,
             "wall_start": wall0,
             "wall_end": wall0 + (t_end - t0),
@@ -251,8 +303,8 @@ class ExplainWorker:
         return _Decoded(t, orig, box, status, msg)
 
     def _explain_rows(
-        self, u: int, rows: Sequence, arrays: dict[str, np.ndarray]
-    ) -> tuple[float, float]:
+        self, u: int, rows: Sequence, arrays: dict[str, np.ndarray], attempt: int = 0
+    ) -> tuple[float, float, float]:
         """Decode (threads, prefetched) and explain all rows of a unit into ``arrays``."""
         bs = self.config.batch_size
         starts = list(range(0, len(rows), bs))
@@ -303,6 +355,7 @@ class ExplainWorker:
                     )
                 compute += time.perf_counter() - tc
                 batch_no += 1
+                self._progress[u] = (attempt, s + len(decoded))
                 if (
                     fi is not None
                     and fi.crash_unit == u
@@ -327,20 +380,30 @@ class ExplainWorker:
             if self.config.target == "label":
                 labels = arrays["label"][idx]
                 targets = [int(v) if v >= 0 else None for v in labels]
-            res = self.cam(x, targets=targets)
-            if tuple(res.pool) != tuple(self.ctx.pool):
+            results = {}
+            for name, cam in self.cams.items():
+                with cam:
+                    results[name] = cam(x, targets=targets)
+                # Every other method explains the class the primary one explained.
+                targets = results[name].target
+            res = results[self.cam_name]
+            if "unioncam" in results and tuple(res.pool) != tuple(self.ctx.pool):
                 raise PoolMismatchError(
                     f"the method's pool {tuple(res.pool)} differs from the store's {self.ctx.pool}"
                 )
             out = rows_from_result(res)
-            if self.config.target == "label":
-                out["predicted"] = self.cam.softmax(x).argmax(1).cpu().numpy()
-            else:
-                out["predicted"] = out["target"]
-            for name in self.ctx.components:
-                out[f"components/{name}"] = res.components[name].float().cpu().numpy()
-            for name, values in self._metrics_for(x, res).items():
-                out[f"metrics/{name}"] = values
+            for name, other in results.items():
+                if name != self.cam_name:
+                    out[f"methods/{name}"] = other.maps.float().cpu().numpy()
+            with self.cam:
+                if self.config.target == "label":
+                    out["predicted"] = self.cam.softmax(x).argmax(1).cpu().numpy()
+                else:
+                    out["predicted"] = out["target"]
+                for name in self.ctx.components:
+                    out[f"components/{name}"] = res.components[name].float().cpu().numpy()
+                for name, values in self._metrics_for(x, results).items():
+                    out[f"metrics/{name}"] = values
         except Exception as e:
             if isinstance(e, PoolMismatchError):
                 raise
@@ -357,39 +420,69 @@ class ExplainWorker:
         for name, values in out.items():
             arrays[name][idx] = values
 
-    def _metrics_for(self, x, res) -> dict[str, np.ndarray]:
-        """Optional faithfulness metrics of the selected maps (extra forwards).
+    @property
+    def cam_name(self) -> str:
+        """The primary method (the first of :attr:`cams`)."""
+        return next(iter(self.cams))
 
-        Costs per image: average drop / increase 1 forward; insertion + deletion
-        ``2 * ceil(S*S / 224)`` forwards (``unioncam.metrics`` defaults).
+    def _metrics_for(self, x, results: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Optional faithfulness metrics of each method's maps (extra forwards).
+
+        Named like the store's ``metrics/<name>`` arrays: bare for the primary method,
+        ``<metric>@<method>`` for the others (``<metric>@<pool member>`` for UnionCAM's
+        members with ``metrics_all_members``). Costs per image and method: average drop /
+        increase 1 forward; insertion + deletion ``2 * ceil(S*S / step)`` forwards.
         """
         if not self.ctx.metrics:
             return {}
-        from pipeline.analysis.evaluate import INS_DEL_METRICS, evaluate_batch, parse_metric_name
+        from pipeline.analysis.evaluate import (
+            INS_DEL_METRICS,
+            ROAD_METRICS,
+            evaluate_batch,
+            member_metric,
+        )
         from unioncam import metrics as M
+        from unioncam.road import road
 
         want = set(self.ctx.metrics)
         out: dict[str, np.ndarray] = {}
-        # Scored through the CAM itself: its engine's tuned chunk size, memory format and
+        # Scored through the primary CAM's engine: its tuned chunk size, memory format and
         # precision, its hook off, and nothing about the model's state changed behind it.
-        if want & {"average_drop", "increase"}:
-            drop, inc = M.average_drop_increase(self.cam, x, res.maps, targets=res.target)
-            if "average_drop" in want:
-                out["average_drop"] = drop.float().cpu().numpy()
-            if "increase" in want:
-                out["increase"] = inc.float().cpu().numpy()
-        if any(parse_metric_name(n)[0] in INS_DEL_METRICS for n in want):
-            # selected map (and every pool member with metrics_all_members), named
-            # like the store's metrics/<name> arrays
-            ev = evaluate_batch(self.cam, x, res, all_members=self.config.metrics_all_members,
-                                step=self.config.metric_step)
-            out.update({name: ev[name] for name in self.ctx.metrics if name in ev})
-        return out
+        for method, res in results.items():
+            def named(metric: str, method=method) -> str:
+                return metric if method == self.cam_name else member_metric(metric, method)
+
+            if {named("average_drop"), named("increase")} & want:
+                drop, inc = M.average_drop_increase(self.cam, x, res.maps, targets=res.target)
+                for metric, v in (("average_drop", drop), ("increase", inc)):
+                    if named(metric) in want:
+                        out[named(metric)] = v.float().cpu().numpy()
+            if {named(k) for k in ROAD_METRICS} & want:
+                r = road(self.cam, x, res.maps, targets=res.target)
+                for k, v in (("road_morf", r.morf), ("road_lerf", r.lerf), ("road", r.road)):
+                    out[named(k)] = v.float().cpu().numpy()
+            if not {named(k) for k in INS_DEL_METRICS} & want and not (
+                method == "unioncam" and self.config.metrics_all_members
+            ):
+                continue
+            if method == "unioncam":
+                # the selected map (and every pool member with metrics_all_members)
+                ev = evaluate_batch(self.cam, x, res,
+                                    all_members=self.config.metrics_all_members,
+                                    step=self.config.metric_step)  # fmt: skip
+                out.update({named(k) if "@" not in k else k: v for k, v in ev.items()})
+            else:
+                r = M.insertion_deletion(self.cam, x, res.maps, targets=res.target,
+                                         step=self.config.metric_step)  # fmt: skip
+                ins, dele = r.insertion.float().cpu().numpy(), r.deletion.float().cpu().numpy()
+                out.update({named("insertion"): ins, named("deletion"): dele,
+                            named("ins_minus_del"): ins - dele})  # fmt: skip
+        return {k: v for k, v in out.items() if k in want}
 
     def shutdown(self) -> None:
         """Release the hook and threads (the driver kills actors anyway)."""
         if self.cam is not None:
-            self.cam.__exit__(None, None, None)
+            self.cam.close()
             self.cam = None
         self._pool.shutdown(wait=False, cancel_futures=True)
 

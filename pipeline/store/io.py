@@ -175,6 +175,7 @@ def create_store(
     components: Sequence[str] = (),
     metrics: Sequence[str] = (),
     selection: str = "beta",
+    methods: Sequence[str] = ("unioncam",),
     attrs: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
@@ -200,7 +201,8 @@ def create_store(
         pool=tuple(str(p) for p in pool),
         components=tuple(str(c) for c in components),
         metrics=tuple(str(m) for m in metrics),
-        selection=str(selection or "beta"),
+        selection=str(selection or ("beta" if "unioncam" in methods else "")),
+        methods=tuple(str(m) for m in methods),
     )
     user_attrs = redact(dict(attrs or {}))
     if LAYOUT_ATTR in user_attrs:
@@ -279,7 +281,8 @@ def _create(
     root_attrs = {**user_attrs, LAYOUT_ATTR: layout.to_dict(), "created_at": _now()}
     group = zarr.open_group(store, mode="w", attributes=root_attrs)
     n, unit = layout.num_rows, layout.unit_size
-    for sub, names in (("components", layout.components), ("metrics", layout.metrics)):
+    for sub, names in (("components", layout.components), ("metrics", layout.metrics),
+                       ("methods", layout.others)):
         if names:
             zarr.open_group(store, path=sub, mode="w")
     zarr.open_group(
@@ -324,7 +327,7 @@ def _create(
 
     coords: list[tuple[str, np.ndarray, Any]] = [
         ("image", np.arange(n, dtype=np.int64), 0),
-        ("pool", np.array(layout.pool, dtype=object), ""),
+        *([("pool", np.array(layout.pool, dtype=object), "")] if layout.has_pool else []),
         ("hw", np.array(["h", "w"], dtype=object), ""),
         ("box", np.array(["left", "top", "right", "bottom"], dtype=object), ""),
     ]

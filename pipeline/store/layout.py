@@ -33,10 +33,15 @@ __all__ = [
     "safe_name",
 ]
 
-#: The store format this code writes and reads. 2: arrays ``beta``, ``selection_score``
-#: (always) and ``target``, layout ``image_size`` (format 1: ``scores``, ``selection_scores``
-#: for non-β rules only, ``class_explained``, ``map_size``; unioncam < 0.2).
-STORE_FORMAT = 2
+#: The store format this code writes and reads. 3: a per-row ``uri`` array (the image's
+#: redacted location); several CAM methods per store (``maps`` is the primary method's,
+#: ``methods/<name>`` every other's) and UnionCAM's arrays (``beta``, ``selected``, ...)
+#: exist when UnionCAM is one of them. 2 (unioncam 0.2): arrays ``beta``, ``selection_score`` (always) and
+#: ``target``, layout ``image_size``. 1 (unioncam < 0.2): ``scores``, ``selection_scores``
+#: for non-β rules only, ``class_explained``, ``map_size``.
+STORE_FORMAT = 3
+#: Which unioncam wrote each older format (named in the refusal).
+_WRITTEN_BY = {1: "unioncam < 0.2", 2: "unioncam 0.2"}
 #: Root attribute holding the layout (what shapes/arrays the store has).
 LAYOUT_ATTR = "unioncam_store"
 MARKERS = "markers"
@@ -64,7 +69,7 @@ def check_format(layout: Mapping[str, Any], name: str) -> None:
     fmt = layout.get("format", 1)
     if fmt == STORE_FORMAT:
         return
-    written = "unioncam < 0.2" if fmt == 1 else "another unioncam version"
+    written = _WRITTEN_BY.get(fmt, "another unioncam version")
     raise StoreFormatError(
         f"store {name} has format {fmt} ({written}); this unioncam reads format "
         f"{STORE_FORMAT}: re-run into a new store or pass --overwrite"
@@ -142,6 +147,9 @@ class StoreLayout:
     metrics: tuple[str, ...] = ()
     # The selection rule (e.g. "insdel-8", "beta"): what ``selection_score`` holds.
     selection: str = "beta"
+    #: The CAM methods whose maps the store holds: :attr:`primary`'s in ``maps``, every
+    #: other's in ``methods/<name>``.
+    methods: tuple[str, ...] = ("unioncam",)
     format: int = STORE_FORMAT
 
     def __post_init__(self) -> None:
@@ -152,14 +160,41 @@ class StoreLayout:
             raise StoreError(
                 f"image_size must be a positive int or (h, w), got {self.image_size!r}"
             )
-        if not self.pool or len(set(self.pool)) != len(self.pool):
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise StoreError(f"methods must be non-empty unique names, got {list(self.methods)}")
+        if self.has_pool and (not self.pool or len(set(self.pool)) != len(self.pool)):
             raise StoreError(f"pool must be non-empty unique names, got {list(self.pool)}")
+        if not self.has_pool and (self.pool or self.components):
+            raise StoreError("a pool and components need unioncam among the methods")
         if len(self.pool) > 32767:
             raise StoreError(f"pool has {len(self.pool)} members; at most 32767 are supported")
         for group, names in (("components", self.components), ("metrics", self.metrics)):
             safe = [safe_name(n) for n in names]
             if len(set(safe)) != len(safe) or any(not n for n in names):
                 raise StoreError(f"{group} names must be unique and non-empty: {list(names)}")
+
+    @property
+    def has_pool(self) -> bool:
+        """UnionCAM's arrays (pool, β, selection) exist: UnionCAM is one of the methods."""
+        return "unioncam" in self.methods
+
+    @property
+    def primary(self) -> str:
+        """The method a bare ``maps``/metric query means: UnionCAM if present, else the first."""
+        return "unioncam" if self.has_pool else self.methods[0]
+
+    def maps_path(self, method: str | None = None) -> str:
+        """The array holding ``method``'s maps (``None``: :attr:`primary`, in ``maps``)."""
+        name = self.primary if method is None else method
+        if name not in self.methods:
+            raise StoreError(f"the store has no maps of method {name!r}; it has "
+                             f"{', '.join(self.methods)}")  # fmt: skip
+        return "maps" if name == self.primary else f"methods/{safe_name(name)}"
+
+    @property
+    def others(self) -> tuple[str, ...]:
+        """The methods besides :attr:`primary` (maps in ``methods/<name>``)."""
+        return tuple(m for m in self.methods if m != self.primary)
 
     @property
     def num_units(self) -> int:
@@ -182,6 +217,7 @@ class StoreLayout:
             "components": list(self.components),
             "metrics": list(self.metrics),
             "selection": self.selection,
+            "methods": list(self.methods),
         }
 
     @classmethod
@@ -193,7 +229,8 @@ class StoreLayout:
             pool=tuple(d["pool"]),
             components=tuple(d.get("components", ())),
             metrics=tuple(d.get("metrics", ())),
-            selection=str(d.get("selection") or "beta"),
+            selection=str(d.get("selection") or ""),
+            methods=tuple(d.get("methods") or ("unioncam",)),
             format=int(d.get("format", STORE_FORMAT)),
         )
 
@@ -205,7 +242,12 @@ class StoreLayout:
         nan = float("nan")
         specs = [
             ArraySpec("maps", ("image", "y", "x"), "f2", nan, (h, w), sharded=True,
-                      attrs={"description": "selected UnionCAM map, [0,1], on the crop"}),
+                      attrs={"method": self.primary,
+                             "description": f"{self.primary} map, [0,1], on the crop"
+                                            + (" (the selected pool member's)"
+                                               if self.has_pool else "")}),
+        ]
+        union = [
             ArraySpec("beta", ("image", "pool"), "f4", nan, (p,),
                       attrs={"pool": list(self.pool),
                              "description": "confidence gain of every pool member"}),
@@ -216,12 +258,15 @@ class StoreLayout:
                              "description": "every pool member's score under the selection "
                                             "rule; the highest is selected (-inf: a flat "
                                             "map, which a ranking rule cannot score)"}),
+            ArraySpec("baseline_prob", ("image",), "f4", nan),
+        ]
+        specs += union if self.has_pool else []
+        specs += [
             ArraySpec("target", ("image",), "i4", -1,
                       attrs={"description": "the class explained"}),
             ArraySpec("label", ("image",), "i4", -1, attrs={"description": "-1 = no label"}),
             ArraySpec("predicted", ("image",), "i4", -1),
             ArraySpec("prob", ("image",), "f4", nan),
-            ArraySpec("baseline_prob", ("image",), "f4", nan),
             ArraySpec("orig_size", ("image", "hw"), "i4", -1, (2,),
                       attrs={"description": "upright original (h, w) in pixels"}),
             ArraySpec("crop_box", ("image", "box"), "i4", -1, (4,),
@@ -230,7 +275,16 @@ class StoreLayout:
                       attrs={"codes": {s.name: int(s) for s in Status}}),
             ArraySpec("error", ("image",), "str", "",
                       attrs={"description": "one-line message for rows whose status != OK"}),
+            ArraySpec("uri", ("image",), "str", "",
+                      attrs={"description": "where the image was read from (query strings "
+                                            "and credentials redacted); empty for inline bytes"}),
         ]  # fmt: skip
+        for name in self.others:
+            specs.append(
+                ArraySpec(f"methods/{safe_name(name)}", ("image", "y", "x"), "f2", nan, (h, w),
+                          sharded=True, attrs={"name": name,
+                                               "description": f"{name} map, [0,1], on the crop"})
+            )  # fmt: skip
         for name in self.components:
             specs.append(
                 ArraySpec(f"components/{safe_name(name)}", ("image", "y", "x"), "f2", nan, (h, w),
@@ -247,7 +301,8 @@ class StoreLayout:
         (components and metrics by their original names); a worker fills in what it
         computed, and everything else stays "not available"."""
         original = {f"{group}/{safe_name(name)}": f"{group}/{name}"
-                    for group, names in (("components", self.components), ("metrics", self.metrics))
+                    for group, names in (("components", self.components), ("metrics", self.metrics),
+                                         ("methods", self.others))
                     for name in names}  # fmt: skip
         return {original.get(spec.name, spec.name): spec.empty(n) for spec in self.arrays()}
 
@@ -258,6 +313,8 @@ class StoreLayout:
             out[f"components/{n}"] = f"components/{safe_name(n)}"
         for n in self.metrics:
             out[f"metrics/{n}"] = f"metrics/{safe_name(n)}"
+        for n in self.others:
+            out[f"methods/{n}"] = f"methods/{safe_name(n)}"
         return out
 
 

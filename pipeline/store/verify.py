@@ -12,7 +12,8 @@ can be checked against what was written:
   metadata must exist.
 * **deep** (``deep=True``): also re-reads every recorded object and compares its CRC32C,
   and checks that the per-row arrays agree with the marker: ``status`` counts equal the
-  marker's ``by_status``, OK rows have a selected pool member and the others have none.
+  marker's ``by_status``; with UnionCAM in the run, OK rows have a selected pool member
+  and the others have none.
 
 A marker written before checksums existed (no ``objects`` field) cannot be checked for
 objects: such a unit is reported as *unchecked* ("no checksums recorded"), not as bad;
@@ -260,7 +261,8 @@ def _row_problems(
     out: list[tuple[int, str]] = []
     try:
         status = np.asarray(group["status"][:])
-        selected = np.asarray(group["selected"][:])
+        # UnionCAM's pool arrays exist only when the run had UnionCAM
+        selected = np.asarray(group["selected"][:]) if layout.has_pool else None
     except Exception as e:
         reason = f"its rows cannot be decoded: {error_line(e)}"
         return [(u, reason) for u in markers]
@@ -276,6 +278,8 @@ def _row_problems(
         recorded = {k: int(v) for k, v in (m.get("by_status") or {}).items() if int(v)}
         if counts != recorded:
             out.append((u, f"status counts {_fmt(counts)} differ from its marker's {_fmt(recorded)}"))
+            continue
+        if selected is None:
             continue
         sel = selected[start:stop]
         ok = st == int(Status.OK)

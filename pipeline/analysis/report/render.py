@@ -17,6 +17,7 @@ import numpy as np
 from pipeline.analysis.evaluate import (
     INS_DEL_METRICS,
     METHODS,
+    ROAD_METRICS,
     check_methods,
 )
 from pipeline.analysis.report.figures import (
@@ -133,6 +134,23 @@ def markdown(sample: ReportSample, stats: dict[str, Any], figs: dict[str, str],
                 verdict = per.get("ins_minus_del", {}).get("verdict", "–")
                 L.append(f"| {sample.labels[m]} | " + " | ".join(cells) + f" | {verdict} |")
         L += ["", "### What this shows", ""] + _findings(sample, stats)
+    road = [m for m in sample.methods if "road" in stats["methods"][m]]
+    if road:
+        L += ["", "## ROAD", "",
+              "RemOve And Debias (Rong, Leemann et al. 2022): the removed pixels are filled by "
+              "noisy linear imputation from their neighbours, so the shape of the removed "
+              "region tells the model nothing. MoRF: class probability with the most relevant "
+              "10–90 % removed (lower is better); LeRF: the least relevant removed (higher is "
+              "better); ROAD = (LeRF − MoRF) / 2, pytorch-grad-cam's ROADCombined scale.", "",
+              "| method | n | " + " | ".join(f"{METRIC_TITLES[k]} (95% CI)" for k in ROAD_METRICS)
+              + f" | Δ ROAD vs {ref} [95% CI] | verdict |",
+              "|---|---:|" + "---:|" * len(ROAD_METRICS) + "---:|---|"]  # fmt: skip
+        for m in road:
+            st = stats["methods"][m]
+            d = stats["paired"].get(m, {}).get("road")
+            L.append(f"| {sample.labels[m]} | {st['road']['n']} | "
+                     + " | ".join(_fmt_ci(st[k]) if k in st else "–" for k in ROAD_METRICS)
+                     + (f" | {_fmt_diff(d)} | {d['verdict']} |" if d else " | – | – |"))  # fmt: skip
     if "scores" in figs:
         L += ["", f"![mean scores with 95% CI]({figs['scores']})"]
     if "curves" in figs:

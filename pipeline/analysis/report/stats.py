@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.analysis.evaluate import (
     INS_DEL_METRICS,
+    ROAD_METRICS,
 )
 from pipeline.analysis.report.sample import ReportSample
 
@@ -28,9 +29,13 @@ METRIC_TITLES = {
     "insertion": "insertion ↑",
     "deletion": "deletion ↓",
     "ins_minus_del": "ins − del ↑",
+    "road_morf": "ROAD MoRF ↓",
+    "road_lerf": "ROAD LeRF ↑",
+    "road": "ROAD ↑",
 }
 #: +1: higher is better, -1: lower is better.
-METRIC_SIGN = {"insertion": 1, "deletion": -1, "ins_minus_del": 1}
+METRIC_SIGN = {"insertion": 1, "deletion": -1, "ins_minus_del": 1, "road_morf": -1,
+               "road_lerf": 1, "road": 1}
 CACHE_VERSION = 1
 
 
@@ -134,7 +139,7 @@ def method_stats(sample: ReportSample, n_boot: int, seed: int) -> dict[str, Any]
     ref = sample.scores.get(sample.reference, {})
     for m in sample.methods:
         out["methods"][m] = {}
-        for k in INS_DEL_METRICS:
+        for k in INS_DEL_METRICS + ROAD_METRICS:
             if k in sample.scores[m]:
                 mean, lo, hi = bootstrap_ci(sample.scores[m][k], n_boot=n_boot, seed=seed)
                 out["methods"][m][k] = {"mean": mean, "low": lo, "high": hi,
@@ -142,7 +147,7 @@ def method_stats(sample: ReportSample, n_boot: int, seed: int) -> dict[str, Any]
         if m == sample.reference:
             continue
         out["paired"][m] = {}
-        for k in INS_DEL_METRICS:
+        for k in INS_DEL_METRICS + ROAD_METRICS:
             if k in sample.scores[m] and k in ref:
                 a, b = ref[k], sample.scores[m][k]
                 mean, lo, hi = paired_bootstrap(a, b, n_boot=n_boot, seed=seed)

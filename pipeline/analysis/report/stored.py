@@ -14,6 +14,7 @@ import numpy as np
 from pipeline.analysis.evaluate import (
     INS_DEL_METRICS,
     METHOD_LABELS,
+    ROAD_METRICS,
     parse_metric_name,
 )
 from pipeline.analysis.reader import open_reader
@@ -79,7 +80,8 @@ def read_store_scalars(
     except ValueError as e:
         raise ReportError(str(e)) from None
     paths = reader.metric_paths()
-    rows, cols = reader.read_columns(["status", "selected", "prob", by, *paths.values()])
+    union = ["selected"] if reader.layout.has_pool else []
+    rows, cols = reader.read_columns(["status", *union, "prob", by, *paths.values()])
     return {
         "reader": reader,
         "layout": reader.layout,
@@ -88,7 +90,8 @@ def read_store_scalars(
         "rows": rows,
         "ok": cols["status"] == int(Status.OK),
         "status": cols["status"],
-        "selected": cols["selected"].astype(np.int64),
+        "selected": (cols["selected"].astype(np.int64) if union
+                     else np.full(rows.shape, -1, dtype=np.int64)),
         "prob": cols["prob"],
         "by": cols[by].astype(np.int64),
         "metrics": {n: cols[p].astype(np.float64) for n, p in paths.items()},
@@ -115,17 +118,20 @@ def store_sample(
     rows = d["rows"][ok]
     metrics = {k: v[ok] for k, v in d["metrics"].items()}
 
-    # method -> metric -> values: "unioncam" = the selected map, then every pool member.
+    # method -> metric -> values: bare names are the primary method's (UnionCAM's selected
+    # map), "<metric>@<method>" the run's other methods, "<metric>@<member>" pool members.
+    reader = d["reader"]
     table: dict[str, dict[str, np.ndarray]] = {}
     for name, v in metrics.items():
         metric, member = parse_metric_name(name)
-        if metric not in INS_DEL_METRICS:
+        if metric not in INS_DEL_METRICS + ROAD_METRICS:
             continue
-        table.setdefault(member or "unioncam", {})[metric] = v
+        table.setdefault(member or reader.primary, {})[metric] = v
     for vals in table.values():
         if "ins_minus_del" not in vals and {"insertion", "deletion"} <= set(vals):
             vals["ins_minus_del"] = vals["insertion"] - vals["deletion"]
-    methods = (["unioncam"] if "unioncam" in table else []) + [p for p in pool if p in table]
+    run_methods = sorted(reader.methods, key=lambda m: m != reader.primary)
+    methods = [m for m in run_methods if m in table] + [p for p in pool if p in table]
     labels = {m: ("UnionCAM (selected)" if m == "unioncam" else member_label(m)) for m in methods}
     notes = []
     if not methods:
@@ -135,10 +141,13 @@ def store_sample(
     elif len(methods) == 1:
         notes.append("Only the selected map was scored; `--metrics-all-members` also scores "
                      "every pool member, which gives the paired comparison.")  # fmt: skip
-    notes.append("A store holds only UnionCAM's pool; for Grad-CAM, Grad-CAM++, Group-CAM "
-                 "etc. on the same images use `unioncam report --images DIR` (computed on the "
-                 "fly). Curves are not stored, only their areas.")  # fmt: skip
-    other = {k: v for k, v in metrics.items() if parse_metric_name(k)[0] not in INS_DEL_METRICS}
+    if len(reader.methods) == 1:
+        notes.append("This store holds one method; `unioncam run --method gradcam,unioncam` "
+                     "stores several for the same images (each scored with --metrics), and "
+                     "`unioncam report --images DIR` computes them on the fly.")  # fmt: skip
+    notes.append("Curves are not stored, only their areas.")
+    other = {k: v for k, v in metrics.items()
+             if parse_metric_name(k)[0] not in INS_DEL_METRICS + ROAD_METRICS}
     for k, v in other.items():
         notes.append(
             f"stored metric `{k}`: mean {np.nanmean(v):.4f} over {np.isfinite(v).sum()} images"
@@ -164,7 +173,6 @@ def store_sample(
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(rows.size, size=min(gallery, rows.size), replace=False))
         comps = [c for c in layout.components if f"components/{safe_name(c)}" in group]
-        reader = d["reader"]
         missing_photo = 0
         for j in pick.tolist():
             r = int(rows[j])
@@ -177,14 +185,15 @@ def store_sample(
                     arr = np.asarray(img.crop(box).resize((w, h)).convert("RGB"))
                 except Exception:
                     missing_photo += 1
-            maps = {"unioncam": np.asarray(group["maps"][r], dtype=np.float32)}
+            maps = {m: np.asarray(group[layout.maps_path(m)][r], dtype=np.float32)
+                    for m in run_methods}
             for c in comps:
                 maps[c] = np.asarray(group[f"components/{safe_name(c)}"][r], dtype=np.float32)
             s = int(sel[j])
             c = int(classes[j])
             g_items.append(GalleryItem(
-                title=f"row {r}: {cname(cnames, c)[:40]}; selected: "
-                      f"{pool[s] if 0 <= s < len(pool) else '?'}",
+                title=f"row {r}: {cname(cnames, c)[:40]}"
+                      + (f"; selected: {pool[s]}" if 0 <= s < len(pool) else ""),
                 image=arr,
                 maps=maps,
                 scores={m: float(table[m]["ins_minus_del"][j]) for m in methods
@@ -195,6 +204,9 @@ def store_sample(
                          f"{attrs.get('manifest')!r}); their maps are shown alone.")  # fmt: skip
         for m in [k for it in g_items for k in it.maps]:
             labels.setdefault(m, member_label(m) if m != "unioncam" else "UnionCAM")
+    # pool members and UnionCAM have their labels; the run's other methods get the usual ones
+    labels = {m: METHOD_LABELS.get(m, v) if m in reader.methods and m != "unioncam" else v
+              for m, v in labels.items()}
 
     summary = attrs.get("summary") or {}
     prov = {

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The pipeline on one GPU, end to end (issue 14): benchmarks/gpu_pipeline.py for the
+# default preset, `paper` and Grad-CAM, fp32 and bf16, on >= 2,000 real JPEGs, with the
+# library alone in the same run. Under 8 minutes on an H100/H200 (2,048 photos).
+#
+#   bash benchmarks/gpu_pipeline.sh --cpu [--out DIR]   # smoke mode, no GPU (the test suite runs this)
+#   bash benchmarks/gpu_pipeline.sh prepare             # here: wheels the device lacks -> .whl/
+#   bash benchmarks/gpu_pipeline.sh [--out DIR]         # on the GPU machine
+#
+# The device image has torch, torchvision, pyarrow, fsspec, xarray and tqdm but not Ray or
+# Zarr; `prepare` downloads them (and what they need) for its Python 3.12 into .whl/, which
+# a device call carries (run(command="bash benchmarks/gpu_pipeline.sh", carry=[".whl"])).
+# Ray's wheel alone is close to the 64 MiB a call may carry: `prepare` prints the total.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+WHL=.whl
+DEPS="ray==2.60.0 zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 jsonschema==4.26.0 referencing==0.37.0 rpds-py==0.30.0 jsonschema-specifications==2025.9.1"
+
+if [[ "${1:-}" == "prepare" ]]; then
+    set -e
+    mkdir -p "$WHL"
+    grep -qx "/$WHL/" .git/info/exclude 2>/dev/null || echo "/$WHL/" >> .git/info/exclude
+    for d in $DEPS; do
+        "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+            --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+            --platform manylinux2014_x86_64 --platform any -d "$WHL" "$d"
+    done
+    du -sh "$WHL"
+    exit 0
+fi
+
+if [[ -d "$WHL" ]] && ! "$PY" -c "import ray, zarr" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/gp_site "$WHL"/*.whl || { echo "wheel install failed" >&2; exit 3; }
+    export PYTHONPATH="/tmp/gp_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
+OUTDIR=${OUT:-benchmarks/out/gpu_pipeline}
+exec "$PY" benchmarks/gpu_pipeline.py --out "$OUTDIR" "$@"
