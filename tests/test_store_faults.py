@@ -223,7 +223,10 @@ def test_a_driver_killed_while_finalising_leaves_a_store_the_rerun_finishes(
     assert read_markers(str(store)) == markers  # nothing redone, nothing lost
     root = json.loads((store / "zarr.json").read_text())
     assert root["consolidated_metadata"]["metadata"]["maps"]
-    assert "lease" not in root["consolidated_metadata"]["metadata"]  # no stale holder
+    consolidated = root["consolidated_metadata"]["metadata"]
+    assert "lease" not in consolidated  # no stale holder in the snapshot
+    assert "markers" in consolidated and not any(k.startswith("markers/") for k in consolidated)
+    assert open_reader(str(store)).done_units() == set(range(N // 2))  # listed, as ever
     assert root["attributes"]["summary"]["complete"]
     st = open_reader(str(store)).status()
     assert st.complete and st.state == "finished" and st.lease is None

@@ -48,7 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.data.location import is_local, normalise_location, redact_uri, url_to_fs
-from pipeline.store.layout import StoreError
+from pipeline.store.layout import MARKERS, StoreError
 
 __all__ = [
     "HEARTBEAT_S",
@@ -247,11 +247,15 @@ def read_lease(
 def drop_from_consolidated(
     store_path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
 ) -> None:
-    """DRIVER ONLY, after consolidating: remove the lease from the consolidated metadata.
+    """DRIVER ONLY, after consolidating: remove the lease and the completion markers from
+    the consolidated metadata.
 
     Consolidation runs while the driver holds the lease, so its snapshot would show that
     driver as the holder long after it released the lease; the lease is only ever read from
-    ``lease/zarr.json`` itself.
+    ``lease/zarr.json`` itself. Markers are always listed and read from the store
+    (:func:`pipeline.store.io.done_units`), never from a snapshot, and with their object
+    lists (~1 KB each) they would make the root ``zarr.json`` that every open reads grow by
+    about 1 MB per 1,000 units.
     """
     loc = normalise_location(store_path)
     if is_local(loc):
@@ -263,9 +267,11 @@ def drop_from_consolidated(
         path = f"{base}/zarr.json"
         root = json.loads(fs.cat_file(path))
     meta = (root.get("consolidated_metadata") or {}).get("metadata") or {}
-    if LEASE.split("/")[0] not in meta:
+    drop = [k for k in meta if k == LEASE.split("/")[0] or k.startswith(f"{MARKERS}/")]
+    if not drop:
         return
-    del meta[LEASE.split("/")[0]]
+    for k in drop:
+        del meta[k]
     body = json.dumps(root, indent=2).encode()
     if is_local(loc):
         tmp = f"{path}.{uuid.uuid4().hex}"
