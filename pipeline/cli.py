@@ -1,4 +1,4 @@
-"""The ``unioncam`` command line: manifest, run, status, query, export, demo.
+"""The ``unioncam`` command line: manifest, run, status, verify, query, export, demo.
 
 Why it is built this way: every failure a user can cause (a missing folder, a typo in a
 layer name, a store made with other settings) must end as ONE line on stderr and exit code
@@ -238,6 +238,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_storage(p)
 
+    # verify ---------------------------------------------------------------------------
+    p = sub.add_parser(
+        "verify",
+        help="check every finished unit's objects against its marker (and repair)",
+        description="Check that every unit with a completion marker still has all the "
+        "objects it wrote, with the recorded sizes (one listing); --deep also re-reads them "
+        "and compares CRC32C checksums and the row counts. One line per bad unit; exit 1 "
+        "when any is bad. --repair removes the bad units' markers, so that rerunning the "
+        "same 'unioncam run' command redoes exactly those units.",
+    )
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--deep", action="store_true", help="re-read every object: checksums, rows")
+    p.add_argument("--repair", action="store_true", help="remove the markers of bad units")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_storage(p)
+
     # query ----------------------------------------------------------------------------
     p = sub.add_parser(
         "query",
@@ -448,6 +464,16 @@ def _cmd_status(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(a: argparse.Namespace) -> int:
+    from pipeline.store.verify import report_json, verify_store
+
+    report = verify_store(
+        a.store, parse_storage_options(a.storage_option), deep=a.deep, repair=a.repair
+    )
+    print(report_json(report) if a.json else "\n".join(report.lines()))
+    return 0 if report.ok else EXIT_FAILED_UNITS
+
+
 def _cmd_query(a: argparse.Namespace) -> int:
     from pipeline.analysis.reader import open_reader
     from pipeline.data.classes import class_name, load_class_names
@@ -614,6 +640,7 @@ COMMANDS = {
     "manifest": _cmd_manifest,
     "run": _cmd_run,
     "status": _cmd_status,
+    "verify": _cmd_verify,
     "query": _cmd_query,
     "export": _cmd_export,
     "report": _cmd_report,
