@@ -1,4 +1,5 @@
-"""The ``unioncam`` command line: manifest, run, status, query, export, analyze, atlas, demo.
+"""The ``unioncam`` command line: manifest, run, status, verify, query, export, analyze,
+atlas, demo.
 
 Why it is built this way: every failure a user can cause (a missing folder, a typo in a
 layer name, a store made with other settings) must end as ONE line on stderr and exit code
@@ -238,6 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_storage(p)
 
+    # verify ---------------------------------------------------------------------------
+    p = sub.add_parser(
+        "verify",
+        help="check every finished unit's objects against its marker (and repair)",
+        description="Check that every unit with a completion marker still has all the "
+        "objects it wrote, with the recorded sizes (one listing); --deep also re-reads them "
+        "and compares CRC32C checksums and the row counts. One line per bad unit; exit 1 "
+        "when any is bad. --repair removes the bad units' markers, so that rerunning the "
+        "same 'unioncam run' command redoes exactly those units.",
+    )
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--deep", action="store_true", help="re-read every object: checksums, rows")
+    p.add_argument("--repair", action="store_true", help="remove the markers of bad units")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_storage(p)
+
     # query ----------------------------------------------------------------------------
     p = sub.add_parser(
         "query",
@@ -459,6 +476,16 @@ def _cmd_status(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(a: argparse.Namespace) -> int:
+    from pipeline.store.verify import report_json, verify_store
+
+    report = verify_store(
+        a.store, parse_storage_options(a.storage_option), deep=a.deep, repair=a.repair
+    )
+    print(report_json(report) if a.json else "\n".join(report.lines()))
+    return 0 if report.ok else EXIT_FAILED_UNITS
+
+
 def _cmd_query(a: argparse.Namespace) -> int:
     from pipeline.analysis.reader import open_reader
     from pipeline.data.classes import class_name, load_class_names
@@ -470,14 +497,11 @@ def _cmd_query(a: argparse.Namespace) -> int:
         )
     r = open_reader(a.store, parse_storage_options(a.storage_option))
     names = load_class_names()
-    if a.what == "classes" and a.by not in ("target", "label", "predicted"):
-        from pipeline.analysis.commands import query_class_table
+    if a.what == "strategies" or (a.what == "classes" and a.by not in ("target", "label",
+                                                                        "predicted")):
+        from pipeline.analysis.commands import query_analysis  # reads the analysis group
 
-        return query_class_table(r, a.by, a.limit, a.json, a.ascending, names)
-    if a.what == "strategies":
-        from pipeline.analysis.commands import query_strategies
-
-        return query_strategies(r, a.class_index, a.group, a.json, names)
+        return query_analysis(a, r, names)
     if a.what == "classes":
         stats = sorted(r.class_stats(by=a.by), key=lambda s: (-s.count, s.class_index))
         stored = {k for s in stats for k in s.mean_metrics}
@@ -613,16 +637,10 @@ def _cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_analyze(a: argparse.Namespace) -> int:
-    from pipeline.analysis.commands import analyze_command
+def _cmd_analysis(a: argparse.Namespace) -> int:
+    from pipeline.analysis.commands import analysis_command  # analyze, atlas
 
-    return analyze_command(a, parse_storage_options(a.storage_option))
-
-
-def _cmd_atlas(a: argparse.Namespace) -> int:
-    from pipeline.analysis.commands import atlas_command
-
-    return atlas_command(a, parse_storage_options(a.storage_option))
+    return analysis_command(a, parse_storage_options(a.storage_option))
 
 
 def _cmd_report(a: argparse.Namespace) -> int:
@@ -646,10 +664,11 @@ COMMANDS = {
     "manifest": _cmd_manifest,
     "run": _cmd_run,
     "status": _cmd_status,
+    "verify": _cmd_verify,
     "query": _cmd_query,
     "export": _cmd_export,
-    "analyze": _cmd_analyze,
-    "atlas": _cmd_atlas,
+    "analyze": _cmd_analysis,
+    "atlas": _cmd_analysis,
     "report": _cmd_report,
     "demo": _cmd_demo,
 }

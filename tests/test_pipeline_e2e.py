@@ -585,12 +585,19 @@ def test_road_metrics_in_a_run_equal_the_library_and_reach_the_report(
     layer = g.attrs["layer"]
     x = torch.stack([load_row(Row(i, uri, None, None), loaded.preprocess.with_size(SIZE))[0]
                      for i, (uri, _) in enumerate(rows)])  # fmt: skip
+    parts = []
     with GradCAM(loaded.model, layer) as cam:
-        res = cam(x)
-        want = road(cam, x, res.maps, targets=res.target)
-    np.testing.assert_allclose(g["metrics/road_morf"][:], want.morf.numpy(), atol=1e-5)
-    np.testing.assert_allclose(g["metrics/road_lerf"][:], want.lerf.numpy(), atol=1e-5)
-    np.testing.assert_allclose(g["metrics/road"][:], want.road.numpy(), atol=1e-5)
+        for batch in (x[:3], x[3:]):  # the actor's batches (batch_size 3): the imputation
+            res = cam(batch)  # noise is seeded per job of one call
+            parts.append(road(cam, batch, res.maps, targets=res.target))
+    # ROAD removes pixels by rank: Grad-CAM's maps of one input differ by ~5e-6 between two
+    # calls on this CPU, which can swap near-tied pixels at a fraction's edge; that moved one
+    # image's MoRF from 0.0884 to 0.0844 between two runs (seen). A wiring error (MoRF for
+    # LeRF, another map, another class) is 10-100x that.
+    for k in ("morf", "lerf", "road"):
+        want = torch.cat([getattr(r, k) for r in parts]).numpy()
+        name = "road" if k == "road" else f"road_{k}"
+        np.testing.assert_allclose(g[f"metrics/{name}"][:], want, atol=1e-2, err_msg=k)
     assert np.isfinite(g["metrics/road_layercam"][:]).all()
     md = build_report(tmp_path / "rep", store=str(store), n_boot=200, gallery=2).read_text()
     assert "## ROAD" in md and "| Grad-CAM |" in md and "| Layer-CAM |" in md, md

@@ -22,6 +22,8 @@ __all__ = [
     "add_analyze_arguments",
     "add_atlas_arguments",
     "add_strategies_query",
+    "analysis_command",
+    "query_analysis",
     "analyze_command",
     "atlas_command",
     "query_class_table",
@@ -31,6 +33,20 @@ __all__ = [
 #: What ``query STORE classes --by`` sorts by when the store has an analysis.
 CLASS_SORT_KEYS = (*DESCRIPTORS, "energy_in_box", "max_in_box", "box_iou", "clever_hans",
                    "spearman", "top_iou", "count")
+
+
+def analysis_command(a: argparse.Namespace, storage_options: dict[str, Any] | None) -> int:
+    """``unioncam analyze`` or ``unioncam atlas`` (by ``a.command``)."""
+    if a.command == "atlas":
+        return atlas_command(a, storage_options)
+    return analyze_command(a, storage_options)
+
+
+def query_analysis(a: argparse.Namespace, reader: Any, names: list[str]) -> int:
+    """``query STORE strategies`` and ``query STORE classes --by <descriptor>``."""
+    if a.what == "strategies":
+        return query_strategies(reader, a.class_index, a.group, a.json, names)
+    return query_class_table(reader, a.by, a.limit, a.json, a.ascending, names)
 
 
 def add_analysis_commands(sub: Any, add_storage: Callable[[argparse.ArgumentParser], None]

@@ -39,6 +39,8 @@ from pipeline.store.layout import (
     StoreLayout,
     safe_name,
 )
+from pipeline.store.lease import describe_lease, read_lease
+from pipeline.store.verify import VerifyReport, verify_store
 
 __all__ = [
     "ClassStats",
@@ -65,6 +67,8 @@ class StoreStatus:
     state: str = ""
     #: ``(row id, uri, status, message)`` of the first failed rows (at most 10).
     failed_rows: list[tuple[int, str, str, str]] = field(default_factory=list)
+    #: the driver lease (host, pid, started_at, heartbeat, ...), None when no driver holds it
+    lease: dict[str, Any] | None = None
 
     def format(self) -> str:
         a = self.attrs
@@ -74,6 +78,7 @@ class StoreStatus:
             f"state: {state}",
             f"units: {self.units_done} of {self.num_units} done",
             f"rows:  {self.rows_done} of {self.num_rows} written",
+            "driver lease: " + (describe_lease(self.lease) if self.lease else "free"),
         ]
         if self.rows_by_status:
             lines.append(
@@ -256,7 +261,13 @@ class StoreReader:
             attrs=keep,
             state=run_state,
             failed_rows=failed,
+            lease=read_lease(self.path, storage_options=self.storage_options),
         )
+
+    def verify(self, deep: bool = False, repair: bool = False) -> VerifyReport:
+        """Check every finished unit against its marker (see :func:`verify_store`):
+        objects present with their sizes; ``deep`` also checksums and row counts."""
+        return verify_store(self.path, self.storage_options, deep=deep, repair=repair)
 
     def _run_state(self, complete: bool) -> str:
         """finished / in progress / interrupted / incomplete, from the driver's attributes."""

@@ -31,6 +31,7 @@ import os
 import time
 from typing import Any
 
+from pipeline.messages import error_line
 from pipeline.run.config import RunConfig
 from pipeline.run.plan import UnitContext, resolve, run_state, store_attrs
 from pipeline.run.scheduler import Scheduler, note, ray_error_line
@@ -44,6 +45,38 @@ log = logging.getLogger("unioncam.pipeline")
 # ---------------------------------------------------------------------------------------
 # the run
 def run(config: RunConfig) -> RunSummary:
+    """Run (or resume) the job described by ``config``; return its summary.
+
+    One driver per store: the run holds the store's lease (:mod:`pipeline.store.lease`)
+    from before it touches the store until it has finalised it; a second driver is refused
+    with :class:`~pipeline.store.lease.LeaseHeldError` (one line naming the holder).
+    """
+    from pipeline.store.io import store_exists
+    from pipeline.store.lease import StoreLease
+
+    so = config.storage_options or None
+    lease = StoreLease(config.store, so, on_lost=_lease_lost)
+    try:
+        if store_exists(config.store, storage_options=so):
+            lease.acquire()  # first: refuse before any work, and before the store is touched
+        return _run(config, lease)
+    except KeyboardInterrupt:
+        if lease.lost:
+            raise RuntimeError(lease.lost) from None
+        raise
+    finally:
+        lease.release()
+
+
+def _lease_lost(reason: str) -> None:
+    """Another driver took this store over: stop this one now (as Ctrl-C would)."""
+    import _thread
+
+    note(reason)
+    _thread.interrupt_main()
+
+
+def _run(config: RunConfig, lease: Any) -> RunSummary:
     """Run (or resume) the job described by ``config``; return its summary.
 
     Callable from Python (``ray submit`` scripts pass ``address="auto"``). Uses the Ray
@@ -82,6 +115,9 @@ def run(config: RunConfig) -> RunSummary:
         overwrite=cfg.overwrite,
         storage_options=so,
     )
+    lease.acquire()  # a new store (or one --overwrite replaced): take it now
+    if lease.took_over:
+        note(f"store {cfg.store}: took over the lease of {lease.took_over}")
     done = done_units(cfg.store, storage_options=so)
     todo = [u for u in range(manifest.num_units) if u not in done]
     if cfg.max_units is not None:
@@ -202,13 +238,25 @@ def _unit_rows(manifest: Any, u: int) -> int:
 
 
 def _finalize(cfg: RunConfig, summary: RunSummary) -> None:
-    from pipeline.store.io import finalize_store
-
     if summary.complete:
         _set_run_state(cfg, "finished")
     else:
         why = f"{len(summary.failed_units)} failed units" if summary.failed_units else "max_units"
         _set_run_state(cfg, "incomplete", why)
+
+    try:
+        _finalize_store(cfg, summary)
+    except OSError as e:
+        # A full disk (or a lost mount) while finalising must not hide the failed units,
+        # which are the report; markers stay the truth and a rerun finalises the store.
+        if summary.complete:
+            raise
+        note(f"could not finalise {cfg.store} ({error_line(e)}); rerun the same command")
+
+
+def _finalize_store(cfg: RunConfig, summary: RunSummary) -> None:
+    from pipeline.store.io import finalize_store
+    from pipeline.store.lease import drop_from_consolidated
 
     finalize_store(
         cfg.store,
@@ -227,6 +275,7 @@ def _finalize(cfg: RunConfig, summary: RunSummary) -> None:
             }
         },
     )
+    drop_from_consolidated(cfg.store, storage_options=cfg.storage_options or None)
 
 
 def _init_ray(cfg: RunConfig) -> None:

@@ -41,6 +41,8 @@ from zarr.codecs import BloscCodec
 
 from pipeline.data.decode import Status
 from pipeline.data.location import is_local, normalise_location, redact_uri, url_to_fs
+from pipeline.messages import error_line
+from pipeline.store.checksum import RecordingStore
 from pipeline.store.layout import (
     LAYOUT_ATTR,
     MARKERS,
@@ -62,6 +64,7 @@ __all__ = [
     "open_store",
     "read_layout",
     "read_markers",
+    "store_exists",
     "write_unit",
 ]
 
@@ -135,6 +138,13 @@ def _layout_of(meta: Mapping[str, Any] | None, loc: str) -> StoreLayout:
         )
     check_format(raw, redact_uri(loc))
     return StoreLayout.from_dict(raw)
+
+
+def store_exists(
+    store_path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> bool:
+    """Whether a Zarr store (root ``zarr.json``) is at ``store_path`` (one small read)."""
+    return _read_root_json(normalise_location(store_path), storage_options) is not None
 
 
 def read_layout(
@@ -462,7 +472,9 @@ def write_unit(
             f"write_unit(unit {u}): status has invalid code(s) {bad} (PENDING=255 means "
             "'never processed' and cannot be written)"
         )
-    store = _zstore(loc, storage_options, read_only=False)
+    # Every object written goes through the recorder: the marker lists each one's key,
+    # size and CRC32C (what ``unioncam verify`` checks later).
+    store = RecordingStore(_zstore(loc, storage_options, read_only=False))
 
     def put(spec: ArraySpec) -> None:
         arr = zarr.open_array(store, path=spec.name, mode="r+", zarr_format=3)
@@ -470,8 +482,13 @@ def write_unit(
 
     # Arrays are independent objects: write them concurrently (object-store latency
     # dominates remote writes; zarr runs all of it on its one event loop).
-    with ThreadPoolExecutor(max_workers=min(8, len(specs))) as pool:
-        list(pool.map(put, specs))
+    try:
+        with ThreadPoolExecutor(max_workers=min(8, len(specs))) as pool:
+            list(pool.map(put, specs))
+    except OSError as e:  # a full disk, a lost mount, an object store that keeps failing
+        raise StoreError(
+            f"unit {u}: cannot write to store {redact_uri(loc)}: {error_line(e)}"
+        ) from e
     counts = np.bincount(status.astype(np.int64), minlength=256)
     marker = {
         "unit": int(u),
@@ -486,6 +503,7 @@ def write_unit(
         "written_at": _now(),
         "write_seconds": round(time.perf_counter() - t0, 3),
         **redact(dict(info or {})),
+        **store.record(),
     }
     _write_marker(loc, int(u), marker, storage_options)
     return marker
@@ -502,9 +520,13 @@ def _write_marker(
         final = os.path.join(loc, *key.split("/"))
         os.makedirs(os.path.dirname(final), exist_ok=True)
         tmp = f"{final}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as fh:
-            fh.write(body)
-        os.replace(tmp, final)  # atomic: a marker is either absent or complete
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(body)
+            os.replace(tmp, final)  # atomic: a marker is either absent or complete
+        finally:
+            if os.path.exists(tmp):  # a failed write (full disk) leaves no debris
+                os.remove(tmp)
     else:
         fs, root = url_to_fs(loc, storage_options)
         fs.pipe_file(f"{root}/{key}", body)  # one PUT: atomic on object stores

@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline.analysis.evaluate import (
     INS_DEL_METRICS,
+    ROAD_METRICS,
 )
 from pipeline.analysis.images import colorize
 from pipeline.analysis.report.sample import ReportSample
@@ -40,7 +41,8 @@ def _color(m: str, i: int) -> str:
 
 def fig_scores(sample: ReportSample, stats: dict[str, Any], path: Path) -> None:
     plt = _plt()
-    metrics = [k for k in INS_DEL_METRICS if any(k in stats["methods"][m] for m in sample.methods)]
+    metrics = [k for k in INS_DEL_METRICS + ROAD_METRICS
+               if any(k in stats["methods"][m] for m in sample.methods)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 0.45 * len(sample.methods) + 1.3),
                              sharey=True, squeeze=False)  # fmt: skip
     ylab = [sample.labels[m] for m in sample.methods]

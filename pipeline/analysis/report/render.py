@@ -59,7 +59,7 @@ def _findings(sample: ReportSample, stats: dict[str, Any]) -> list[str]:
     """Plain sentences: where the reference wins, ties and loses (by the paired CI)."""
     ref = sample.labels.get(sample.reference, sample.reference)
     lines = []
-    for k in INS_DEL_METRICS:
+    for k in (*INS_DEL_METRICS, "road"):
         win, lose, tie = [], [], []
         for m, per in stats["paired"].items():
             if k not in per:
@@ -198,8 +198,9 @@ def render(sample: ReportSample, out: Path, *, n_boot: int, seed: int, title: st
     if sample.methods:
         fig_scores(sample, stats, out / "scores.png")
         figs["scores"] = "scores.png"
-        fig_distribution(sample, out / "distribution.png")
-        figs["distribution"] = "distribution.png"
+        if any("ins_minus_del" in sample.scores[m] for m in sample.methods):
+            fig_distribution(sample, out / "distribution.png")
+            figs["distribution"] = "distribution.png"
     if sample.curves:
         fig_curves(sample, out / "curves.png")
         figs["curves"] = "curves.png"
