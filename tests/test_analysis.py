@@ -165,6 +165,8 @@ def write_store(path: Path, maps: np.ndarray, target: np.ndarray, units: list[in
         s, e = u * UNIT, min(n, (u + 1) * UNIT)
         write_unit(path, u, {"maps": maps[s:e], "status": status[s:e], "target": target[s:e],
                              "label": target[s:e], **{k: v[s:e] for k, v in extra.items()},
+                             # a UnionCAM row that has a map has a selected member
+                             "selected": np.where(status[s:e] == 0, 0, -1),
                              **({"error": np.where(status[s:e] == 0, "", "planted failure")}
                                 if bad else {})})  # fmt: skip
     return path
@@ -458,3 +460,11 @@ def test_compare_two_methods_of_one_store(tmp_path):
     assert a.compare.attrs["maps"] == ["maps", "methods/gradcam"]
     with pytest.raises(ValueError, match="no map array 'methods/nope'"):
         analyze(str(path), compare=str(path), compare_maps=("maps", "methods/nope"))
+
+
+def test_an_analysed_store_still_verifies(planted, capsys):
+    """The analysis group sits beside the run's arrays: 'unioncam verify --deep' (checksums
+    and row invariants of every unit) still passes on an analysed store."""
+    assert (Path(planted["path"]) / "analysis" / "rows").is_dir()
+    assert main(["verify", str(planted["path"]), "--deep"]) == 0
+    assert "0 bad" in capsys.readouterr().out
