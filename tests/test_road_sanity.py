@@ -36,6 +36,24 @@ def test_imputation_equals_pytorch_grad_cams_direct_solve(size, fraction):
     assert torch.equal(mine[:, ~removed], x[:, ~removed])  # known pixels untouched
 
 
+@pytest.mark.parametrize("fraction", [0.1, 0.9])
+def test_imputation_of_one_large_blob_equals_the_direct_solve(fraction):
+    """A CAM removes one smooth blob, the hard case for plain CG (hundreds of iterations):
+    the multigrid-preconditioned solve matches grad-cam's sparse direct solve closely."""
+    import torch.nn.functional as F
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 96, 96, generator=g)
+    cam = F.interpolate(torch.rand(1, 1, 4, 4, generator=g), size=(96, 96), mode="bilinear",
+                        align_corners=False)[0, 0]  # fmt: skip
+    thr = np.percentile(cam.numpy(), 100 * (1 - fraction))
+    keep = torch.from_numpy(np.float32(cam.numpy() < thr))
+    ref = NoisyLinearImputer(noise=0.0)(x, keep)
+    mine = impute(x[None], (keep == 0)[None], noise=0.0)[0]
+    torch.testing.assert_close(mine, ref, atol=5e-4, rtol=0)
+
+
 def test_road_equals_pytorch_grad_cam_on_the_same_maps():
     """MoRF/LeRF per fraction with a softmax target, noise off on both sides."""
     from pytorch_grad_cam.metrics.perturbation_confidence import (

@@ -16,12 +16,13 @@ Curves over removal fractions f (default 10 %, 20 %, …, 90 %):
 
 How the imputation is solved, and why it does not dominate: the equations are a weighted
 discrete Laplace problem, symmetric positive definite, one per (image, channel). They are
-solved with Jacobi-preconditioned conjugate gradients whose matrix–vector product is one
-3×3 depthwise convolution, for a whole chunk of inputs at once, on the device. The initial
-guess comes from the same problem solved at half resolution (recursively, down to 16 px),
-so CG starts close and needs a few dozen iterations rather than hundreds. Per input this
-costs a few hundred 3-channel 3×3 convolutions: at 224 px well under one ResNet-50
-forward. Inputs are imputed per chunk inside the engine's job queue, so nothing bigger
+solved with conjugate gradients whose matrix–vector product is one 3×3 depthwise
+convolution, preconditioned by one multigrid V-cycle (Jacobi smoothing, 2×2 block
+coarsening down to 16 px), for a whole chunk of inputs at once, on the device: 12–24
+iterations at 224 px whatever the shape of the removed region (Jacobi-preconditioned CG
+needed hundreds when a map removes one large blob: 2.7–8.4 s per input on a 2-core CPU
+against 0.16 s now). Per input that is a few hundred 3-channel 3×3 convolutions, mostly
+on grids smaller than the image. Inputs are imputed per chunk inside the engine's job queue, so nothing bigger
 than a chunk is ever held; the noise of job j comes from a generator seeded with
 ``seed + j``, so results do not depend on the chunk size.
 
@@ -86,37 +87,62 @@ def _conv(v: Tensor) -> Tensor:
     return F.conv2d(v, w, padding=1, groups=c)
 
 
+def _vcycle(r: Tensor, u: Tensor, sweeps: int = 1, coarse_sweeps: int = 8,
+            omega: float = 0.8) -> Tensor:
+    """One symmetric multigrid V-cycle: an approximate ``A⁻¹ r`` for the masked operator.
+
+    Weighted Jacobi smoothing (``sweeps`` before and after), the residual summed over 2×2
+    blocks onto a grid of half the size (a block is unknown when any of its pixels is), the
+    same stencil there, recursively down to 16 px, and the correction copied back to the
+    block's pixels. Restriction is the transpose of that prolongation and Jacobi is
+    symmetric, so the cycle is a symmetric preconditioner that conjugate gradients can use.
+    """
+    s = _conv(torch.ones_like(r[:1, :1]))
+    inv = u / s
+
+    def residual(z: Tensor) -> Tensor:
+        return r - (s * z - _conv(z)) * u
+
+    z = omega * r * inv
+    for _ in range(sweeps - 1):
+        z = z + omega * inv * residual(z)
+    h, w = r.shape[-2:]
+    if min(h, w) > _COARSEST:
+        rc = 4 * F.avg_pool2d(residual(z) * u, 2, ceil_mode=True)  # sum over each block
+        uc = F.max_pool2d(u, 2, ceil_mode=True)
+        ec = _vcycle(rc, uc, sweeps, coarse_sweeps, omega)
+        z = z + F.interpolate(ec, scale_factor=2, mode="nearest")[..., :h, :w] * u
+        n = sweeps
+    else:
+        n = coarse_sweeps
+    for _ in range(n):
+        z = z + omega * inv * residual(z)
+    return z
+
+
 def _solve(x: Tensor, unknown: Tensor, tol: float, max_iter: int) -> Tensor:
-    """The linear imputation of ``x`` (B×C×H×W) where ``unknown`` (B×1×H×W bool) is set."""
+    """The linear imputation of ``x`` (B×C×H×W) where ``unknown`` (B×1×H×W bool) is set.
+
+    Conjugate gradients preconditioned by one multigrid V-cycle (:func:`_vcycle`): 12–24
+    iterations to a relative residual of 1e-4 at 224 px, for maps that remove one large
+    blob as well as for scattered pixels. Plain Jacobi-preconditioned CG needed hundreds
+    (2.7–8.4 s per input at 224 px on a 2-core CPU, against 0.16 s now, measured on
+    CAM-like maps at 10/50/90 % removal), and stopped ~1e-3 from the exact solution where
+    this stops ~1e-4 from it.
+    """
     known = (~unknown).to(x.dtype)
     u = unknown.to(x.dtype)
     s = _conv(torch.ones_like(x[:1, :1]))  # each pixel's total neighbour weight in the image
     b = _conv(x * known) * u
     if not bool(unknown.any()):
         return x
-    # Initial guess: the same problem at half resolution (known = any known pixel in a 2×2
-    # block, its value their mean), upsampled.
-    h, w = x.shape[-2:]
-    if min(h, w) > _COARSEST:
-        cnt = F.avg_pool2d(known, 2, ceil_mode=True)
-        coarse_x = F.avg_pool2d(x * known, 2, ceil_mode=True) / cnt.clamp_min(1e-12)
-        coarse_unknown = cnt <= 0
-        if bool(coarse_unknown.all()):
-            guess = x * known
-        else:
-            coarse = _solve(coarse_x, coarse_unknown, tol, max_iter)
-            guess = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
-    else:
-        guess = (x * known).sum((-2, -1), keepdim=True) / known.sum((-2, -1), keepdim=True).clamp_min(1)
-        guess = guess.expand_as(x)
-    z = guess * u
 
     def apply(p: Tensor) -> Tensor:
         return (s * p - _conv(p)) * u
 
-    r = b - apply(z)
-    inv = u / s
-    y = r * inv
+    z = torch.zeros_like(x)
+    r = b
+    y = _vcycle(r, u)
     p = y
     ry = (r * y).sum((-2, -1), keepdim=True)
     bnorm = b.pow(2).sum((-2, -1), keepdim=True).sqrt().clamp_min(1e-12)
@@ -125,11 +151,11 @@ def _solve(x: Tensor, unknown: Tensor, tol: float, max_iter: int) -> Tensor:
         alpha = ry / (p * ap).sum((-2, -1), keepdim=True).clamp_min(1e-30)
         z = z + alpha * p
         r = r - alpha * ap
-        if it % 16 == 15:  # one host sync every 16 iterations
+        if it % 4 == 3:  # one host sync every 4 iterations
             rel = r.pow(2).sum((-2, -1), keepdim=True).sqrt() / bnorm
             if bool((rel <= tol).all()):
                 break
-        y = r * inv
+        y = _vcycle(r, u)
         ry_new = (r * y).sum((-2, -1), keepdim=True)
         p = y + (ry_new / ry.clamp_min(1e-30)) * p
         ry = ry_new
@@ -137,14 +163,14 @@ def _solve(x: Tensor, unknown: Tensor, tol: float, max_iter: int) -> Tensor:
 
 
 def impute(x: Tensor, removed: Tensor, *, noise: float = 0.01, seed: int | Sequence[int] = 0,
-           tol: float = 1e-4, max_iter: int = 2000) -> Tensor:
+           tol: float = 1e-4, max_iter: int = 200) -> Tensor:
     """Noisy linear imputation of the ``removed`` pixels (B×H×W bool) of images ``x`` (B×C×H×W).
 
     ``seed``: one int (then image i uses ``seed + i``) or one seed per image; the noise of an
     image depends only on its seed, never on what else is in the batch. ``tol``: relative
-    residual at which CG stops; 1e-4 leaves imputed values within ~2e-3 of a direct sparse
-    solve (measured against pytorch-grad-cam's ``spsolve`` at 224 px with 90 % removed),
-    five times below the noise the method adds.
+    residual at which CG stops; 1e-4 leaves imputed values within ~2e-4 of the exact
+    solution (measured at 224 px, 10–90 % removed), fifty times below the noise the
+    method adds.
     """
     if x.dim() != 4 or removed.shape != (x.shape[0], *x.shape[-2:]):
         raise ValueError(f"impute: x must be B×C×H×W and removed B×H×W, got {tuple(x.shape)} "
