@@ -67,6 +67,7 @@ class Resolved:
     preprocess: dict[str, Any]
     weights: str | None
     selection: str = "beta"  # the selection rule: what ``selection_score`` holds
+    weights_sha256: str | None = None  # the checkpoint file's hash, when one was loaded
 
 
 def resolve(config: RunConfig) -> Resolved:
@@ -112,9 +113,10 @@ def resolve(config: RunConfig) -> Resolved:
         "crop_size": pre.crop_size,
         "mean": list(pre.mean),
         "std": list(pre.std),
+        "interpolation": pre.interpolation,
     }
     return Resolved(cfg, size, tuple(method.pool), components, preprocess, loaded.weights,
-                    method.selection)
+                    method.selection, loaded.weights_sha256)
 
 
 def store_attrs(res: Resolved, manifest: Any) -> dict[str, Any]:
@@ -135,6 +137,8 @@ def store_attrs(res: Resolved, manifest: Any) -> dict[str, Any]:
         "manifest": str(manifest.uri),
         "model": cfg.model,
         "weights": res.weights,
+        # The file's identity: a path says where the weights were, not which they were.
+        "weights_sha256": res.weights_sha256,
         "layer": cfg.layer,
         "image_size": res.image_size,
         "preprocess": res.preprocess,
