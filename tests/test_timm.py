@@ -94,6 +94,15 @@ def test_parity_with_pytorch_grad_cam_and_its_reshape_transform(request, x, fami
     assert res.raw.shape[-2:] == ((GRID, GRID) if family == "vit" else (SIZE // 32,) * 2)
 
 
+def test_token_grid_drops_the_prefix_tokens_or_takes_a_bare_grid_whole():
+    t = torch.arange(2 * 21 * 3, dtype=torch.float32).reshape(2, 21, 3)  # 1 + 4 registers + 4×4
+    grid = TokenGrid(5)(t)
+    assert grid.shape == (2, 3, 4, 4) and torch.equal(grid[:, :, 0, 1], t[:, 6])
+    assert torch.equal(TokenGrid(1)(t[:, 5:]), grid)  # a layer without its prefix tokens
+    with pytest.raises(ValueError, match="18 tokens minus 1 prefix tokens do not form a square"):
+        TokenGrid(1)(t[:, :18])
+
+
 def test_layer_and_reshape_are_chosen_by_family_and_the_user_can_override_them(vit, swin, x):
     cnn = timm.create_model("resnet18", pretrained=False)
     assert str(find_target_layer(vit, x)) == "blocks.11.norm1"

@@ -45,7 +45,9 @@ class TokenGrid:
     """N×T×C tokens → N×C×h×w: drop the first ``prefix_tokens``, lay the rest on the grid.
 
     The grid is square (h = w = √(T − prefix)) unless ``grid`` is given and matches the
-    token count; a 4-D input passes through (a ViT's patch-embedding convolution).
+    token count; a 4-D input passes through (a ViT's patch-embedding convolution). A layer
+    whose T tokens are the grid alone (CaiT's blocks, which get the class token only
+    later) is taken whole.
     """
 
     prefix_tokens: int = 1
@@ -55,16 +57,18 @@ class TokenGrid:
         if tokens.dim() != 3:
             return tokens
         n, t, c = tokens.shape
-        patches = t - self.prefix_tokens
+        for prefix in (self.prefix_tokens, 0):
+            hw = self._grid(t - prefix)
+            if hw is not None:
+                return tokens[:, prefix:].reshape(n, *hw, c).permute(0, 3, 1, 2)
+        raise ValueError(f"reshape: {t} tokens minus {self.prefix_tokens} prefix tokens do not "
+                         "form a square patch grid; pass reshape= with the grid")
+
+    def _grid(self, patches: int) -> tuple[int, int] | None:
         if self.grid is not None and self.grid[0] * self.grid[1] == patches:
-            h, w = self.grid
-        else:
-            h = w = math.isqrt(max(patches, 0))
-            if h * w != patches or patches == 0:
-                raise ValueError(
-                    f"reshape: {t} tokens minus {self.prefix_tokens} prefix tokens do not form "
-                    "a square patch grid; pass reshape= with the grid")
-        return tokens[:, self.prefix_tokens:].reshape(n, h, w, c).permute(0, 3, 1, 2)
+            return self.grid
+        side = math.isqrt(max(patches, 0))
+        return (side, side) if patches > 0 and side * side == patches else None
 
 
 @dataclass(frozen=True)
