@@ -31,6 +31,7 @@ from unioncam import (  # noqa: E402
     find_target_layer,
     load_model,
 )
+from unioncam.checkpoint import load_checkpoint  # noqa: E402
 from unioncam.ops import minmax, upsample  # noqa: E402
 
 SIZE = 96
@@ -232,6 +233,11 @@ def test_wrapped_and_prefixed_checkpoints_and_a_fine_tuned_head_load(tmp_path, x
     torch.save({"epoch": 3, "state_dict": state}, path)
     loaded = load_model("timm:vit_tiny_patch16_224", weights=str(path))
     assert loaded.num_classes == 10 and loaded.name == "timm:vit_tiny_patch16_224"
+    # A model whose own names start with "model." keeps the prefix of its checkpoint.
+    wrapper = nn.Sequential()
+    wrapper.model = nn.Linear(2, 2)
+    torch.save(wrapper.state_dict(), tmp_path / "wrapper.pt")
+    load_checkpoint(wrapper, str(tmp_path / "wrapper.pt"))
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x[:1]), model(x[:1]), atol=1e-5, rtol=1e-5)
 

@@ -11,8 +11,9 @@ Formats: ``.safetensors`` (tensors only by construction) and torch files read wi
 ``torch.load(weights_only=True)``, so no code from a file ever runs. The usual wrappers
 are unwrapped (``{"state_dict": ...}``, ``{"model": ...}``, ``{"model_state_dict": ...}``,
 ``{"state_dict_ema": ...}`` last) and the usual prefixes stripped when every key carries
-them (``module.`` from DataParallel/DDP, ``_orig_mod.`` from ``torch.compile``, ``model.``
-from Lightning-style wrappers).
+them and the model's own names do not (``module.`` from DataParallel/DDP, ``_orig_mod.``
+from ``torch.compile``, ``model.`` from Lightning-style wrappers; a model that itself wraps
+its network as ``self.model`` keeps the prefix).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["read_state_dict", "load_checkpoint", "file_sha256"]
+__all__ = ["read_state_dict", "strip_prefixes", "load_checkpoint", "file_sha256"]
 
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "state_dict_ema")
 _PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -58,7 +60,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file, unwrapped and with training prefixes stripped."""
+    """The tensors of a checkpoint file, unwrapped (key prefixes as in the file)."""
     if not os.path.isfile(path):
         raise ValueError(f"weights: no such file {path!r}")
     if _is_safetensors(path):
@@ -89,8 +91,16 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not state \
             or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"weights: {path!r} does not hold a state dict (name -> tensor)")
+    return state
+
+
+def strip_prefixes(state: dict[str, torch.Tensor], own: Iterable[str] = ()
+                   ) -> dict[str, torch.Tensor]:
+    """``state`` without the training wrappers' prefixes that the model's names ``own`` lack."""
+    own = list(own)
     for prefix in _PREFIXES:
-        if all(k.startswith(prefix) for k in state):
+        if all(k.startswith(prefix) for k in state) and not (own and all(
+                k.startswith(prefix) for k in own)):
             state = {k.removeprefix(prefix): v for k, v in state.items()}
     return state
 
@@ -103,9 +113,8 @@ def load_checkpoint(model: nn.Module, path: str, what: str = "the model",
     compared before loading, so a checkpoint of another architecture is one line, not
     PyTorch's list of every mismatch.
     """
-    if state is None:
-        state = read_state_dict(path)
     own = model.state_dict()
+    state = strip_prefixes(read_state_dict(path) if state is None else state, own)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]

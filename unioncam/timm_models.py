@@ -30,7 +30,7 @@ from typing import Any
 
 from torch import nn
 
-from unioncam.checkpoint import file_sha256, load_checkpoint, read_state_dict
+from unioncam.checkpoint import file_sha256, load_checkpoint, read_state_dict, strip_prefixes
 from unioncam.models import INTERPOLATIONS, TIMM_PREFIX, LoadedModel, Preprocessing
 
 __all__ = ["load_timm", "PRETRAINED"]
@@ -67,7 +67,7 @@ def load_timm(name: str, weights: str | None) -> LoadedModel:
     elif os.path.isfile(weights):
         state = read_state_dict(weights)
         kwargs = {}
-        classes = _checkpoint_classes(timm, name, state)
+        classes = _checkpoint_classes(timm, name, strip_prefixes(state))
         if classes is not None:
             kwargs["num_classes"] = classes
         model = _create(timm, name, pretrained=False, **kwargs)
