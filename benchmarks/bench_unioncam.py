@@ -65,9 +65,13 @@ from common import (  # noqa: E402
 )
 
 from unioncam import ScoreCAM, UnionCAM, load_model  # noqa: E402
+from unioncam.reshape import auto_reshape  # noqa: E402
 from unioncam.union import DEFAULT_PRESET  # noqa: E402
 
-DEFAULT_LAYERS = {"efficientnet-lite0": "_blocks.15", "resnet50": "layer4", "vgg16": "features.29"}
+DEFAULT_LAYERS = {"efficientnet-lite0": "_blocks.15", "resnet50": "layer4", "vgg16": "features.29",
+                  # a ViT: the last block's normalised tokens (docs/models.md says why)
+                  "timm:vit_small_patch16_224": "blocks.11.norm1",
+                  "timm:vit_tiny_patch16_224": "blocks.11.norm1"}
 PROFILES = {
     # Candidates are the ranges where each device's optimum was seen, plus the peers' defaults
     # (pytorch-grad-cam 16, torchcam 32).
@@ -95,7 +99,9 @@ def unioncam_forward_count(model, layer_module, x: torch.Tensor) -> int:
         model(x)
     finally:
         handle.remove()
-    flat = store["A"].flatten(0, 1).float()
+    reshape = auto_reshape(model, layer_module)  # a ViT's tokens -> N×C×h×w, as the library
+    act = reshape(store["A"]) if reshape is not None else store["A"]
+    flat = act.flatten(0, 1).float()
     live = 0
     for s in range(0, flat.shape[0], 256):
         u = F.interpolate(flat[s:s + 256, None], x.shape[-2:], mode="bilinear",
@@ -280,6 +286,10 @@ def bench_model(name: str, args, device: torch.device, log) -> dict:
     layer_module = dict(model.named_modules()).get(layer)
     if layer_module is None:
         raise SystemExit(f"--layer: no module named {layer!r} in {name}")
+    if auto_reshape(model, layer_module) is not None and (args.peers or args.per_image):
+        # The peers' Score-CAM and the per-image stand-in read N×C×h×w layers only.
+        log(f"  {name}: a token layer; peers and the per-image stand-in are skipped")
+        args = argparse.Namespace(**{**vars(args), "peers": [], "per_image": False})
     x, files = load_photos(loaded, args.n, args.size, Path(args.images))
     x = x.to(device)
     out: dict[str, Any] = {"model": name, "layer": layer, "size": args.size, "n": args.n,

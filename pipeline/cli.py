@@ -136,9 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default="efficientnet-lite0",
         help="efficientnet-lite0 (built-in, pretrained, default), a torchvision name "
-        "(resnet50, ...) or package.module:factory",
+        "(resnet50, ...), timm:<name> (timm:vit_small_patch16_224; needs unioncam[timm]) "
+        "or package.module:factory",
     )
-    g.add_argument("--weights", help="torchvision weights name (IMAGENET1K_V2) or checkpoint path")
+    g.add_argument(
+        "--weights",
+        help="checkpoint file (.safetensors or a weights-only torch file), a torchvision "
+        "weights name (IMAGENET1K_V2), or 'pretrained' for timm's own weights from the local "
+        "Hugging Face cache (never downloaded); default: the model's built-in or random weights",
+    )
     g.add_argument(
         "--layer",
         help="target layer (dotted name; 'name#k' for the k-th call); default: the model's",

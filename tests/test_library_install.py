@@ -7,7 +7,9 @@ import subprocess
 import sys
 import textwrap
 
-BLOCKED = ("ray", "zarr", "pyarrow", "fsspec", "xarray", "matplotlib", "skimage", "pipeline")
+# timm and safetensors are the [timm] extra: `import unioncam` must not need them either.
+BLOCKED = ("ray", "zarr", "pyarrow", "fsspec", "xarray", "matplotlib", "skimage", "pipeline",
+           "timm", "safetensors")
 
 
 def test_library_imports_and_runs_without_the_pipeline_stack():

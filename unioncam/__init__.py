@@ -23,6 +23,7 @@ from unioncam.hooks import TargetLayer, find_target_layer, resolve_layer
 from unioncam.models import LoadedModel, Preprocessing, load_model
 from unioncam.region import REGION_METHODS, GroupCAM, RegionCAM, ScoreCAM
 from unioncam.registry import METHODS
+from unioncam.reshape import ChannelsLast, TokenGrid
 from unioncam.selection import SELECTION_RULES
 from unioncam.union import DEFAULT_PRESET, PRESETS, UnionCAM, UnionCAMConfig
 
@@ -63,6 +64,8 @@ __all__ = [
     "TargetLayer",
     "resolve_layer",
     "find_target_layer",
+    "TokenGrid",
+    "ChannelsLast",
     "load_model",
     "LoadedModel",
     "Preprocessing",

@@ -6,7 +6,10 @@ layer. The hook is registered when the CAM is first called and removed on exit, 
 after an exception; it is switched off for every masked forward.
 
 Gradients come from one forward of the clean images and ``torch.autograd.grad`` on the
-hooked activation: no parameter gradients, one backward for the whole batch.
+hooked activation: no parameter gradients, one backward for the whole batch. A layer whose
+output is not N×K×h×w (transformer tokens, channels-last stages) goes through the CAM's
+reshape step (:mod:`unioncam.reshape`) here, activation and gradient alike, so that every
+method downstream sees the same N×K×h×w map.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import nn
 
 from unioncam.engine import Engine, softmax_gather
 from unioncam.hooks import ActivationHook, TargetLayer, resolve_layer
+from unioncam.reshape import Reshape, auto_reshape
 
 __all__ = ["BaseCAM", "CAMResult", "Forward", "validate_inputs"]
 
@@ -114,7 +118,12 @@ class BaseCAM(Engine):
         model: any ``nn.Module`` classifier returning N×C logits.
         layer: dotted module name (``"layer4"``, ``"_blocks.15"``, ``"_swish#1"`` for the 2nd
             call of a reused module), a module, or ``None`` for the last 4-D feature map
-            before global pooling.
+            before global pooling (for vision transformers: their family's layer, see
+            :func:`unioncam.reshape.default_layer`).
+        reshape: a callable turning the layer's output (and its gradient) into N×K×h×w,
+            as pytorch-grad-cam's ``reshape_transform``; ``None`` picks it from the model
+            (:func:`unioncam.reshape.auto_reshape`: token grids for ViTs, channels-last
+            for Swin, nothing for CNNs).
         chunk_size, channels_last, autocast: see :class:`~unioncam.engine.Engine`.
     """
 
@@ -122,12 +131,16 @@ class BaseCAM(Engine):
     needs_gradient = True
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | TargetLayer | None = None, *,
-                 chunk_size: int | None = None, channels_last: bool | None = None,
-                 autocast: str | None = None) -> None:
+                 reshape: Reshape | None = None, chunk_size: int | None = None,
+                 channels_last: bool | None = None, autocast: str | None = None) -> None:
         super().__init__(model, chunk_size=chunk_size, channels_last=channels_last,
                          autocast=autocast)
+        if reshape is not None and not callable(reshape):
+            raise ValueError(f"reshape must be a callable or None, got {type(reshape).__name__}")
         self._layer_spec = layer
+        self._reshape_spec = reshape
         self.layer: TargetLayer | None = None
+        self.reshape: Reshape | None = None  # the step in use, known once the layer is
         self._hook: ActivationHook | None = None
 
     def _release(self) -> None:
@@ -168,7 +181,18 @@ class BaseCAM(Engine):
         self._check_entered()
         if self._hook is None:
             self.layer = resolve_layer(self.model, self._layer_spec, x)
+            self.reshape = self._reshape_spec or auto_reshape(self.model, self.layer.module)
             self._hook = ActivationHook(self.layer)
+
+    def _as_map(self, out: torch.Tensor) -> torch.Tensor:
+        """The layer's output (or its gradient) as N×K×h×w, through the reshape step."""
+        t = self.reshape(out) if self.reshape is not None else out
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != out.shape[0]:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            via = " after the reshape step" if self.reshape is not None else ""
+            raise ValueError(f"layer {self.layer}: output must be N×K×h×w, got {shape}{via}; "
+                             "choose another layer or pass reshape=")
+        return t
 
     def gradient_pass(self, x: torch.Tensor, targets=None, need_grad: bool = True) -> Forward:
         """One forward of the clean images and d(logit_target)/d(activation).
@@ -188,21 +212,25 @@ class BaseCAM(Engine):
                 logits = self.model(self.format_input(x))
                 if logits.dim() != 2:
                     raise ValueError(f"model output must be N×classes logits, got {tuple(logits.shape)}")
-                act = self._hook.activation
+                out = self._hook.activation
+                act = self._as_map(out)  # fails here, before any backward, if it cannot
                 logits = logits.float()
                 target = self._resolve_targets(targets, logits)
                 grad = None
                 if need_grad:
-                    if not act.requires_grad:
+                    if not out.requires_grad:
                         raise ValueError(
                             f"layer {self.layer}: its output does not depend on the input")
                     score = logits.gather(1, target[:, None]).sum()
-                    (grad,) = torch.autograd.grad(score, act)
+                    # The gradient of the output as captured, then the same reshape: the
+                    # reshaped view is not on the path from the output to the score.
+                    (grad,) = torch.autograd.grad(score, out)
+                    grad = self._as_map(grad)
         finally:
             self._hook.reset()
         prob = softmax_gather(logits.detach(), target)
-        grad = grad.detach().float() if grad is not None else None
-        return Forward(act.detach().float(), grad, target, prob, logits.detach())
+        grad = grad.detach().float().contiguous() if grad is not None else None
+        return Forward(act.detach().float().contiguous(), grad, target, prob, logits.detach())
 
     @staticmethod
     def _resolve_targets(targets, logits: torch.Tensor) -> torch.Tensor:

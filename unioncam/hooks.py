@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from unioncam.reshape import default_layer
+
 __all__ = ["TargetLayer", "ActivationHook", "resolve_layer", "find_target_layer", "eval_mode"]
 
 _CALL_RE = re.compile(r"^(?P<name>.*?)(?:#(?P<call>-?\d+))?$")
@@ -73,13 +75,19 @@ def resolve_layer(model: nn.Module, target_layer: str | nn.Module | TargetLayer 
 
 
 def find_target_layer(model: nn.Module, example: torch.Tensor) -> TargetLayer:
-    """The last module output with a 4-D shape and more than one spatial position.
+    """The model family's layer for transformers, else the last 4-D multi-position output.
 
-    That is the conventional CAM layer: the last feature map before global pooling.
-    Among the modules that produced that very tensor (a block and its last ReLU
-    return the same object) the outermost is chosen, so ResNets give ``layer4``
-    rather than ``layer4.2.relu#2``.
+    Vision transformers (timm's ViT/DeiT family, Swin) get the layer of
+    :func:`unioncam.reshape.default_layer`: their token and channels-last outputs are not
+    what the CNN rule below looks for. Otherwise: the last module output with a 4-D shape
+    and more than one spatial position, the conventional CAM layer (the last feature map
+    before global pooling). Among the modules that produced that very tensor (a block and
+    its last ReLU return the same object) the outermost is chosen, so ResNets give
+    ``layer4`` rather than ``layer4.2.relu#2``.
     """
+    family = default_layer(model)
+    if family is not None:
+        return resolve_layer(model, family)
     records: list[tuple[str, nn.Module, int, torch.Tensor]] = []
     counts: dict[int, int] = {}
     handles = []
@@ -161,10 +169,10 @@ class ActivationHook:
             raise ValueError(
                 f"layer {self.layer}: the module was called {len(self._calls)} time(s)"
             ) from None
-        if not isinstance(out, torch.Tensor) or out.dim() != 4:
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"layer {self.layer}: output must be N×K×h×w, got {shape}")
-        return out
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"layer {self.layer}: output must be a tensor, got "
+                             f"{type(out).__name__}")
+        return out  # any shape: the CAM's reshape step makes it N×K×h×w
 
     def remove(self) -> None:
         self._handle.remove()

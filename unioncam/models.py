@@ -13,7 +13,19 @@ Names ``load_model`` understands:
   ``weights`` = ``None`` (random init), a torchvision weights name
   (``IMAGENET1K_V2`` or ``ResNet50_Weights.IMAGENET1K_V2``; needs the usual
   download) or a local checkpoint path (loaded with ``weights_only=True``).
+* ``timm:<name>`` — any timm model (``timm:vit_small_patch16_224``,
+  ``timm:swin_tiny_patch4_window7_224``, ``timm:resnet50.a1_in1k``; needs the ``timm``
+  extra) with ``weights`` = ``None`` (random init), a local checkpoint path
+  (``.safetensors`` or a weights-only torch file) or ``"pretrained"``: timm's own weights,
+  only when they are already in the local Hugging Face cache (never downloaded). The
+  preprocessing is the model's data config (mean, std, input size, crop fraction,
+  interpolation). ViTs and Swin are built with ``dynamic_img_size=True``, which changes
+  nothing at their native size and lets them run at another ``--image-size``.
 * ``package.module:factory`` — a callable returning an ``nn.Module``.
+
+Checkpoint files are read by :mod:`unioncam.checkpoint` (the usual wrappers and key
+prefixes handled, every misfit one line); ``LoadedModel.weights_sha256`` is the file's
+hash, for provenance.
 """
 
 from __future__ import annotations
@@ -27,11 +39,18 @@ import torch
 from PIL import Image
 from torch import nn
 
+from unioncam.checkpoint import file_sha256, load_checkpoint
+
 __all__ = ["Preprocessing", "LoadedModel", "load_model", "BUILTIN_MODELS"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BUILTIN_MODELS = ("efficientnet-lite0",)
+#: ``Preprocessing.interpolation`` names and the PIL filters they stand for (timm's names).
+INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+                  "nearest": Image.NEAREST, "lanczos": Image.LANCZOS, "box": Image.BOX,
+                  "hamming": Image.HAMMING}
+TIMM_PREFIX = "timm:"
 
 
 @dataclass(frozen=True)
@@ -46,6 +65,13 @@ class Preprocessing:
     crop_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    #: The resize filter (torchvision's weights: bilinear; most timm weights: bicubic).
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                             f"got {self.interpolation!r}")
 
     def with_size(self, crop_size: int) -> Preprocessing:
         """Same normalisation at another crop size, resize scaled in proportion."""
@@ -79,7 +105,8 @@ class Preprocessing:
             image = image.convert("RGB")
         w, h = image.size
         new_w, new_h = self._resized(w, h)
-        img = image.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
+        img = image.resize((new_w, new_h), INTERPOLATIONS[self.interpolation],
+                           reducing_gap=None)
         left = int(round((new_w - self.crop_size) / 2.0))
         top = int(round((new_h - self.crop_size) / 2.0))
         a = np.asarray(img)[top:top + self.crop_size, left:left + self.crop_size]
@@ -98,6 +125,7 @@ class LoadedModel:
     preprocess: Preprocessing
     target_layer: str | None = None  # default layer for CAMs; None = automatic
     num_classes: int = 1000
+    weights_sha256: str | None = None  # SHA-256 of the checkpoint file, when one was loaded
 
 
 def _efficientnet_lite0() -> LoadedModel:
@@ -110,24 +138,6 @@ def _efficientnet_lite0() -> LoadedModel:
     return LoadedModel(model.eval(), "efficientnet-lite0", "pretrained-packaged", pre)
 
 
-def _load_checkpoint(model: nn.Module, path: str) -> None:
-    """Load a local state dict safely (``weights_only=True``: no code runs from the file)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - one line, whatever went wrong in the file
-        raise ValueError(f"weights: cannot load checkpoint {path!r}: {e}") from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"weights: {path!r} does not hold a state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"weights: {path!r} does not fit the model: {len(missing)} missing keys "
-                         f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
-
-
 def _torchvision(name: str, weights: str | None) -> LoadedModel:
     import torchvision.models as tvm
 
@@ -136,7 +146,7 @@ def _torchvision(name: str, weights: str | None) -> LoadedModel:
     except (ValueError, KeyError):
         known = ", ".join(sorted(tvm.list_models(module=tvm))[:8])
         raise ValueError(f"model: unknown name {name!r} (built-in: {', '.join(BUILTIN_MODELS)}; "
-                         f"torchvision e.g. {known}, …; or 'package.module:factory')") from None
+                         f"torchvision e.g. {known}, …; 'timm:<name>'; or 'package.module:factory')") from None
     tv_weights = None
     if weights and not os.path.exists(weights):
         short = weights.split(".")[-1]
@@ -150,10 +160,12 @@ def _torchvision(name: str, weights: str | None) -> LoadedModel:
     tf = meta_src.transforms()
     pre = Preprocessing(int(tf.resize_size[0]), int(tf.crop_size[0]), tuple(tf.mean), tuple(tf.std))
     model = tvm.get_model(name, weights=tv_weights)
+    digest = None
     if weights and tv_weights is None:
-        _load_checkpoint(model, weights)
+        load_checkpoint(model, weights, name)
+        digest = file_sha256(weights)
     n_cls = len(meta_src.meta.get("categories") or range(1000))
-    return LoadedModel(model.eval(), name, weights, pre, None, n_cls)
+    return LoadedModel(model.eval(), name, weights, pre, None, n_cls, digest)
 
 
 def load_model(name: str, weights: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
@@ -162,6 +174,10 @@ def load_model(name: str, weights: str | None = None, device: str | torch.device
         if weights and weights != "pretrained-packaged":
             raise ValueError("weights: efficientnet-lite0 uses its packaged pretrained weights only")
         loaded = _efficientnet_lite0()
+    elif name.startswith(TIMM_PREFIX):
+        from unioncam.timm_models import load_timm
+
+        loaded = load_timm(name.removeprefix(TIMM_PREFIX), weights)
     elif ":" in name:
         mod_name, _, attr = name.partition(":")
         try:
@@ -171,9 +187,11 @@ def load_model(name: str, weights: str | None = None, device: str | torch.device
         model = factory()
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: {name!r} returned {type(model).__name__}, not an nn.Module")
+        digest = None
         if weights:
-            _load_checkpoint(model, weights)
-        loaded = LoadedModel(model.eval(), name, weights, Preprocessing())
+            load_checkpoint(model, weights, name)
+            digest = file_sha256(weights)
+        loaded = LoadedModel(model.eval(), name, weights, Preprocessing(), weights_sha256=digest)
     else:
         loaded = _torchvision(name, weights)
     loaded.model.to(device)

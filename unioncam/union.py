@@ -203,10 +203,13 @@ class UnionCAM(BaseCAM):
         config: a :class:`UnionCAMConfig` or a preset name; ``None`` means
             :data:`DEFAULT_PRESET`. Keyword arguments override its fields
             (``UnionCAM(m, config="paper", theta=20)``).
+        reshape: the layer output's reshape step (a callable; ``None``: automatic); see
+            :class:`~unioncam.cam.BaseCAM`. Not a config field: it changes no number for a
+            model whose layer is already N×K×h×w, and a callable has no stable fingerprint.
     """
 
-    def __init__(self, model, layer=None, config: UnionCAMConfig | str | None = None,
-                 **overrides: Any) -> None:
+    def __init__(self, model, layer=None, config: UnionCAMConfig | str | None = None, *,
+                 reshape=None, **overrides: Any) -> None:
         if config is None:
             config = PRESETS[DEFAULT_PRESET]
         elif isinstance(config, str):
@@ -214,7 +217,7 @@ class UnionCAM(BaseCAM):
         if overrides:
             config = dataclasses.replace(config, **overrides)
         self.config = config
-        super().__init__(model, layer, chunk_size=config.chunk_size,
+        super().__init__(model, layer, reshape=reshape, chunk_size=config.chunk_size,
                          channels_last=config.channels_last, autocast=config.autocast)
         self.needs_gradient = bool(config.gradient) or any(
             REGION_METHODS.info(r)["needs_gradient"] for r in config.region)

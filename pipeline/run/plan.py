@@ -69,6 +69,7 @@ class Resolved:
     weights: str | None
     selection: str = "beta"  # the selection rule: what ``selection_score`` holds
     methods: tuple[str, ...] = ("unioncam",)
+    weights_sha256: str | None = None  # the checkpoint file's hash, when one was loaded
 
 
 def resolve(config: RunConfig) -> Resolved:
@@ -126,9 +127,11 @@ def resolve(config: RunConfig) -> Resolved:
         "crop_size": pre.crop_size,
         "mean": list(pre.mean),
         "std": list(pre.std),
+        "interpolation": pre.interpolation,
     }
     return Resolved(cfg, size, tuple(method.pool) if union else (), components, preprocess,
-                    loaded.weights, method.selection if union else "", methods)
+                    loaded.weights, method.selection if union else "", methods,
+                    loaded.weights_sha256)
 
 
 def store_attrs(res: Resolved, manifest: Any) -> dict[str, Any]:
@@ -149,6 +152,8 @@ def store_attrs(res: Resolved, manifest: Any) -> dict[str, Any]:
         "manifest": str(manifest.uri),
         "model": cfg.model,
         "weights": res.weights,
+        # The file's identity: a path says where the weights were, not which they were.
+        "weights_sha256": res.weights_sha256,
         "layer": cfg.layer,
         "image_size": res.image_size,
         "preprocess": res.preprocess,

@@ -245,7 +245,8 @@ def create_store(
 
 
 #: Run settings named first, in full, when a store and a run disagree (user-facing words).
-_SETTINGS = ("preset", "model", "weights", "layer", "image_size", "target", "explainer")
+_SETTINGS = ("preset", "model", "weights", "weights_sha256", "layer", "image_size", "target",
+             "explainer")
 
 
 def _mismatch(
