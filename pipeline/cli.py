@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pipeline.data.location import parse_storage_options
-from pipeline.messages import error_line
+from pipeline.messages import error_line, ranges_text
 
 __all__ = ["build_parser", "main"]
 
@@ -599,25 +599,11 @@ def _cmd_query(a: argparse.Namespace) -> int:
         if classes is not None:
             empty = [c for c in classes if c not in means]
             if empty:
-                print(f"no OK rows for classes {_ranges(empty)}")
+                print(f"no OK rows for classes {ranges_text(empty)}")
         elif not means:
             print("no OK rows in the store")
         return 0
     raise CLIError(f"unknown query {a.what!r}")
-
-
-def _ranges(values: Sequence[int]) -> str:
-    """``[1, 2, 3, 7]`` -> ``1-3, 7`` (how the user typed them)."""
-    out: list[str] = []
-    vals = sorted(set(values))
-    i = 0
-    while i < len(vals):
-        j = i
-        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
-            j += 1
-        out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
-        i = j + 1
-    return ", ".join(out)
 
 
 def _cmd_export(a: argparse.Namespace) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["error_line", "one_line"]
+from collections.abc import Sequence
+
+__all__ = ["error_line", "one_line", "ranges_text"]
 
 
 def one_line(text: object, limit: int | None = None) -> str:
@@ -26,3 +28,17 @@ def error_line(e: BaseException, bare: tuple[type[BaseException], ...] = ()) -> 
     if isinstance(e, bare) or text.startswith(name):
         return text
     return f"{name}: {text}"
+
+
+def ranges_text(values: Sequence[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``1-3, 7``: integers as a user types them (``--classes 1-3,7``)."""
+    out: list[str] = []
+    vals = sorted(set(values))
+    i = 0
+    while i < len(vals):
+        j = i
+        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
+            j += 1
+        out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
+        i = j + 1
+    return ", ".join(out)
