@@ -215,6 +215,7 @@ def _run_recorded(block: Block, state: FileState, env: dict[str, str]) -> str | 
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.id for b in RUNNABLE])
+@pytest.mark.slow  # minutes: every example of the docs, several starting Ray
 def test_doc_block_runs(block: Block, file_states, doc_env) -> None:
     state = file_states[block.path]
     for earlier in RUNNABLE:

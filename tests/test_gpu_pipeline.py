@@ -13,6 +13,9 @@ import pytest
 
 pytest.importorskip("ray")
 
+#: The slow end-to-end tier (`python -m pytest -m slow`; .ci/run runs it).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -25,6 +25,9 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 
+#: The slow end-to-end tier (`python -m pytest -m slow`; .ci/run runs it).
+pytestmark = pytest.mark.slow
+
 from pipeline.analysis.reader import open_reader  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 from pipeline.data.build import build_from_list  # noqa: E402

@@ -19,6 +19,9 @@ import pytest
 import torch
 
 ray = pytest.importorskip("ray")
+
+#: The slow end-to-end tier (`python -m pytest -m slow`; .ci/run runs it).
+pytestmark = pytest.mark.slow
 timm = pytest.importorskip("timm")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
