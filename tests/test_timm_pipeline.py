@@ -116,3 +116,28 @@ def test_a_pickled_checkpoint_is_one_line_and_nothing_runs(tmp_path, rows, capsy
     assert err.startswith("unioncam run: error: weights: ")
     assert not store.exists()
 
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "layer"),
+    [("resnet18", 64, "layer4"), ("swin_tiny_patch4_window7_224", 224, "layers.3")],
+)
+def test_a_timm_resnet_and_swin_run_from_their_checkpoints(tmp_path, rows, name, size, layer):
+    """The issue's other two families through ``unioncam run --model timm:<name> --weights``
+    (Grad-CAM: one forward and one backward, so a full-size Swin stays cheap on a CPU)."""
+    torch.manual_seed(0)
+    state = timm.create_model(name, pretrained=False).state_dict()
+    ckpt = tmp_path / f"{name}.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt))
+    manifest = build_from_list(rows, tmp_path / "m.parquet", unit_size=2)
+    store = tmp_path / f"{name}.zarr"
+    out = _cli("run", str(manifest.uri), str(store), "--model", f"timm:{name}", "--weights",
+               str(ckpt), "--method", "gradcam", "--image-size", str(size), "--cpu",
+               "--actors", "1", "--cpus-per-actor", "1", "--batch-size", "2", "--no-progress",
+               "--no-dashboard", "--no-ray-metrics")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    g = open_store(str(store))
+    assert g.attrs["layer"] == layer and g.attrs["methods"] == ["gradcam"]
+    assert (np.asarray(g["status"][:]) == int(Status.OK)).all()
+    maps = np.asarray(g["maps"][:], dtype=np.float32).reshape(2, -1)
+    assert np.isfinite(maps).all() and (maps.max(1) - maps.min(1) > 0.5).all()
