@@ -30,8 +30,9 @@ def error_line(e: BaseException, bare: tuple[type[BaseException], ...] = ()) -> 
     return f"{name}: {text}"
 
 
-def ranges_text(values: Sequence[int]) -> str:
-    """``[1, 2, 3, 7]`` -> ``1-3, 7``: integers as a user types them (``--classes 1-3,7``)."""
+def ranges_text(values: Sequence[int], sep: str = ", ") -> str:
+    """``[1, 2, 3, 7]`` -> ``1-3, 7``: integers as a user types them (``--classes 1-3,7``);
+    ``sep=","`` keeps a long list of units one short line."""
     out: list[str] = []
     vals = sorted(set(values))
     i = 0
@@ -41,4 +42,4 @@ def ranges_text(values: Sequence[int]) -> str:
             j += 1
         out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
         i = j + 1
-    return ", ".join(out)
+    return sep.join(out)

@@ -88,6 +88,7 @@ def _run(config: RunConfig, lease: Any) -> RunSummary:
     from pipeline.analysis.evaluate import store_metric_names
     from pipeline.data.manifest import Manifest
     from pipeline.store.io import create_store, done_units
+    from pipeline.store.layout import primary_method
 
     t0 = time.perf_counter()
     if "://" not in config.store:
@@ -98,7 +99,7 @@ def _run(config: RunConfig, lease: Any) -> RunSummary:
     resolved = resolve(config)
     cfg = resolved.config
     attrs = store_attrs(resolved, manifest)
-    primary = "unioncam" if "unioncam" in resolved.methods else resolved.methods[0]
+    primary = primary_method(resolved.methods)
     metric_names = store_metric_names(cfg.metrics, resolved.pool, cfg.metrics_all_members,
                                       others=[m for m in resolved.methods if m != primary])
     create_store(

@@ -41,7 +41,7 @@ from pipeline.messages import error_line
 from pipeline.run.config import RunConfig
 from pipeline.run.plan import UnitContext, quiet_load_model
 from pipeline.store.io import write_unit
-from pipeline.store.layout import StoreLayout
+from pipeline.store.layout import StoreLayout, primary_method
 
 __all__ = ["ExplainWorker", "PoolMismatchError", "empty_unit_arrays", "rows_from_result"]
 
@@ -164,7 +164,7 @@ class ExplainWorker:
         )
         # One CAM per method, the primary (UnionCAM if present) first: it decides the class
         # explained, which the others then explain too.
-        primary = "unioncam" if "unioncam" in ctx.methods else ctx.methods[0]
+        primary = primary_method(ctx.methods)
         self.cams = {
             name: UnionCAM(self.model, ctx.layer, config=method) if name == "unioncam"
             else make_cam(name, self.model, ctx.layer, **config.method_kwargs(name))

@@ -29,6 +29,7 @@ __all__ = [
     "StoreLayout",
     "StoreMismatchError",
     "marker_key",
+    "primary_method",
     "redact",
     "safe_name",
 ]
@@ -78,6 +79,12 @@ def check_format(layout: Mapping[str, Any], name: str) -> None:
 
 class StoreMismatchError(StoreError):
     """An existing store was made for another manifest/config/layout: refuse to mix."""
+
+
+def primary_method(methods: tuple[str, ...] | list[str]) -> str:
+    """The method whose map is ``maps`` and whose metrics have bare names: UnionCAM when
+    it is among ``methods``, else the first (the one rule for driver, worker and reader)."""
+    return "unioncam" if "unioncam" in methods else methods[0]
 
 
 def marker_key(u: int) -> str:
@@ -181,7 +188,7 @@ class StoreLayout:
     @property
     def primary(self) -> str:
         """The method a bare ``maps``/metric query means: UnionCAM if present, else the first."""
-        return "unioncam" if self.has_pool else self.methods[0]
+        return primary_method(self.methods)
 
     def maps_path(self, method: str | None = None) -> str:
         """The array holding ``method``'s maps (``None``: :attr:`primary`, in ``maps``)."""

@@ -37,7 +37,7 @@ import numpy as np
 
 from pipeline.data.decode import Status
 from pipeline.data.location import is_local, normalise_location, redact_uri, url_to_fs
-from pipeline.messages import error_line
+from pipeline.messages import error_line, ranges_text
 from pipeline.store.checksum import CHECKSUM, checksum
 from pipeline.store.io import open_store, read_layout, read_markers
 from pipeline.store.layout import StoreLayout, marker_key
@@ -82,7 +82,7 @@ class VerifyReport:
         if self.unchecked:
             out.append(
                 f"{len(self.unchecked)} units have no checksums recorded (written by an older "
-                f"unioncam), their objects were not checked: units {_ranges(self.unchecked)}"
+                f"unioncam), their objects were not checked: units {ranges_text(self.unchecked, sep=',')}"
             )
         mode = "deep (sizes, CRC32C, row counts)" if self.deep else "fast (listing: sizes)"
         out.append(
@@ -92,26 +92,12 @@ class VerifyReport:
         )
         if self.repaired:
             out.append(
-                f"removed the markers of {len(self.repaired)} bad units ({_ranges(self.repaired)}); "
+                f"removed the markers of {len(self.repaired)} bad units ({ranges_text(self.repaired, sep=',')}); "
                 "rerun the same 'unioncam run' command to redo exactly those"
             )
         elif self.bad:
             out.append("run 'unioncam verify --repair' to mark them for redoing")
         return out
-
-
-def _ranges(units: Iterable[int]) -> str:
-    """``[1, 2, 3, 7]`` -> ``1-3,7`` (long lists of units stay one short line)."""
-    us = sorted(set(units))
-    parts: list[str] = []
-    i = 0
-    while i < len(us):
-        j = i
-        while j + 1 < len(us) and us[j + 1] == us[j] + 1:
-            j += 1
-        parts.append(str(us[i]) if i == j else f"{us[i]}-{us[j]}")
-        i = j + 1
-    return ",".join(parts)
 
 
 # ---------------------------------------------------------------------------------------
