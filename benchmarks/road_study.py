@@ -19,6 +19,12 @@ Protocol (written 2026-12-03, before the first run):
   0, else it is a tie. Whatever comes out goes into docs/faithfulness.md and the README's
   configuration advice.
 
+Descriptive addition (2026-12-03, after the pre-registered results were written): the
+components the default is built from and the paper's pool — Score-CAM, the denoised map
+L_den and the paper's fused map L_fused — scored on the same images and layers, cached
+apart (``components/``) so the pre-registered numbers stay as they were. Their rows carry
+no decision; they answer "what does ROAD say about each building block".
+
 Usage: ``python benchmarks/road_study.py`` (resumable: one cached file per image and layer
 under ``benchmarks/out/road_study``). Writes ``benchmarks/results/road_study.{md,json}``.
 """
@@ -43,7 +49,16 @@ SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
 CACHE = REPO / "benchmarks" / "out" / "road_study"
 RESULTS = REPO / "benchmarks" / "results"
 METHODS = ("faithful", "paper", "gradcam", "gradcam++", "groupcam")
+#: descriptive rows (see the docstring): UnionCAM's components, from one paper-config call
+COMPONENTS = {"scorecam": "region:scorecam", "denoised": "gradient:denoised",
+              "fused": "fused:denoised+scorecam"}
 LAYERS = {"_blocks.15": 16, "_swish": 12}
+
+
+@torch.no_grad()
+def explain_target(model, x: torch.Tensor) -> list[int]:
+    """The predicted class, the one every method of the study explains."""
+    return model(x).argmax(1).tolist()
 
 
 def explain(model, layer: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -59,6 +74,13 @@ def explain(model, layer: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out[m] = res.maps[0]
     out["target"] = target
     return out
+
+
+def explain_components(model, layer: str, x: torch.Tensor, target) -> dict[str, torch.Tensor]:
+    """Score-CAM, L_den and L_fused of ``x`` from one paper-configuration UnionCAM call."""
+    with UnionCAM(model, layer, config="paper", return_components=True) as cam:
+        res = cam(x, targets=target)
+    return {m: res.components[k][0] for m, k in COMPONENTS.items()}
 
 
 def bootstrap(d: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -111,15 +133,46 @@ def main(argv: list[str] | None = None) -> int:
                   + f" ({rec['seconds']} s)", flush=True)  # fmt: skip
         if not per_image:
             continue
-        v = {m: np.array([r[m] for r in per_image]) for m in METHODS}
+        for i in order[: len(per_image)]:  # the descriptive rows, on the same images
+            stem = Path(all_rows[i]["file"]).stem
+            f = CACHE / "components" / layer / f"{stem}.json"
+            if f.exists() or time.time() > t_end:
+                continue
+            from PIL import Image
+
+            x = pre(Image.open(SAMPLE / all_rows[i]["file"]).convert("RGB"))[0][None]
+            t = time.perf_counter()
+            target = explain_target(model, x)
+            maps = explain_components(model, layer, x, target)
+            sal = torch.stack([maps[m] for m in COMPONENTS])[None]
+            r = road(model, x, sal, targets=target)
+            rec = {m: float(r.road[0, k]) for k, m in enumerate(COMPONENTS)}
+            rec |= {f"{m}:morf": float(r.morf[0, k]) for k, m in enumerate(COMPONENTS)}
+            rec |= {f"{m}:lerf": float(r.lerf[0, k]) for k, m in enumerate(COMPONENTS)}
+            rec["seconds"] = round(time.perf_counter() - t, 1)
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps(rec))
+            print(f"{layer} {stem} components: "
+                  + " ".join(f"{m}={rec[m]:+.3f}" for m in COMPONENTS)
+                  + f" ({rec['seconds']} s)", flush=True)  # fmt: skip
+        stems = [Path(all_rows[i]["file"]).stem for i in order[: len(per_image)]]
+        comp_files = [CACHE / "components" / layer / f"{st}.json" for st in stems]
+        if all(f.exists() for f in comp_files):
+            for rec, f in zip(per_image, comp_files, strict=True):
+                rec.update(json.loads(f.read_text()) | {"seconds": rec.get("seconds")})
+            names = METHODS + tuple(COMPONENTS)
+        else:
+            names = METHODS
+        v = {m: np.array([r[m] for r in per_image]) for m in names}
         layer_res = {"n": len(per_image), "planned_n": LAYERS[layer],
-                     "mean": {m: float(v[m].mean()) for m in METHODS},
+                     "mean": {m: float(v[m].mean()) for m in names},
                      "morf": {m: float(np.mean([r[f"{m}:morf"] for r in per_image]))
-                              for m in METHODS},
+                              for m in names},
                      "lerf": {m: float(np.mean([r[f"{m}:lerf"] for r in per_image]))
-                              for m in METHODS},
+                              for m in names},
+                     "descriptive": [m for m in names if m not in METHODS],
                      "default_minus": {}}  # fmt: skip
-        for m in METHODS[1:]:
+        for m in names[1:]:
             mean, lo, hi = bootstrap(v["faithful"] - v[m])
             verdict = "default better" if lo > 0 else f"{m} better" if hi < 0 else "tie"
             layer_res["default_minus"][m] = {"mean": mean, "low": lo, "high": hi,
@@ -134,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         md += [f"## `{layer}`, n = {lr['n']} (planned {lr['planned_n']})", "",
                "| method | ROAD ↑ | MoRF ↓ | LeRF ↑ | default − method [95% CI] | verdict |",
                "|---|---:|---:|---:|---|---|"]  # fmt: skip
-        for m in METHODS:
+        for m in lr["mean"]:
             d = lr["default_minus"].get(m)
-            cell = (f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | {d['verdict']}"
+            cell = (f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | "
+                    + ("(descriptive) " if m in lr.get("descriptive", ()) else "") + d["verdict"]
                     if d else "— | —")  # fmt: skip
             md.append(f"| {m} | {lr['mean'][m]:.3f} | {lr['morf'][m]:.3f} | {lr['lerf'][m]:.3f}"
                       f" | {cell} |")  # fmt: skip

@@ -572,6 +572,7 @@ def test_road_metrics_in_a_run_equal_the_library_and_reach_the_report(
     from pipeline.analysis.report.render import build_report
     from unioncam import GradCAM
     from unioncam.road import road
+    from unioncam.sanity import cascading_randomization
 
     rows = data["rows"][:UNIT]
     m = build_from_list(rows, tmp_path / "r.parquet", unit_size=UNIT)
@@ -599,5 +600,17 @@ def test_road_metrics_in_a_run_equal_the_library_and_reach_the_report(
         name = "road" if k == "road" else f"road_{k}"
         np.testing.assert_allclose(g[f"metrics/{name}"][:], want, atol=1e-2, err_msg=k)
     assert np.isfinite(g["metrics/road_layercam"][:]).all()
-    md = build_report(tmp_path / "rep", store=str(store), n_boot=200, gallery=2).read_text()
+    path = build_report(tmp_path / "rep", store=str(store), n_boot=200, gallery=2, sanity=2)
+    md = path.read_text()
     assert "## ROAD" in md and "| Grad-CAM |" in md and "| Layer-CAM |" in md, md
+    # the sanity check re-explains the first rows with the run's model, layer and class
+    assert "## Sanity check: model randomisation" in md and "sanity.png" in md, md
+    assert (path.parent / "sanity.png").stat().st_size > 1000
+    san = json.loads((path.parent / "report.json").read_text())["sanity"]
+    assert set(san) == {"gradcam", "layercam"}
+    want = cascading_randomization(loaded.model, x[:2], "gradcam", layer, past_layer=2,
+                                   targets=[int(t) for t in g["target"][:2]])  # fmt: skip
+    assert san["gradcam"]["steps"] == want.steps and san["gradcam"]["layer_step"] == want.layer_step
+    np.testing.assert_allclose(san["gradcam"]["spearman"], want.spearman.mean(0).numpy(),
+                               atol=1e-3)  # fmt: skip
+    assert san["gradcam"]["passes"] == want.passes

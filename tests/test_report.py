@@ -416,3 +416,38 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         main(["--images", str(tmp_path / "imgs"), str(tmp_path / "out"), "--methods", "foo"]) == 2
     )
     assert "unknown method 'foo'" in capsys.readouterr().err
+
+
+def test_report_sanity_check_from_an_image_folder(effnet, sample_dir, sample_labels, tmp_path):
+    """``sanity=1``: every method's randomisation curves, the same numbers as the library's
+    check called directly, UnionCAM's fused component included, cached with the batches."""
+    from unioncam.sanity import cascading_randomization
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    shutil.copy(sample_dir / sample_labels[7]["file"], imgs)
+    kw = dict(image_dir=imgs, layer="_blocks.15", image_size=SIZE, step=STEP, groups=8,
+              chunk_size=CHUNK, n_boot=100, gallery=0, keep_cache=True,
+              methods=("gradcam", "fused", "groupcam"), sanity=1)  # fmt: skip
+    path = build_report(tmp_path / "rep", **kw)
+    md = _check_figures(path)
+    assert "## Sanity check: model randomisation" in md and "sanity.png" in md
+    for label in ("Grad-CAM", "Fused (L_fused)", "Group-CAM"):
+        assert f"| {label} | " in md.split("## Sanity check")[1], label
+    san = json.loads((path.parent / "report.json").read_text())["sanity"]
+    assert list(san) == ["gradcam", "fused", "groupcam"]
+    x = effnet.preprocess.with_size(SIZE)(Image.open(next(imgs.iterdir())).convert("RGB"))[0][None]
+    want = cascading_randomization(effnet.model, x, "gradcam", "_blocks.15", past_layer=2,
+                                   chunk_size=CHUNK)  # fmt: skip
+    # _fc, _bn1 and _conv_head leave _blocks.15 alone; re-initialising it changes its output
+    assert want.steps[want.layer_step] == "_blocks.15"
+    assert san["gradcam"]["steps"] == want.steps == san["fused"]["steps"]
+    np.testing.assert_allclose(san["gradcam"]["spearman"], want.spearman.mean(0).numpy(), atol=1e-3)
+    assert san["fused"]["spearman"][0] == pytest.approx(1.0)
+    # the map of a block whose weights are random is not the trained block's map
+    assert san["gradcam"]["spearman"][-1] < 0.9
+    cached = list((tmp_path / "rep" / ".cache").rglob("sanity-1.json"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    build_report(tmp_path / "rep", **kw)
+    assert cached[0].stat().st_mtime_ns == stamp  # a rerun reads it

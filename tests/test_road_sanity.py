@@ -144,3 +144,20 @@ def test_randomising_the_model_changes_gradcam_and_the_users_model_is_untouched(
     assert res.passes, res.spearman
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_the_layers_step_is_measured_and_the_cascade_stops_past_it():
+    """A head activation is no block of its own: its step is the first block that changes it
+    (EfficientNet-Lite0's ``_swish`` follows ``_bn1``), and ``past_layer`` ends the cascade."""
+    from unioncam import load_model
+
+    model = load_model("efficientnet-lite0").model
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    res = cascading_randomization(model, x, "gradcam", "_swish", past_layer=1)
+    assert res.steps == ["original", "_fc", "_bn1", "_conv_head"]
+    assert res.layer_step == 2
+    assert res.spearman.shape == (1, 4)
+    # _fc leaves the layer's output alone but not Grad-CAM's gradient: the map moves already
+    assert float(res.spearman[0, 1]) < 0.99
+    with pytest.raises(ValueError, match="past_layer"):
+        cascading_randomization(model, x, "gradcam", "_swish", past_layer=-1)

@@ -7,11 +7,18 @@ step's maps with the original ones by Spearman rank correlation and SSIM. A meth
 maps barely change has failed: it is showing the image (edges, the input's structure),
 not what the network computes.
 
-Criterion used here (stated, one line): a method **passes** when, at the first step where
-the block that contains its target layer has been re-initialised, the mean Spearman
-correlation with the original maps is below ``0.5``. Adebayo et al. judge by eye from the
-curves; the threshold turns that into a number a dataset-scale report can show, and the
-full curves are returned for the eye.
+Criterion used here (stated, one line): a method **passes** when, at the first step that
+changes the target layer's output (the step that re-initialises the layer's block, or a
+block the layer reads from), the mean Spearman correlation with the original maps is below
+``0.5``. Adebayo et al. judge by eye from the curves; the threshold turns that into a number
+a dataset-scale report can show, and the full curves are returned for the eye.
+
+The layer's step is *measured* (one plain forward per step, comparing the layer's output
+with the original's) rather than guessed from module names, because a target layer is often
+not a block of its own: EfficientNet's ``_swish`` head activation follows ``_bn1``, a
+ResNet's ``layer4`` is changed first by ``layer4.1``. Measuring it also lets a report stop
+the cascade a few steps past the layer (``past_layer``): the deeper steps cost as much as
+the first ones and do not change the verdict.
 """
 
 from __future__ import annotations
@@ -110,7 +117,7 @@ class SanityResult:
     steps: list[str]
     spearman: Tensor  # N × S
     ssim: Tensor  # N × S
-    layer_step: int  # first step at which the target layer's block is re-initialised
+    layer_step: int  # first step that changes the target layer's output
     threshold: float = PASS_THRESHOLD
     maps: list[Tensor] = field(default_factory=list, repr=False)
 
@@ -130,15 +137,23 @@ def cascading_randomization(
     steps: Sequence[str] | None = None,
     seed: int = 0,
     keep_maps: bool = False,
+    past_layer: int | None = None,
+    component: str | None = None,
     **cam_kwargs,
 ) -> SanityResult:
     """Cascading randomisation of ``model``'s blocks (on a copy) for the CAM ``method``.
 
     ``targets``: the class per image; ``None`` fixes the original model's prediction for
     every step (the question is whether the *map* of that class changes).
-    ``steps``: block names, top first (default :func:`randomization_steps`). ``cam_kwargs``
-    go to the CAM (e.g. ``config="paper"`` for UnionCAM, ``chunk_size``).
+    ``steps``: block names, top first (default :func:`randomization_steps`).
+    ``past_layer``: stop this many steps after the first one that changes the target
+    layer's output (``None``: run every step). ``component``: check this component map of
+    a UnionCAM (e.g. ``"fused:denoised+scorecam"``; its config needs
+    ``return_components=True``) instead of the selected map. ``cam_kwargs`` go to the CAM
+    (e.g. ``config="paper"`` for UnionCAM, ``chunk_size``).
     """
+    if past_layer is not None and past_layer < 0:
+        raise ValueError(f"sanity: past_layer must be >= 0, got {past_layer}")
     work = copy.deepcopy(model)
     names = list(steps) if steps is not None else randomization_steps(work)
     modules = dict(work.named_modules())
@@ -147,27 +162,48 @@ def cascading_randomization(
             raise ValueError(f"sanity: no module named {n!r} in the model")
     cam_cls = METHODS[method]
 
-    def explain(tgt):
+    def explain(tgt) -> tuple[Tensor, Tensor]:
         with cam_cls(work, layer, **cam_kwargs) as cam:
             res = cam(x, tgt)
-        return res
+        if component is None:
+            return res.maps, res.target
+        if not res.components or component not in res.components:
+            have = ", ".join(res.components or ()) or "none (set return_components=True)"
+            raise ValueError(f"sanity: no component {component!r}; the CAM returned: {have}")
+        return res.components[component], res.target
 
-    first = explain(targets)
-    resolved_layer = resolve_layer(work, layer, x[:1]).name  # the layer the CAM reads
-    tgt = first.target
-    maps = [first.maps]
+    first_maps, tgt = explain(targets)
+    target_layer = resolve_layer(work, layer, x[:1])  # the layer the CAM reads
+    seen: list[Tensor] = []
+
+    def grab(_m, _i, out):
+        seen.append((out[0] if isinstance(out, tuple | list) else out).detach().clone())
+
+    def layer_output() -> Tensor:
+        seen.clear()
+        handle = target_layer.module.register_forward_hook(grab)
+        try:
+            with torch.no_grad():
+                work(x[:1])
+        finally:
+            handle.remove()
+        return seen[target_layer.call if target_layer.call >= 0 else -1]
+
+    reference = layer_output()
+    maps = [first_maps]
+    done: list[str] = []
+    layer_step = None
     for i, n in enumerate(names):
         _reinit(modules[n], seed + i)
-        maps.append(explain(tgt).maps)
+        done.append(n)
+        maps.append(explain(tgt)[0])
+        if layer_step is None and not torch.equal(layer_output(), reference):
+            layer_step = i + 1
+        if layer_step is not None and past_layer is not None and i + 1 >= layer_step + past_layer:
+            break
     ref = maps[0]
     sp = torch.stack([spearman(m, ref) for m in maps], 1)
     ss = torch.stack([ssim(m, ref) for m in maps], 1)
-    layer_step = len(names)
-    for i, n in enumerate(names):
-        # the first block inside the target layer (layer4.1 of layer4) or containing it
-        if n == resolved_layer or n.startswith(resolved_layer + ".") \
-                or resolved_layer.startswith(n + "."):
-            layer_step = i + 1
-            break
-    return SanityResult(method, ["original", *names], sp, ss, min(layer_step, len(names)),
+    return SanityResult(method, ["original", *done], sp, ss,
+                        layer_step if layer_step is not None else len(done),
                         maps=maps if keep_maps else [])

@@ -546,6 +546,21 @@ class StoreReader:
         )
         return decode_image(data, uri=r.uri)
 
+    def model_input(self, row_id: int, preprocess: Any, manifest: str | None = None) -> Any:
+        """The row's image as the run's workers gave it to the model: the same reader,
+        draft JPEG decoding and ``preprocess``, so re-explaining it (the report's sanity
+        check) starts from the run's input, not from a full-resolution decode of it."""
+        from pipeline.data.decode import load_row
+
+        uri = manifest or self.attrs.get("manifest")
+        if not uri:
+            raise ValueError(f"{self.path} records no manifest; pass manifest=")
+        (r,) = self._manifest(uri).get_rows([row_id])
+        tensor, _, _, status, message = load_row(r, preprocess, self.storage_options)
+        if tensor is None:
+            raise ValueError(message or f"row {row_id}: {Status(status).name}")
+        return tensor
+
     def _manifest(self, uri: str):
         cached = getattr(self, "_manifest_cache", None)
         if cached is not None and cached[0] == uri:

@@ -50,6 +50,9 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--by", choices=("target", "label", "predicted"),
                    default="target", help="--store mode: per-class grouping")  # fmt: skip
+    g.add_argument("--sanity", type=int, default=0, metavar="N",
+                   help="randomisation sanity check of every method on N images (default 0 = "
+                        "off; ~2-6 explanations per method and image)")  # fmt: skip
     g.add_argument("--title")
     g.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                    help="fsspec option for a remote store (repeatable)")  # fmt: skip
@@ -71,9 +74,9 @@ def command_text(a: argparse.Namespace) -> str:
             if v is not None and v != defaults.get(k):
                 flag = "-n" if k == "n" else "--" + k.replace("_", "-")
                 parts.append(f"{flag} {v}")
-    for k in ("gallery", "bootstrap", "seed"):
+    for k in ("gallery", "bootstrap", "seed", "sanity"):
         v = getattr(a, k)
-        if v != {"gallery": 6, "bootstrap": 2000, "seed": 0}[k]:
+        if v != {"gallery": 6, "bootstrap": 2000, "seed": 0, "sanity": 0}[k]:
             parts.append(f"--{k} {v}")
     parts.append(str(a.out_dir))
     return " ".join(parts)
@@ -90,7 +93,7 @@ def report_command(a: argparse.Namespace) -> int:
         target=a.target, seed=a.seed, n_boot=a.bootstrap, gallery=a.gallery, by=a.by,
         cache_dir=a.cache_dir, keep_cache=a.keep_cache, time_budget_s=a.time_budget,
         storage_options=so, title=a.title, command=command_text(a), progress=not a.quiet,
-        device=a.device,
+        device=a.device, sanity=a.sanity,
     )  # fmt: skip
     print(f"wrote {path}")
     return 0

@@ -182,3 +182,33 @@ def fig_gallery(sample: ReportSample, path: Path) -> None:
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
+
+
+def fig_sanity(sample: ReportSample, path: Path) -> None:
+    """Mean Spearman and SSIM with the original maps as blocks are re-initialised."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    longest: list[str] = []
+    layer_step = None
+    for i, (m, s) in enumerate(sample.sanity.items()):
+        x = np.arange(len(s["steps"]))
+        for ax, key in zip(axes, ("spearman", "ssim"), strict=True):
+            ax.plot(x, s[key], marker="o", ms=3, color=_color(m, i),
+                    label=sample.labels.get(m, m))  # fmt: skip
+        if len(s["steps"]) > len(longest):
+            longest = s["steps"]
+        layer_step = s["layer_step"]
+    for ax, t in zip(axes, ("Spearman rank correlation", "SSIM"), strict=True):
+        ax.set_title(f"{t} with the original maps", fontsize=10)
+        ax.set_xticks(np.arange(len(longest)))
+        ax.set_xticklabels(longest, rotation=35, ha="right", fontsize=7)
+        if layer_step is not None:
+            ax.axvline(layer_step, color="k", ls=":", lw=1)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("re-initialised down to (top first)", fontsize=8)
+    axes[0].axhline(sample.sanity[next(iter(sample.sanity))]["threshold"], color="grey", ls="--",
+                    lw=0.8)  # fmt: skip
+    axes[1].legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -122,6 +122,7 @@ def images_sample(
     progress: bool,
     gallery: int,
     device: str | None = None,
+    sanity: int = 0,
 ) -> ReportSample:
     import torch
 
@@ -220,8 +221,41 @@ def images_sample(
 
     device_text = str(dev) + (f", {torch.get_num_threads()} torch threads"
                                if dev.type == "cpu" else "")  # fmt: skip
-    return _assemble_images(items, cache, len(batches), settings, loaded, pre, image_dir,
-                            stopped_early, gallery, device_text)  # fmt: skip
+    sample = _assemble_images(items, cache, len(batches), settings, loaded, pre, image_dir,
+                              stopped_early, gallery, device_text)  # fmt: skip
+    if sanity > 0:
+        sample.sanity = _sanity_images(items, cache, sanity, net, pre, layer_name, methods,
+                                       groups, chunk_size, target, dev, progress)  # fmt: skip
+    return sample
+
+
+def _sanity_images(items, cache: Path, count: int, net, pre, layer: str, methods, groups: int,
+                   chunk_size: int | None, target: str, dev, progress: bool) -> dict[str, Any]:
+    """The randomisation check on the first ``count`` readable images (cached by count)."""
+    import torch
+
+    from pipeline.analysis.report.sanity import report_specs, run_sanity
+
+    path = cache / f"sanity-{count}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    xs, labels = [], []
+    for it in items:
+        if len(xs) == count:
+            break
+        try:
+            xs.append(pre(_load_image(it.path))[0])
+        except ReportError:
+            continue
+        labels.append(it.label)
+    if not xs:
+        return {}
+    specs = report_specs(methods, groups=groups, chunk_size=chunk_size)
+    out = run_sanity(net, torch.stack(xs).to(dev), layer, specs,
+                     targets=labels if target == "label" else None,
+                     progress=(lambda m: _log(True, m)) if progress else None)  # fmt: skip
+    path.write_text(json.dumps(out))
+    return out
 
 
 def _assemble_images(

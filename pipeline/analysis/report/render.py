@@ -24,6 +24,7 @@ from pipeline.analysis.report.figures import (
     fig_curves,
     fig_distribution,
     fig_gallery,
+    fig_sanity,
     fig_scores,
     fig_selection,
 )
@@ -153,6 +154,8 @@ def markdown(sample: ReportSample, stats: dict[str, Any], figs: dict[str, str],
                      + (f" | {_fmt_diff(d)} | {d['verdict']} |" if d else " | – | – |"))  # fmt: skip
     if "scores" in figs:
         L += ["", f"![mean scores with 95% CI]({figs['scores']})"]
+    if sample.sanity:
+        L += _sanity_section(sample, figs)
     if "curves" in figs:
         L += ["", "## Mean insertion and deletion curves", "",
               f"![mean insertion and deletion curves]({figs['curves']})"]  # fmt: skip
@@ -187,6 +190,26 @@ def markdown(sample: ReportSample, stats: dict[str, Any], figs: dict[str, str],
     return "\n".join(L) + "\n"
 
 
+def _sanity_section(sample: ReportSample, figs: dict[str, str]) -> list[str]:
+    first = next(iter(sample.sanity.values()))
+    k = first["layer_step"]
+    L = ["", "## Sanity check: model randomisation", "",
+         f"Adebayo et al. (NeurIPS 2018): the model's blocks are re-initialised one by one "
+         f"from the top (on a copy), and each method's maps of the same class on the same "
+         f"{first['n']} image(s) are compared with the original ones. A method that explains "
+         f"the model must change. **Passes**: mean Spearman correlation below "
+         f"{first['threshold']} at the first step that changes the target layer's output "
+         f"(`{first['steps'][k]}`, step {k}).", "",
+         "| method | Spearman at the layer's step | SSIM at the layer's step | verdict |",
+         "|---|---:|---:|---|"]  # fmt: skip
+    for m, s in sample.sanity.items():
+        L.append(f"| {sample.labels.get(m, m)} | {s['spearman_at_layer']:.3f} | "
+                 f"{s['ssim_at_layer']:.3f} | {'passes' if s['passes'] else '**fails**'} |")
+    if "sanity" in figs:
+        L += ["", f"![sanity check curves]({figs['sanity']})"]
+    return L
+
+
 def render(sample: ReportSample, out: Path, *, n_boot: int, seed: int, title: str,
             command: str | None) -> Path:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
@@ -207,6 +230,9 @@ def render(sample: ReportSample, out: Path, *, n_boot: int, seed: int, title: st
     if sample.selection_counts:
         fig_selection(sample, out / "selection.png")
         figs["selection"] = "selection.png"
+    if sample.sanity:
+        fig_sanity(sample, out / "sanity.png")
+        figs["sanity"] = "sanity.png"
     if sample.gallery:
         fig_gallery(sample, out / "gallery.png")
         figs["gallery"] = "gallery.png"
@@ -217,7 +243,7 @@ def render(sample: ReportSample, out: Path, *, n_boot: int, seed: int, title: st
         "source": sample.source, "n": sample.n, "reference": sample.reference,
         "labels": sample.labels, "provenance": sample.provenance, "stats": stats,
         "selection_counts": sample.selection_counts, "notes": sample.notes,
-        "per_class": sample.per_class, "figures": figs,
+        "per_class": sample.per_class, "figures": figs, "sanity": sample.sanity,
         "per_image": {m: {k: [None if not math.isfinite(float(x)) else round(float(x), 6)
                               for x in v] for k, v in s.items()}
                       for m, s in sample.scores.items()},
@@ -266,6 +292,7 @@ def build_report(
     command: str | None = None,
     progress: bool = False,
     device: str | None = None,
+    sanity: int = 0,
 ) -> Path:
     """Write ``report.md`` (+ ``report.json`` and PNG figures) into ``out_dir``; return its path.
 
@@ -275,7 +302,9 @@ def build_report(
     checkpoints each batch under ``cache_dir`` (default ``out_dir/.cache``; deleted after
     a complete report unless ``keep_cache``) and stops starting new batches after
     ``time_budget_s`` seconds; rerunning continues from the cache. ``device``: where the
-    model runs (default: CUDA when available, else the CPU).
+    model runs (default: CUDA when available, else the CPU). ``sanity``: run the
+    randomisation sanity check on that many images (0 = none; a store needs its photos and
+    the run's model to be readable).
     """
     if (store is None) == (image_dir is None):
         raise ReportError(
@@ -289,12 +318,14 @@ def build_report(
         raise ReportError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if gallery < 0:
         raise ReportError(f"gallery must be >= 0, got {gallery}")
+    if isinstance(sanity, bool) or not isinstance(sanity, int) or sanity < 0:
+        raise ReportError(f"sanity must be an integer >= 0, got {sanity!r}")
     if target not in ("predicted", "label"):
         raise ReportError(f"target must be 'predicted' or 'label', got {target!r}")
     out = Path(out_dir)
     if store is not None:
         sample = store_sample(str(store), storage_options=storage_options, gallery=gallery,
-                               seed=seed, by=by)  # fmt: skip
+                               seed=seed, by=by, sanity=sanity, progress=progress)  # fmt: skip
         return render(sample, out, n_boot=n_boot, seed=seed,
                        title=title or "UnionCAM faithfulness report (pipeline store)",
                        command=command)  # fmt: skip
@@ -308,6 +339,7 @@ def build_report(
         image_size=image_size, step=step, methods=methods, batch_size=batch_size,
         chunk_size=chunk_size, groups=groups, target=target, seed=seed, cache_dir=cache,
         time_budget_s=time_budget_s, progress=progress, gallery=gallery, device=device,
+        sanity=sanity,
     )  # fmt: skip
     path = render(sample, out, n_boot=n_boot, seed=seed,
                    title=title or "UnionCAM faithfulness report", command=command)  # fmt: skip

@@ -40,6 +40,8 @@ class ReportSample:
     gallery: list[GalleryItem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     per_class: list[dict[str, Any]] = field(default_factory=list)
+    # method -> randomisation check (pipeline.analysis.report.sanity.run_sanity); {} = not run
+    sanity: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def n(self) -> int:

@@ -106,6 +106,8 @@ def store_sample(
     gallery: int,
     seed: int,
     by: str,
+    sanity: int = 0,
+    progress: bool = False,
 ) -> ReportSample:
     d = read_store_scalars(store, by=by, storage_options=storage_options)
     layout, group, pool, ok = d["layout"], d["group"], d["pool"], d["ok"]
@@ -225,7 +227,14 @@ def store_sample(
         prov["rise_step"] = f"{cfg['metric_step']} px per step"
     if summary.get("wall_s") is not None:
         prov["run_wall_seconds"] = summary.get("wall_s")
+    sanity_out: dict[str, Any] = {}
+    if sanity > 0:
+        sanity_out = _sanity_store(reader, rows, sanity, progress)
+        if not sanity_out:
+            notes.append(f"The sanity check found none of the first {sanity} rows' photos "
+                         f"(manifest {attrs.get('manifest')!r}).")  # fmt: skip
     return ReportSample(
+        sanity=sanity_out,
         source="store",
         methods=methods,
         labels=labels,
@@ -241,3 +250,38 @@ def store_sample(
         per_class=per_class,
     )
 
+
+
+def _sanity_store(reader: Any, rows: np.ndarray, count: int, progress: bool) -> dict[str, Any]:
+    """The randomisation check for the run's methods, with the run's model, weights, layer,
+    preprocessing and settings, on the first ``count`` explained rows whose photo can be
+    read; each explains the class the run explained."""
+    import sys
+
+    import torch
+
+    from pipeline.analysis.report.sanity import run_sanity, store_specs
+    from pipeline.run.config import RunConfig
+    from pipeline.run.plan import quiet_load_model
+
+    attrs = dict(reader.group.attrs)
+    cfg = RunConfig.from_dict(dict(attrs["config"]))
+    loaded = quiet_load_model(cfg.model, cfg.weights)
+    pre = loaded.preprocess
+    size = int(reader.layout.image_size[0])
+    if size != pre.crop_size:
+        pre = pre.with_size(size)
+    xs, targets = [], []
+    for r in rows.tolist():
+        if len(xs) == count:
+            break
+        try:
+            xs.append(reader.model_input(int(r), pre))
+        except Exception:  # a photo moved since the run: try the next row
+            continue
+        targets.append(int(reader.group["target"][int(r)]))
+    if not xs:
+        return {}
+    log = (lambda m: print(f"[report] {m}", file=sys.stderr, flush=True)) if progress else None
+    return run_sanity(loaded.model.eval(), torch.stack(xs), str(attrs["layer"]),
+                      store_specs(reader.methods, cfg), targets=targets, progress=log)
