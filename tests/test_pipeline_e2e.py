@@ -614,3 +614,27 @@ def test_road_metrics_in_a_run_equal_the_library_and_reach_the_report(
     np.testing.assert_allclose(san["gradcam"]["spearman"], want.spearman.mean(0).numpy(),
                                atol=1e-3)  # fmt: skip
     assert san["gradcam"]["passes"] == want.passes
+
+
+def test_report_sanity_of_a_unioncam_store_uses_the_runs_settings(complete, reference, data,
+                                                                  tmp_path):  # fmt: skip
+    """From a UnionCAM store the sanity check rebuilds the run's config (preset, groups,
+    chunking), layer and class: the library's check called directly agrees."""
+    from pipeline.analysis.report.render import build_report
+    from unioncam.sanity import cascading_randomization
+
+    path = build_report(tmp_path / "rep", store=str(complete["store"]), n_boot=100, gallery=0,
+                        sanity=1)  # fmt: skip
+    san = json.loads((path.parent / "report.json").read_text())["sanity"]
+    assert list(san) == ["unioncam"]
+    g = open_store(str(complete["store"]))
+    row = int(np.flatnonzero(np.asarray(g["status"][:]) == int(Status.OK))[0])
+    loaded = load_model("efficientnet-lite0")
+    x = load_row(Row(row, data["rows"][row][0], None, None), loaded.preprocess.with_size(SIZE))[0]
+    want = cascading_randomization(
+        loaded.model, x[None], "unioncam", reference["layer"], past_layer=2,
+        config=UnionCAMConfig.from_dict(METHOD), targets=[int(reference["classes"][row])],
+    )  # fmt: skip
+    assert san["unioncam"]["steps"] == want.steps
+    np.testing.assert_allclose(san["unioncam"]["spearman"], want.spearman.mean(0).numpy(),
+                               atol=1e-3)  # fmt: skip

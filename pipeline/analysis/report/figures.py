@@ -183,7 +183,6 @@ def fig_gallery(sample: ReportSample, path: Path) -> None:
     plt.close(fig)
 
 
-
 def fig_sanity(sample: ReportSample, path: Path) -> None:
     """Mean Spearman and SSIM with the original maps as blocks are re-initialised."""
     plt = _plt()
