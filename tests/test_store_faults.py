@@ -179,10 +179,12 @@ def test_a_second_driver_is_refused_and_after_kill_9_the_same_command_takes_over
             run(RunConfig.from_dict(cfg))
         assert f"is in use by driver pid {first.pid} on " in str(e.value)
         assert first.poll() is None
-        done_before = {u: m["written_at"] for u, m in read_markers(str(store)).items()}
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # kill -9 of the driver and its Ray
         first.wait()
+    # Read after the kill: a unit can finish between any earlier read and the kill (seen:
+    # a second marker landed in that window and the count below was off by one).
+    done_before = {u: m["written_at"] for u, m in read_markers(str(store)).items()}
     assert 1 <= len(done_before) < N // 2
     assert read_lease(str(store))["pid"] == first.pid  # a dead holder's lease is left
 

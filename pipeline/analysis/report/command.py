@@ -39,7 +39,8 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=2, help="images per checkpointed batch")
     g.add_argument("--chunk-size", type=int, help="forwards per model call (speed only)")
     g.add_argument("--target", choices=("predicted", "label"), default="predicted")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available; also where "
+                        "--store's --sanity runs)")
     g.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="start no new batch after this long (the report covers what is done)")  # fmt: skip
     g.add_argument("--cache-dir", help="checkpoint folder (default OUT_DIR/.cache)")

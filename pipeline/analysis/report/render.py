@@ -302,9 +302,9 @@ def build_report(
     checkpoints each batch under ``cache_dir`` (default ``out_dir/.cache``; deleted after
     a complete report unless ``keep_cache``) and stops starting new batches after
     ``time_budget_s`` seconds; rerunning continues from the cache. ``device``: where the
-    model runs (default: CUDA when available, else the CPU). ``sanity``: run the
-    randomisation sanity check on that many images (0 = none; a store needs its photos and
-    the run's model to be readable).
+    model runs, for the sanity check too (default: CUDA when available, else the CPU).
+    ``sanity``: run the randomisation sanity check on that many images (0 = none; a store
+    needs its photos and the run's model to be readable).
     """
     if (store is None) == (image_dir is None):
         raise ReportError(
@@ -325,7 +325,8 @@ def build_report(
     out = Path(out_dir)
     if store is not None:
         sample = store_sample(str(store), storage_options=storage_options, gallery=gallery,
-                               seed=seed, by=by, sanity=sanity, progress=progress)  # fmt: skip
+                               seed=seed, by=by, sanity=sanity, progress=progress,
+                               device=device)  # fmt: skip
         return render(sample, out, n_boot=n_boot, seed=seed,
                        title=title or "UnionCAM faithfulness report (pipeline store)",
                        command=command)  # fmt: skip

@@ -108,6 +108,7 @@ def store_sample(
     by: str,
     sanity: int = 0,
     progress: bool = False,
+    device: str | None = None,
 ) -> ReportSample:
     d = read_store_scalars(store, by=by, storage_options=storage_options)
     layout, group, pool, ok = d["layout"], d["group"], d["pool"], d["ok"]
@@ -229,7 +230,7 @@ def store_sample(
         prov["run_wall_seconds"] = summary.get("wall_s")
     sanity_out: dict[str, Any] = {}
     if sanity > 0:
-        sanity_out = _sanity_store(reader, rows, sanity, progress)
+        sanity_out = _sanity_store(reader, rows, sanity, progress, device)
         if not sanity_out:
             notes.append(f"The sanity check found none of the first {sanity} rows' photos "
                          f"(manifest {attrs.get('manifest')!r}).")  # fmt: skip
@@ -251,11 +252,12 @@ def store_sample(
     )
 
 
-
-def _sanity_store(reader: Any, rows: np.ndarray, count: int, progress: bool) -> dict[str, Any]:
+def _sanity_store(reader: Any, rows: np.ndarray, count: int, progress: bool,
+                  device: str | None = None) -> dict[str, Any]:
     """The randomisation check for the run's methods, with the run's model, weights, layer,
     preprocessing and settings, on the first ``count`` explained rows whose photo can be
-    read; each explains the class the run explained."""
+    read; each explains the class the run explained. ``device``: default CUDA when
+    available, else the CPU, as in image-folder mode."""
     import sys
 
     import torch
@@ -277,11 +279,12 @@ def _sanity_store(reader: Any, rows: np.ndarray, count: int, progress: bool) -> 
             break
         try:
             xs.append(reader.model_input(int(r), pre))
-        except Exception:  # a photo moved since the run: try the next row
+        except (ValueError, OSError):  # a photo moved or broke since the run: try the next
             continue
         targets.append(int(reader.group["target"][int(r)]))
     if not xs:
         return {}
     log = (lambda m: print(f"[report] {m}", file=sys.stderr, flush=True)) if progress else None
-    return run_sanity(loaded.model.eval(), torch.stack(xs), str(attrs["layer"]),
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return run_sanity(loaded.model.eval().to(dev), torch.stack(xs).to(dev), str(attrs["layer"]),
                       store_specs(reader.methods, cfg), targets=targets, progress=log)
