@@ -531,14 +531,7 @@ class StoreReader:
     # ------------------------------------------------------------------ overlays
     def original_image(self, row_id: int, manifest: str | None = None):
         """Decode the original image of a row (via the manifest recorded in the store)."""
-        uri = manifest or self.attrs.get("manifest")
-        if not uri:
-            raise ValueError(f"{self.path} records no manifest; pass manifest=")
-        m = self._manifest(uri)
-        try:
-            (r,) = m.get_rows([row_id])
-        except IndexError as e:
-            raise ValueError(f"row id {row_id}: {e}") from None
+        r = self._manifest_row(row_id, manifest)
         data = (
             r.data
             if r.data is not None
@@ -552,14 +545,22 @@ class StoreReader:
         check) starts from the run's input, not from a full-resolution decode of it."""
         from pipeline.data.decode import load_row
 
-        uri = manifest or self.attrs.get("manifest")
-        if not uri:
-            raise ValueError(f"{self.path} records no manifest; pass manifest=")
-        (r,) = self._manifest(uri).get_rows([row_id])
+        r = self._manifest_row(row_id, manifest)
         tensor, _, _, status, message = load_row(r, preprocess, self.storage_options)
         if tensor is None:
             raise ValueError(message or f"row {row_id}: {Status(status).name}")
         return tensor
+
+    def _manifest_row(self, row_id: int, manifest: str | None):
+        """The manifest row of ``row_id`` (the store's recorded manifest unless given)."""
+        uri = manifest or self.attrs.get("manifest")
+        if not uri:
+            raise ValueError(f"{self.path} records no manifest; pass manifest=")
+        try:
+            (r,) = self._manifest(uri).get_rows([row_id])
+        except IndexError as e:
+            raise ValueError(f"row id {row_id}: {e}") from None
+        return r
 
     def _manifest(self, uri: str):
         cached = getattr(self, "_manifest_cache", None)
