@@ -44,13 +44,12 @@ IMAGENET_TRAIN_ROWS = 1_281_167
 
 def write_store(path: Path, rows: int, side: int, unit: int, classes: int) -> dict:
     """The synthetic store; returns the planted classes and the seconds it took."""
-    from pipeline.store.io import create_store, write_unit
+    from pipeline.store.io import create_store, read_layout, write_unit
+    from pipeline.store.layout import StoreLayout
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
-    create_store(path, num_rows=rows, unit_size=unit, image_size=side,
-                 pool=("gradient:denoised", "region:groupcam"),
-                 attrs={"manifest_fingerprint": "bench", "config_fingerprint": "bench"})  # fmt: skip
+    create_store(path, StoreLayout(num_rows=rows, unit_size=unit, image_size=side, pool=("gradient:denoised", "region:groupcam")), attrs={"manifest_fingerprint": "bench", "config_fingerprint": "bench"})  # fmt: skip
     target = np.arange(rows) % classes
     planted = set(range(0, classes, 10))
     yy = ((np.arange(side) + 0.5) / side)[None, :, None]
@@ -68,7 +67,7 @@ def write_store(path: Path, rows: int, side: int, unit: int, classes: int) -> di
         m += rng.uniform(0, 0.15, m.shape).astype(np.float32)
         m -= m.min((1, 2), keepdims=True)
         m /= m.max((1, 2), keepdims=True)
-        write_unit(path, u, {"maps": m.astype(np.float16), "status": np.zeros(n, np.uint8),
+        write_unit(path, read_layout(path), u, {"maps": m.astype(np.float16), "status": np.zeros(n, np.uint8),
                              "target": t.astype(np.int32), "label": t.astype(np.int32)})  # fmt: skip
     return {"planted": sorted(planted), "seconds": time.perf_counter() - t0}
 

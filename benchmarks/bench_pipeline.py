@@ -67,9 +67,9 @@ def bench_library(rows, method, size: int, batch: int, threads: int, passes: int
     """Images/s of the library alone on pre-decoded tensors (warm-up, best of ``passes``)."""
     import torch
 
+    from pipeline.config import quiet_load_model
     from pipeline.data.decode import load_row
     from pipeline.data.manifest import Row
-    from pipeline.run.plan import quiet_load_model
     from unioncam import UnionCAM, UnionCAMConfig
 
     torch.set_num_threads(threads)
@@ -88,7 +88,7 @@ def bench_library(rows, method, size: int, batch: int, threads: int, passes: int
 
 
 def run_pipeline(manifest, store, method, size, batch, actors, cpus_per_actor, **kw):
-    from pipeline.run.config import RunConfig
+    from pipeline.config import RunConfig
     from pipeline.run.driver import run
 
     if Path(store).exists():
@@ -220,7 +220,7 @@ def part_scale(args, tmp: Path, results: dict) -> None:
     ray.init(num_cpus=args.scale_actors, include_dashboard=False, logging_level="ERROR")
     th = threading.Thread(target=sampler, daemon=True)
     try:
-        from pipeline.run.config import RunConfig
+        from pipeline.config import RunConfig
         from pipeline.run.driver import run
 
         store = tmp / "scale.zarr"

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from pipeline.data.decode import Status
-from pipeline.store.io import create_store, write_unit
+from pipeline.store.io import create_store, read_layout, write_unit
 from pipeline.store.layout import StoreLayout
 from pipeline.store.verify import verify_store
 
@@ -28,7 +28,7 @@ from pipeline.store.verify import verify_store
 def build(path: str, units: int, unit_size: int, size: int) -> StoreLayout:
     pool = ("gradient:denoised", "region:groupcam", "fused:denoised+groupcam")
     rows = units * unit_size
-    create_store(path, num_rows=rows, unit_size=unit_size, image_size=size, pool=pool)
+    create_store(path, StoreLayout(num_rows=rows, unit_size=unit_size, image_size=size, pool=pool))
     layout = StoreLayout(num_rows=rows, unit_size=unit_size, image_size=(size, size), pool=pool)
     rng = np.random.default_rng(0)
     for u in range(units):
@@ -44,7 +44,7 @@ def build(path: str, units: int, unit_size: int, size: int) -> StoreLayout:
             a[name][:] = rng.random(unit_size)
         a["orig_size"][:] = 375
         a["crop_box"][:] = 16
-        write_unit(path, u, a)
+        write_unit(path, read_layout(path), u, a)
     return layout
 
 

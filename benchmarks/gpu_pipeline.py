@@ -173,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
+    from pipeline.config import RunConfig
     from pipeline.data.build import build_from_list
     from pipeline.data.decode import load_row
     from pipeline.data.manifest import Row
-    from pipeline.run.config import RunConfig
     from pipeline.run.driver import run
     from unioncam import UnionCAM, UnionCAMConfig, load_model, make_cam
 

@@ -72,7 +72,7 @@ def _add_storage(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------
 # parser
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.run.config import EXPLAINERS, METRICS, TARGETS
+    from pipeline.config import EXPLAINERS, METRICS, TARGETS
 
     top = _Parser(
         prog="unioncam",
@@ -153,7 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size",
         type=int,
         metavar="S",
-        help="network input side and map size (default: the model's crop size)",
+        help="network input side (default: the model's crop size)",
+    )
+    g.add_argument(
+        "--map-size",
+        type=int,
+        metavar="S",
+        help="side of the stored maps (default: the input side, lossless); smaller stores "
+        "each map area-downsampled: 56 is 1/16 of the bytes (docs/store.md)",
     )
     g.add_argument(
         "--target",
@@ -427,7 +434,7 @@ def _method_from_args(a: argparse.Namespace):
 
 
 def _config_from_args(a: argparse.Namespace):
-    from pipeline.run.config import RunConfig
+    from pipeline.config import RunConfig
 
     metrics = tuple(s.strip() for s in a.metrics.split(",") if s.strip()) if a.metrics else ()
     method = _method_from_args(a) if a.explainer == "unioncam" else None
@@ -440,6 +447,7 @@ def _config_from_args(a: argparse.Namespace):
         methods=tuple(s.strip() for s in a.method.split(",") if s.strip()),
         **({"method": method} if method is not None else {}),
         image_size=a.image_size,
+        map_size=a.map_size,
         target=a.target,
         explainer=a.explainer,
         components=a.components,

@@ -60,9 +60,9 @@ def run_demo(
     import ray
 
     from pipeline.analysis.reader import open_reader
+    from pipeline.config import RunConfig
     from pipeline.data.build import build_from_folder
     from pipeline.data.classes import load_class_names
-    from pipeline.run.config import RunConfig
     from pipeline.run.driver import run
     from unioncam import DEFAULT_PRESET, UnionCAMConfig
 

@@ -26,7 +26,8 @@ from pipeline.analysis.store_analysis import AnalysisConfig, analyze
 from pipeline.analysis.strategies import adjusted_rand_index, find_strategies, silhouette
 from pipeline.cli import main
 from pipeline.data.decode import Status
-from pipeline.store.io import create_store, write_unit
+from pipeline.store.io import create_store, read_layout, write_unit
+from pipeline.store.layout import StoreLayout
 
 S = 32  # map side of the synthetic stores
 UNIT = 16
@@ -146,8 +147,7 @@ def write_store(path: Path, maps: np.ndarray, target: np.ndarray, units: list[in
     """A real store (the worker's write calls) holding ``maps``; ``units`` = which to write;
     ``sizes``: the photos' (h, w), whose whole frame is then the crop box."""
     n = len(maps)
-    create_store(path, num_rows=n, unit_size=UNIT, image_size=S, pool=POOL,
-                 attrs={"manifest_fingerprint": "planted", "config_fingerprint": "c",
+    create_store(path, StoreLayout(num_rows=n, unit_size=UNIT, image_size=S, pool=POOL), attrs={"manifest_fingerprint": "planted", "config_fingerprint": "c",
                         **(attrs or {})})  # fmt: skip
     extra: dict[str, np.ndarray] = {}
     if sizes is not None:
@@ -163,7 +163,7 @@ def write_store(path: Path, maps: np.ndarray, target: np.ndarray, units: list[in
     nu = -(-n // UNIT)
     for u in range(nu) if units is None else units:
         s, e = u * UNIT, min(n, (u + 1) * UNIT)
-        write_unit(path, u, {"maps": maps[s:e], "status": status[s:e], "target": target[s:e],
+        write_unit(path, read_layout(path), u, {"maps": maps[s:e], "status": status[s:e], "target": target[s:e],
                              "label": target[s:e], **{k: v[s:e] for k, v in extra.items()},
                              # a UnionCAM row that has a map has a selected member
                              "selected": np.where(status[s:e] == 0, 0, -1),
@@ -444,13 +444,12 @@ def test_compare_two_methods_of_one_store(tmp_path):
     maps, target, _ = _planted_rows(seed=4)
     path = tmp_path / "s.zarr"
     n = len(maps)
-    create_store(path, num_rows=n, unit_size=UNIT, image_size=S, pool=POOL,
-                 methods=("unioncam", "gradcam"))  # fmt: skip
+    create_store(path, StoreLayout(num_rows=n, unit_size=UNIT, image_size=S, pool=POOL, methods=("unioncam", "gradcam")))  # fmt: skip
     status = np.zeros(n, np.uint8)
     other = np.roll(maps, 8, axis=1)
     for u in range(-(-n // UNIT)):
         s, e = u * UNIT, min(n, (u + 1) * UNIT)
-        write_unit(path, u, {"maps": maps[s:e], "methods/gradcam": other[s:e],
+        write_unit(path, read_layout(path), u, {"maps": maps[s:e], "methods/gradcam": other[s:e],
                              "status": status[s:e], "target": target[s:e]})  # fmt: skip
     analyze(str(path), config=AnalysisConfig(groups="class"), compare=str(path),
             compare_maps=("maps", "methods/gradcam"), parallel=False)  # fmt: skip

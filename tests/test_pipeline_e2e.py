@@ -28,10 +28,10 @@ ray = pytest.importorskip("ray")
 torch = pytest.importorskip("torch")
 
 from pipeline.analysis.reader import open_reader  # noqa: E402
+from pipeline.config import FaultInjection, RunConfig  # noqa: E402
 from pipeline.data.build import build_from_list  # noqa: E402
 from pipeline.data.decode import Status, decode_image, load_row, read_bytes  # noqa: E402
 from pipeline.data.manifest import Row  # noqa: E402
-from pipeline.run.config import FaultInjection, RunConfig  # noqa: E402
 from pipeline.run.driver import run  # noqa: E402
 from pipeline.store.io import done_units, open_store, read_markers  # noqa: E402
 from pipeline.store.layout import StoreMismatchError  # noqa: E402

@@ -20,15 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.analysis.evaluate import (
-    METHODS,
-    compare_methods,
-    evaluate_batch,
-    member_metric,
-    metric_names,
-    parse_metric_name,
-    store_metric_names,
-)
+from pipeline.analysis.evaluate import METHODS, compare_methods
 from pipeline.analysis.report import (
     ReportError,
     bootstrap_ci,
@@ -37,6 +29,8 @@ from pipeline.analysis.report import (
     paired_bootstrap,
     summarize_store,
 )
+from pipeline.run.metrics import evaluate_batch
+from pipeline.store.names import member_metric, metric_names, parse_metric_name, store_metric_names
 from unioncam import UnionCAM
 from unioncam import metrics as M
 
@@ -272,7 +266,8 @@ def small_store(effnet, sample_dir, sample_labels, tmp_path_factory):
     written with real UnionCAM results, every pool member's map and metrics."""
     from pipeline.data.build import build_from_list
     from pipeline.data.decode import Status, load_row
-    from pipeline.store.io import create_store, finalize_store, write_unit
+    from pipeline.store.io import create_store, finalize_store, read_layout, write_unit
+    from pipeline.store.layout import StoreLayout
 
     tmp = tmp_path_factory.mktemp("report_store")
     (tmp / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)
@@ -291,9 +286,7 @@ def small_store(effnet, sample_dir, sample_labels, tmp_path_factory):
     pool = cam.pool
     names = metric_names(pool, all_members=True)
     store = tmp / "s.zarr"
-    create_store(store, num_rows=manifest.num_rows, unit_size=3, image_size=SIZE, pool=pool,
-                 components=pool, metrics=names,
-                 attrs={"manifest": str(manifest.uri), "model": "efficientnet-lite0",
+    create_store(store, StoreLayout(num_rows=manifest.num_rows, unit_size=3, image_size=SIZE, pool=pool, components=pool, metrics=names), attrs={"manifest": str(manifest.uri), "model": "efficientnet-lite0",
                         "weights": "pretrained-packaged", "layer": LAYER, "image_size": SIZE,
                         "target": "predicted", "config": {"metric_step": STEP}})  # fmt: skip
     with cam:
@@ -329,7 +322,7 @@ def small_store(effnet, sample_dir, sample_labels, tmp_path_factory):
                 a[f"components/{p}"][good] = res.components[p].numpy()
             for k, v in ev.items():
                 a[f"metrics/{k}"][good] = v
-            write_unit(store, u, a)
+            write_unit(store, read_layout(store), u, a)
     finalize_store(store)
     return store, pool
 

@@ -30,6 +30,7 @@ from pipeline.store.layout import (
     STORE_FORMAT,
     StoreError,
     StoreFormatError,
+    StoreLayout,
     StoreMismatchError,
 )
 
@@ -47,8 +48,13 @@ def _attrs(manifest_fp: str = "m" * 64, config_fp: str = "c" * 64) -> dict:
 
 
 def _make(path, n=10, unit=4, size=8, **kw):
+    """create_store with the test's layout; layout fields among ``kw`` (components, ...)
+    go into the layout, the rest (attrs, overwrite, ...) to create_store."""
     kw.setdefault("attrs", _attrs())
-    return create_store(path, num_rows=n, unit_size=unit, image_size=size, pool=POOL, **kw)
+    fields = {k: kw.pop(k) for k in ("components", "metrics", "methods", "selection",
+                                     "map_size", "map_chunk", "map_codec") if k in kw}
+    layout = StoreLayout(num_rows=n, unit_size=unit, image_size=size, pool=POOL, **fields)
+    return create_store(path, layout, **kw)
 
 
 def _unit_data(u: int, rows: int, size: int, *, fail_first: bool = True) -> dict:
@@ -126,7 +132,8 @@ def test_layout_dtypes_chunks_shards(tmp_path: Path) -> None:
         assert (str(a.dtype), a.metadata.dimension_names, a.shape) == (dtype, dims, shape), name
         # One unit == one shard (sharded maps) or one chunk (everything else).
         assert (a.shards or a.chunks)[0] == 4, name
-    assert g["maps"].chunks == (1, 8, 8) and g["maps"].shards == (4, 8, 8)
+    # Maps: a shard per unit of map_chunk-row inner chunks (here the whole unit of 8-px maps).
+    assert g["maps"].chunks == (4, 8, 8) and g["maps"].shards == (4, 8, 8)
     assert g["error"].metadata.dimension_names == ("image",)
     assert g["status"].fill_value == 255 and np.isnan(g["maps"].fill_value)
     assert g["beta"].attrs["pool"] == list(POOL)
@@ -143,7 +150,7 @@ def test_write_unit_markers_and_fill_values(tmp_path: Path) -> None:
     path = tmp_path / "s.zarr"
     _make(path, n=10, unit=4, size=8)
     assert done_units(path) == set()
-    marker = write_unit(path, 2, _unit_data(2, 2, 8), info={"seconds": 1.5, "token": SECRET})
+    marker = write_unit(path, read_layout(path), 2, _unit_data(2, 2, 8), info={"seconds": 1.5, "token": SECRET})
     assert marker["rows"] == 2 and marker["ok"] == 1 and marker["failed"] == 1
     assert marker["by_status"] == {"OK": 1, "TRUNCATED": 1} and marker["seconds"] == 1.5
     assert done_units(path) == {2}
@@ -156,7 +163,7 @@ def test_write_unit_markers_and_fill_values(tmp_path: Path) -> None:
     # Arrays not given are written with their fill value (so rewrites are complete).
     data = _unit_data(0, 4, 8)
     del data["prob"], data["crop_box"]
-    write_unit(path, 0, data)
+    write_unit(path, read_layout(path), 0, data)
     assert np.isnan(g["prob"][:4]).all() and (g["crop_box"][:4] == -1).all()
     assert all(SECRET.encode() not in b for b in _snapshot(path).values())
     assert SECRET not in (path / "markers" / "unit-000002" / "zarr.json").read_text()
@@ -175,24 +182,24 @@ def test_write_unit_rejects_bad_input(tmp_path: Path) -> None:
     ]
     for arrays, expected in cases:
         with pytest.raises(StoreError) as e:
-            write_unit(path, 0, arrays)
+            write_unit(path, read_layout(path), 0, arrays)
         assert expected in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(StoreError, match="unit 3 out of range"):
-        write_unit(path, 3, good)
+        write_unit(path, read_layout(path), 3, good)
     assert done_units(path) == set()  # nothing half-written was marked done
 
 
 def test_rewrite_is_idempotent(tmp_path: Path) -> None:
     path = tmp_path / "s.zarr"
     _make(path, n=10, unit=4, size=8)
-    write_unit(path, 1, _unit_data(1, 4, 8))
+    write_unit(path, read_layout(path), 1, _unit_data(1, 4, 8))
     first = _snapshot(path)
-    write_unit(path, 1, _unit_data(1, 4, 8))
+    write_unit(path, read_layout(path), 1, _unit_data(1, 4, 8))
     assert _snapshot(path) == first
     other = _unit_data(7, 4, 8, fail_first=False)  # a different attempt in between
-    write_unit(path, 1, other)
+    write_unit(path, read_layout(path), 1, other)
     assert _snapshot(path) != first
-    write_unit(path, 1, _unit_data(1, 4, 8))
+    write_unit(path, read_layout(path), 1, _unit_data(1, 4, 8))
     assert _snapshot(path) == first and done_units(path) == {1}
 
 
@@ -200,7 +207,7 @@ def test_rewrite_is_idempotent(tmp_path: Path) -> None:
 def test_resume_mismatch_overwrite(tmp_path: Path) -> None:
     path = tmp_path / "s.zarr"
     _make(path)
-    write_unit(path, 0, _unit_data(0, 4, 8))
+    write_unit(path, read_layout(path), 0, _unit_data(0, 4, 8))
     g = _make(path)  # same layout + fingerprints: resumed, work kept
     assert done_units(path) == {0} and "resumed_at" in g.attrs
     with pytest.raises(StoreMismatchError) as e:
@@ -234,7 +241,7 @@ def test_selection_score_array_and_resume_rules(tmp_path: Path) -> None:
     assert g["selection_score"].metadata.dimension_names == ("image", "pool")
     data = _unit_data(0, 4, 8)
     data["selection_score"] = np.full((4, len(POOL)), -np.inf, dtype=np.float32)
-    write_unit(path, 0, data)
+    write_unit(path, read_layout(path), 0, data)
     assert np.isneginf(open_store(path)["selection_score"][:4]).all()
     with pytest.raises(StoreMismatchError, match="selection"):
         _make(path, selection="drop-20")  # another rule: another array's meaning
@@ -284,7 +291,7 @@ def test_xarray_and_finalize(tmp_path: Path) -> None:
     for u, rows in ((0, 4), (2, 2)):
         data = _unit_data(u, rows, 8)
         data["components/region:scorecam"] = data["maps"] * 0.5
-        write_unit(path, u, data)
+        write_unit(path, read_layout(path), u, data)
     ds = xr.open_zarr(str(path), consolidated=False)
     assert ds.maps.dims == ("image", "y", "x") and ds.maps.dtype == np.float16
     assert ds.beta.dims == ("image", "pool") and list(ds.pool.values) == list(POOL)
@@ -320,7 +327,7 @@ def test_xarray_and_finalize(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ processes
 def _write_one_unit(path: str, u: int, barrier) -> None:
     barrier.wait(timeout=60)  # both processes write at the same moment
-    write_unit(path, u, _unit_data(u, 64, 32))
+    write_unit(path, read_layout(path), u, _unit_data(u, 64, 32))
 
 
 def test_two_processes_write_units_in_parallel(tmp_path: Path) -> None:
@@ -371,10 +378,7 @@ def test_s3_end_to_end(s3, tmp_path: Path, sample_dir: Path) -> None:
     m = Manifest.open(f"{bucket}/manifest.parquet", storage_options=so)
     assert (m.num_rows, m.num_units) == (6, 2)
     store = f"{bucket}/runs/store.zarr"
-    create_store(
-        store, num_rows=m.num_rows, unit_size=m.unit_size, image_size=16, pool=POOL,
-        attrs=_attrs(manifest_fp=m.fingerprint), storage_options=so,
-    )  # fmt: skip
+    create_store(store, StoreLayout(num_rows=m.num_rows, unit_size=m.unit_size, image_size=16, pool=POOL), attrs=_attrs(manifest_fp=m.fingerprint), storage_options=so)  # fmt: skip
     for u in range(m.num_units):
         rows = m.read_unit(u)
         data = _unit_data(u, len(rows), 16, fail_first=False)
@@ -388,13 +392,10 @@ def test_s3_end_to_end(s3, tmp_path: Path, sample_dir: Path) -> None:
             small = np.asarray(img.convert("L").resize((16, 16)), np.float32) / 255.0
             data["maps"][i] = small
             data["orig_size"][i] = (img.height, img.width)
-        write_unit(store, u, data, storage_options=so)
+        write_unit(store, read_layout(store, storage_options=so), u, data, storage_options=so)
     assert done_units(store, storage_options=so) == {0, 1}
     # A second client (as a resuming driver would be) sees the same markers.
-    create_store(
-        store, num_rows=6, unit_size=4, image_size=16, pool=POOL,
-        attrs=_attrs(manifest_fp=m.fingerprint), storage_options=so,
-    )  # fmt: skip
+    create_store(store, StoreLayout(num_rows=6, unit_size=4, image_size=16, pool=POOL), attrs=_attrs(manifest_fp=m.fingerprint), storage_options=so)  # fmt: skip
     assert done_units(store, storage_options=so) == {0, 1}
     summary = finalize_store(store, storage_options=so)
     assert summary["rows_by_status"] == {"OK": 5, "MISSING": 1} and summary["complete"]

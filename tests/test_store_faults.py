@@ -30,9 +30,9 @@ pytestmark = pytest.mark.slow
 
 from pipeline.analysis.reader import open_reader  # noqa: E402
 from pipeline.cli import main  # noqa: E402
+from pipeline.config import RunConfig  # noqa: E402
 from pipeline.data.build import build_from_list  # noqa: E402
 from pipeline.data.decode import Status  # noqa: E402
-from pipeline.run.config import RunConfig  # noqa: E402
 from pipeline.run.driver import run  # noqa: E402
 from pipeline.store.io import done_units, open_store, read_markers  # noqa: E402
 from pipeline.store.lease import LeaseHeldError, read_lease  # noqa: E402
@@ -124,7 +124,7 @@ def test_a_deleted_shard_is_found_repaired_and_the_rerun_equals_the_untouched_st
 DRIVER = """\
 import json, sys
 {patch}
-from pipeline.run.config import RunConfig
+from pipeline.config import RunConfig
 from pipeline.run.driver import run
 run(RunConfig.from_dict(json.loads(sys.argv[1])))
 """

@@ -22,7 +22,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.data.decode import Status
 from pipeline.store.checksum import checksum
-from pipeline.store.io import create_store, done_units, read_markers, write_unit
+from pipeline.store.io import create_store, done_units, read_layout, read_markers, write_unit
 from pipeline.store.layout import StoreLayout, marker_key
 from pipeline.store.lease import LEASE, LeaseHeldError, StoreLease, read_lease
 from pipeline.store.verify import verify_store
@@ -33,8 +33,7 @@ POOL = ("a", "b")
 
 def make_store(path: str, storage_options=None, rows: int = ROWS, unit: int = UNIT) -> str:
     """A finished store: every unit written by write_unit (one bad image in unit 0)."""
-    create_store(path, num_rows=rows, unit_size=unit, image_size=SIZE, pool=POOL,
-                 storage_options=storage_options)  # fmt: skip
+    create_store(path, StoreLayout(num_rows=rows, unit_size=unit, image_size=SIZE, pool=POOL), storage_options=storage_options)  # fmt: skip
     layout = StoreLayout(num_rows=rows, unit_size=unit, image_size=(SIZE, SIZE), pool=POOL)
     rng = np.random.default_rng(0)
     for u in range(layout.num_units):
@@ -48,7 +47,7 @@ def make_store(path: str, storage_options=None, rows: int = ROWS, unit: int = UN
             a["status"][0], a["selected"][0] = int(Status.CORRUPT), -1
             a["maps"][0] = np.nan
             a["error"][0] = "corrupt: bad huffman table"
-        write_unit(path, u, a, storage_options=storage_options)
+        write_unit(path, read_layout(path, storage_options=storage_options), u, a, storage_options=storage_options)
     return path
 
 

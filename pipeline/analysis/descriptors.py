@@ -79,35 +79,42 @@ def describe(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Descriptors of a batch of maps ``n x H x W``: ``(n x len(DESCRIPTORS) float32, valid)``.
 
     ``valid[i]`` is False for a map with a non-finite value or zero mass; its row is NaN.
-    Works on the whole batch at once (float64 internally: float16 maps summed over 50k
-    pixels lose digits otherwise).
+    Works on the whole batch at once. The maps stay float32 (a unit of 56-px maps is
+    memory-bound: float64 copies doubled the time); every sum over pixels accumulates in
+    float64 (float16 maps summed over 50k pixels lose digits otherwise), and the moments
+    and region masses are matrix products.
     """
     m = np.asarray(maps)
     if m.ndim != 3:
         raise ValueError(f"describe expects n x H x W maps, got shape {m.shape}")
     n, h, w = m.shape
     out = np.full((n, len(DESCRIPTORS)), np.nan, dtype=np.float32)
-    finite = np.isfinite(m).reshape(n, -1).all(1)
-    m = np.clip(np.where(np.isfinite(m), m, 0).astype(np.float64), 0.0, 1.0)
-    mass = m.reshape(n, -1).sum(1)
-    valid = finite & (mass > 0)
-    if not valid.any():
+    flat = np.asarray(m, dtype=np.float32).reshape(n, -1)
+    finite = np.isfinite(flat).all(1)
+    if not finite.any():
+        return out, finite
+    flat = np.clip(flat[finite], 0.0, 1.0)
+    mass = flat.sum(1, dtype=np.float64)
+    valid = finite.copy()
+    valid[finite] = mass > 0
+    flat, mass = flat[mass > 0], mass[mass > 0]
+    if not len(flat):
         return out, valid
-    m, mass = m[valid], mass[valid]
-    p = m / mass[:, None, None]
+    p = flat * (1.0 / mass).astype(np.float32)[:, None]
     y, x = _centres(h), _centres(w)
-    py, px = p.sum(2), p.sum(1)  # marginals
+    py = p.reshape(-1, h, w).sum(2, dtype=np.float64)  # marginals
+    px = p.reshape(-1, h, w).sum(1, dtype=np.float64)
     cy, cx = py @ y, px @ x
     var = py @ (y**2) - cy**2 + px @ (x**2) - cx**2
     spread = np.sqrt(np.maximum(var, 0.0))
-    area = (m >= 0.5).reshape(len(m), -1).mean(1)
-    flat = p.reshape(len(p), -1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        plogp = np.where(flat > 0, flat * np.log(flat), 0.0)
-    entropy = -plogp.sum(1) / np.log(h * w) if h * w > 1 else np.zeros(len(p))
+    area = np.count_nonzero(flat >= 0.5, axis=1) / (h * w)
+    logp = np.zeros_like(p)
+    np.log(p, out=logp, where=p > 0)
+    plogp = (p * logp).sum(1, dtype=np.float64)
+    entropy = -plogp / np.log(h * w) if h * w > 1 else np.zeros(len(p))
     centre, border = region_masks(h, w)
-    cb = flat[:, centre.reshape(-1)].sum(1)
-    bb = flat[:, border.reshape(-1)].sum(1)
+    regions = np.stack([centre.reshape(-1), border.reshape(-1)], 1).astype(np.float32)
+    cb, bb = (p @ regions).astype(np.float64).T
     out[valid] = np.stack([cy, cx, spread, area, entropy, cb, bb], 1).astype(np.float32)
     return out, valid
 

@@ -1,12 +1,9 @@
-"""Faithfulness of explanations at dataset scale: per-batch metrics and method comparisons.
+"""Faithfulness of explanations for reports: method comparisons on the same images.
 
-Two entry points, both thin layers over :mod:`unioncam.metrics` (which is where the
-metrics themselves are defined and tested):
+A thin layer over :mod:`unioncam.metrics` (where the metrics themselves are defined and
+tested); the worker's per-batch metrics are :mod:`pipeline.run.metrics`, and the stored
+metrics' names :mod:`pipeline.store.names`.
 
-* :func:`evaluate_batch` — what a pipeline worker calls right after UnionCAM on a batch:
-  RISE insertion / deletion AUC (and their difference) of the *selected* map of every
-  image, and optionally of every pool member, as plain ``float32`` numpy vectors named
-  like the store's ``metrics/<name>`` arrays (see :func:`metric_names`).
 * :func:`compare_methods` — UnionCAM against its components and the classic CAMs
   (Grad-CAM, Grad-CAM++, Score-CAM, Group-CAM, the denoised map L_den, the fused map
   L_fused) on the same images, with the curves, for :mod:`pipeline.analysis.report`.
@@ -16,9 +13,7 @@ Why it is organised this way:
 * Cost. Insertion/deletion at RISE's default step (224 pixels per step at 224 px, i.e. 224
   steps) costs ``2 * 223`` forwards per map per image — far more than the explanation
   itself (Score-CAM at EfficientNet-Lite0's ``_blocks.15`` is 320). So every map is scored
-  exactly once: the selected map of UnionCAM *is* one of the pool members' maps (the same
-  tensor values), so when the members are scored anyway the selected map's numbers are
-  gathered from theirs instead of being recomputed; and :func:`compare_methods` gets all
+  exactly once: :func:`compare_methods` gets all
   component maps from ONE UnionCAM call (``return_components=True`` with several gradient
   and region methods), so Score-CAM's masked forwards run once for Score-CAM, L_fused and
   UnionCAM alike.
@@ -33,7 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -42,34 +37,14 @@ if TYPE_CHECKING:  # torch is imported when a function runs: `import pipeline.an
     import torch
     from torch import nn
 
-    from unioncam.cam import CAMResult
-    from unioncam.engine import Engine
 
 __all__ = [
-    "INS_DEL_METRICS",
-    "ROAD_METRICS",
-    "MEMBER_SEP",
     "METHODS",
     "METHOD_LABELS",
     "Comparison",
     "MethodScores",
     "compare_methods",
-    "evaluate_batch",
-    "member_metric",
-    "metric_names",
-    "parse_metric_name",
-    "store_metric_names",
 ]
-
-#: Per-image metrics of the insertion/deletion family, in the order they are stored.
-INS_DEL_METRICS = ("insertion", "deletion", "ins_minus_del")
-#: ROAD (noisy linear imputation, :func:`unioncam.road.road`): MoRF (lower is better),
-#: LeRF (higher is better) and ``road`` = (LeRF − MoRF) / 2 (higher is better).
-ROAD_METRICS = ("road_morf", "road_lerf", "road")
-
-#: ``insertion@region:scorecam`` = the insertion AUC of that pool member's map. ``@`` is not
-#: used in pool member names (``region:x``, ``fused:g+r``, ``gradient:g``).
-MEMBER_SEP = "@"
 
 #: The methods :func:`compare_methods` knows, in the order a report lists them. Any gradient
 #: method of :mod:`unioncam.gradient` (``xgradcam``, ``layercam``, ``denoised-gradcam``...)
@@ -93,132 +68,8 @@ METHOD_LABELS = {
 _REGION = ("scorecam", "groupcam")
 
 
-# ---------------------------------------------------------------------------------------
-# Names
-def member_metric(metric: str, member: str) -> str:
-    """Store name of a pool member's metric: ``insertion@fused:denoised+scorecam``."""
-    return f"{metric}{MEMBER_SEP}{member}"
-
-
-def parse_metric_name(name: str) -> tuple[str, str | None]:
-    """``insertion@region:scorecam`` -> ``("insertion", "region:scorecam")``; a selected-map
-    metric ``insertion`` -> ``("insertion", None)``."""
-    metric, sep, member = name.partition(MEMBER_SEP)
-    return metric, (member if sep else None)
-
-
-def metric_names(pool: Sequence[str], *, all_members: bool = False) -> tuple[str, ...]:
-    """Every key :func:`evaluate_batch` returns for this pool (= the store's metric names)."""
-    names = list(INS_DEL_METRICS)
-    if all_members:
-        names += [member_metric(m, p) for p in pool for m in INS_DEL_METRICS]
-    return tuple(names)
-
-
-def store_metric_names(
-    requested: Sequence[str],
-    pool: Sequence[str],
-    all_members: bool = False,
-    others: Sequence[str] = (),
-) -> tuple[str, ...]:
-    """The ``metrics/<name>`` arrays a run must create: the requested metrics (of the
-    primary method's maps: UnionCAM's selected map), ``<metric>@<method>`` for each of the
-    ``others`` methods of the run, plus — with ``all_members`` — every requested
-    insertion/deletion-family metric per pool member.
-
-    ``requested`` are :data:`pipeline.run.config.METRICS` names (``average_drop`` and
-    ``increase`` stay selected-map only for pool members: they are one forward each and
-    rarely compared).
-    """
-    names = list(requested)
-    names += [member_metric(m, method) for method in others for m in requested]
-    if all_members:
-        names += [member_metric(m, p) for p in pool for m in requested if m in INS_DEL_METRICS]
-    return tuple(names)
-
-
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy().astype(np.float32, copy=False)
-
-
-# ---------------------------------------------------------------------------------------
-# The worker's call
-def evaluate_batch(
-    engine: nn.Module | Engine,
-    x: torch.Tensor,
-    result: CAMResult,
-    *,
-    all_members: bool = False,
-    step: int = 224,
-    chunk_size: int | None = None,
-    insertion_baseline: str | torch.Tensor = "blur",
-    deletion_baseline: str | torch.Tensor = "zeros",
-    autocast: str | None = None,
-) -> dict[str, np.ndarray]:
-    """Insertion/deletion AUC of a UnionCAM batch result, per image, as numpy vectors.
-
-    Returns ``insertion``, ``deletion`` and ``ins_minus_del`` (shape ``N``) of the selected
-    map, scored for the class UnionCAM explained (``result.target``). With
-    ``all_members=True`` also ``<metric>@<member>`` for every pool member (needs
-    ``result.components``, i.e. UnionCAM run with ``return_components=True``); the selected
-    map's values are then taken from its member's (same map, same numbers) so the batch
-    costs ``2·N·P·(steps−1)`` forwards rather than ``2·N·(P+1)·(steps−1)``.
-
-    ``engine``: the CAM that made ``result`` (its engine: the metric forwards then run with
-    the CAM's tuned chunk size, memory format and precision, and leave them as they are) or
-    a bare model (then ``chunk_size``/``autocast`` apply). ``step`` is RISE's pixels per step
-    (224 at 224 px = 224 steps). ``x`` and ``result`` must be the batch UnionCAM was run on,
-    on the model's device.
-    """
-    import torch
-
-    from unioncam.cam import CAMResult
-
-    if not isinstance(result, CAMResult) or result.selected is None:
-        raise ValueError(
-            f"evaluate_batch: result must be a UnionCAM CAMResult, got {type(result).__name__}"
-        )
-    if x.shape[0] != len(result):
-        raise ValueError(
-            f"evaluate_batch: x has {x.shape[0]} images but the result explains {len(result)}"
-        )
-    from unioncam.metrics import insertion_deletion
-
-    kw: dict[str, Any] = dict(
-        targets=result.target,
-        step=step,
-        chunk_size=chunk_size,
-        insertion_baseline=insertion_baseline,
-        deletion_baseline=deletion_baseline,
-        autocast=autocast,
-    )
-    out: dict[str, np.ndarray] = {}
-    if not all_members:
-        r = insertion_deletion(engine, x, result.maps, **kw)
-        ins, dele = r.insertion, r.deletion
-    else:
-        comps = result.components
-        missing = [p for p in result.pool if comps is None or p not in comps]
-        if missing:
-            raise ValueError(
-                "evaluate_batch: all_members=True needs every pool member's map (missing "
-                f"{missing[0]!r}); run UnionCAM with return_components=True"
-            )
-        assert comps is not None
-        stacked = torch.stack([comps[p] for p in result.pool], 1)
-        r = insertion_deletion(engine, x, stacked, **kw)
-        sel = result.selected.to(r.insertion.device).long()[:, None]
-        ins, dele = r.insertion.gather(1, sel)[:, 0], r.deletion.gather(1, sel)[:, 0]
-        for j, p in enumerate(result.pool):
-            out[member_metric("insertion", p)] = _np(r.insertion[:, j])
-            out[member_metric("deletion", p)] = _np(r.deletion[:, j])
-            out[member_metric("ins_minus_del", p)] = _np(r.insertion[:, j] - r.deletion[:, j])
-    head = {
-        "insertion": _np(ins),
-        "deletion": _np(dele),
-        "ins_minus_del": _np(ins - dele),
-    }
-    return {**head, **out}
 
 
 # ---------------------------------------------------------------------------------------

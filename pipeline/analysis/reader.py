@@ -30,7 +30,6 @@ from pipeline.analysis.images import overlay_image
 from pipeline.analysis.results import AnalysisResults, open_analysis
 from pipeline.data.decode import Status, decode_image, read_bytes
 from pipeline.data.manifest import Manifest
-from pipeline.run.summary import MAX_FAILED_ROWS
 from pipeline.store.io import done_units, open_store
 from pipeline.store.layout import (
     LAYOUT_ATTR,
@@ -40,6 +39,7 @@ from pipeline.store.layout import (
     safe_name,
 )
 from pipeline.store.lease import describe_lease, read_lease
+from pipeline.store.names import MAX_FAILED_ROWS
 from pipeline.store.verify import VerifyReport, verify_store
 
 __all__ = [

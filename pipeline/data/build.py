@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 import os
@@ -406,6 +407,34 @@ _LIST_URI_COLS = ("uri", "path", "file", "filename", "image", "url")
 _LIST_LABEL_COLS = ("label", "class_index", "class", "synset", "target")
 
 
+def _list_file_entries(text: str, name: str) -> Iterator[tuple[str, str | None]]:
+    """``(uri, label or None)`` of every entry of a list file's ``text``, lazily: a CSV with
+    a header naming a uri column (and a label column), else ``uri [label]`` per line."""
+    lines = (ln for ln in io.StringIO(text) if ln.strip() and not ln.lstrip().startswith("#"))
+    first = next(lines, None)
+    if first is None:
+        raise ManifestError(f"list {name}: empty")
+    header = {h.strip().lower() for h in first.split(",")}
+    if name.lower().endswith(".csv") or header & set(_LIST_URI_COLS):
+        reader = csv.DictReader(itertools.chain([first], lines))
+        cols = {c.strip().lower(): c for c in reader.fieldnames or []}
+        uri_col = next((cols[c] for c in _LIST_URI_COLS if c in cols), None)
+        lab_col = next((cols[c] for c in _LIST_LABEL_COLS if c in cols), None)
+        if uri_col is None:
+            raise ManifestError(
+                f"list {name}: no 'uri' (or path/file) column in header {reader.fieldnames}"
+            )
+        for rec in reader:
+            yield rec[uri_col] or "", (rec[lab_col] if lab_col else None)
+        return
+    for line in itertools.chain([first], lines):
+        parts = line.strip().rsplit(None, 1)
+        if len(parts) == 2 and re.fullmatch(r"[+-]?\d+|n\d{8}", parts[1]):
+            yield parts[0], parts[1]
+        else:
+            yield line.strip(), None
+
+
 def build_from_list(
     source: str | os.PathLike[str] | Sequence[str | tuple[str, int | str | None]],
     out: str | os.PathLike[str],
@@ -426,61 +455,35 @@ def build_from_list(
     in-memory lists) and stored absolute unless ``relative=True``.
     """
     classes = load_class_list(class_list, storage_options) if class_list is not None else None
-    raw: list[tuple[str, int | str | None]] = []
+    # Entries stream from the list into the writer, one unit at a time: ImageNet train's
+    # 1.28 M lines held as lists of strings and tuples cost ~1 GB of RSS; streamed, the
+    # builder holds the list's text and one unit.
     if isinstance(source, (str, os.PathLike)):
         src = normalise_location(source)
         name = redact_uri(src)
         default_base = parent_location(src)
-        text = read_text(src, storage_options)
-        lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-        if not lines:
-            raise ManifestError(f"list {name}: empty")
-        header = {h.strip().lower() for h in lines[0].split(",")}
-        if src.lower().endswith(".csv") or header & set(_LIST_URI_COLS):
-            reader = csv.DictReader(io.StringIO("\n".join(lines)))
-            cols = {c.strip().lower(): c for c in reader.fieldnames or []}
-            uri_col = next((cols[c] for c in _LIST_URI_COLS if c in cols), None)
-            lab_col = next((cols[c] for c in _LIST_LABEL_COLS if c in cols), None)
-            if uri_col is None:
-                raise ManifestError(
-                    f"list {name}: no 'uri' (or path/file) column in header {reader.fieldnames}"
-                )
-            for rec in reader:
-                raw.append((rec[uri_col] or "", rec[lab_col] if lab_col else None))
-        else:
-            for line in lines:
-                parts = line.strip().rsplit(None, 1)
-                if len(parts) == 2 and re.fullmatch(r"[+-]?\d+|n\d{8}", parts[1]):
-                    raw.append((parts[0], parts[1]))
-                else:
-                    raw.append((line.strip(), None))
+        raw = _list_file_entries(read_text(src, storage_options), name)
     else:
         name = "list"
         default_base = os.getcwd()
-        for item in source:
-            if isinstance(item, (str, os.PathLike)):
-                raw.append((os.fspath(item), None))
-            else:
-                uri, lab = item
-                raw.append((os.fspath(uri), lab))
+        raw = ((os.fspath(item), None) if isinstance(item, (str, os.PathLike))
+               else (os.fspath(item[0]), item[1]) for item in source)  # fmt: skip
     base = normalise_location(base_dir) if base_dir is not None else default_base
-    entries: list[tuple[str | None, int | None]] = []
-    for i, (uri, lab) in enumerate(raw):
-        where = f"{name} entry {i + 1}"
-        uri = uri.strip()
-        if not uri:
-            raise ManifestError(f"{where}: empty uri")
-        if isinstance(lab, int):
-            label = label_of(str(lab), classes, where)
-        elif lab is None:
-            label = None
-        else:
-            label = label_of(str(lab), classes, where)
-        entries.append((resolve_uri(uri, base), label))
-    if not entries:
-        raise ManifestError(f"{name}: no entries")
+
+    def entries() -> Iterator[tuple[str | None, int | None]]:
+        i = -1
+        for i, (uri, lab) in enumerate(raw):
+            where = f"{name} entry {i + 1}"
+            uri = uri.strip()
+            if not uri:
+                raise ManifestError(f"{where}: empty uri")
+            label = None if lab is None else label_of(str(lab), classes, where)
+            yield resolve_uri(uri, base), label
+        if i < 0:
+            raise ManifestError(f"{name}: no entries")
+
     return write_manifest(
-        entries,
+        entries(),
         out,
         inline=inline,
         unit_size=unit_size,

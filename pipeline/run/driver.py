@@ -31,8 +31,8 @@ import os
 import time
 from typing import Any
 
+from pipeline.config import RunConfig
 from pipeline.messages import error_line
-from pipeline.run.config import RunConfig
 from pipeline.run.plan import UnitContext, resolve, run_state, store_attrs
 from pipeline.run.scheduler import Scheduler, note, ray_error_line
 from pipeline.run.summary import RunSummary
@@ -85,10 +85,8 @@ def _run(config: RunConfig, lease: Any) -> RunSummary:
     Raises ``ValueError`` (one line) for bad settings, manifests or mismatching stores,
     ``KeyboardInterrupt`` after a clean stop on Ctrl-C.
     """
-    from pipeline.analysis.evaluate import store_metric_names
     from pipeline.data.manifest import Manifest
     from pipeline.store.io import create_store, done_units
-    from pipeline.store.layout import primary_method
 
     t0 = time.perf_counter()
     if "://" not in config.store:
@@ -99,23 +97,8 @@ def _run(config: RunConfig, lease: Any) -> RunSummary:
     resolved = resolve(config)
     cfg = resolved.config
     attrs = store_attrs(resolved, manifest)
-    primary = primary_method(resolved.methods)
-    metric_names = store_metric_names(cfg.metrics, resolved.pool, cfg.metrics_all_members,
-                                      others=[m for m in resolved.methods if m != primary])
-    create_store(
-        cfg.store,
-        num_rows=manifest.num_rows,
-        unit_size=manifest.unit_size,
-        image_size=resolved.image_size,
-        pool=resolved.pool,
-        components=resolved.components,
-        metrics=metric_names,
-        selection=resolved.selection,
-        methods=resolved.methods,
-        attrs=attrs,
-        overwrite=cfg.overwrite,
-        storage_options=so,
-    )
+    layout = resolved.layout(manifest.num_rows, manifest.unit_size)
+    create_store(cfg.store, layout, attrs=attrs, overwrite=cfg.overwrite, storage_options=so)
     lease.acquire()  # a new store (or one --overwrite replaced): take it now
     if lease.took_over:
         note(f"store {cfg.store}: took over the lease of {lease.took_over}")
@@ -136,18 +119,8 @@ def _run(config: RunConfig, lease: Any) -> RunSummary:
         _finalize(cfg, summary)
         return summary
 
-    ctx = UnitContext(
-        manifest=str(manifest.uri),  # absolute: actors may run elsewhere
-        store=cfg.store,
-        num_units=manifest.num_units,
-        image_size=resolved.image_size,
-        pool=resolved.pool,
-        components=resolved.components,
-        metrics=metric_names,
-        layer=cfg.layer,
-        selection=resolved.selection,
-        methods=resolved.methods,
-    )
+    # absolute manifest: actors may run elsewhere
+    ctx = UnitContext(manifest=str(manifest.uri), store=cfg.store, layout=layout, layer=cfg.layer)
     sizes = {u: _unit_rows(manifest, u) for u in todo}
     del manifest  # the actors read rows themselves; the driver keeps only unit sizes
 

@@ -12,14 +12,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.run.config import RunConfig
+from pipeline.config import RunConfig, quiet_load_model
+from pipeline.store.layout import StoreLayout
+from pipeline.store.names import store_metric_names
 
 __all__ = [
     "Plan",
     "Resolved",
     "UnitContext",
     "plan_resources",
-    "quiet_load_model",
     "resolve",
     "run_state",
     "store_attrs",
@@ -28,33 +29,19 @@ __all__ = [
 
 @dataclass(frozen=True)
 class UnitContext:
-    """What the driver resolved once and every actor must agree on."""
+    """What the driver resolved once and every actor must agree on: where the rows and the
+    store are, the store's :class:`StoreLayout` (the contract it was created from, so an
+    actor writes units without reading metadata back) and the layer explained."""
 
     manifest: str
     store: str
-    num_units: int
-    image_size: int
-    pool: tuple[str, ...]
-    components: tuple[str, ...]
-    metrics: tuple[str, ...]
+    layout: StoreLayout
     layer: str | None
-    selection: str = "beta"  # the selection rule (what ``selection_score`` holds)
-    methods: tuple[str, ...] = ("unioncam",)  # the store's ``method`` coordinate, in order
 
-
-def quiet_load_model(model: str, weights: str | None) -> Any:
-    """``unioncam.load_model`` without the model packages' chatter on stdout.
-
-    (efficientnet_lite_pytorch prints "Loaded pretrained weights ..." on every load, which
-    would otherwise appear once per actor in the middle of the progress bar.)
-    """
-    import contextlib
-    import io
-
-    from unioncam import load_model
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return load_model(model, weights=weights)
+    @property
+    def image_size(self) -> int:
+        """The square network input's side."""
+        return int(self.layout.image_size[0])
 
 
 @dataclass(frozen=True)
@@ -70,6 +57,24 @@ class Resolved:
     selection: str = "beta"  # the selection rule: what ``selection_score`` holds
     methods: tuple[str, ...] = ("unioncam",)
     weights_sha256: str | None = None  # the checkpoint file's hash, when one was loaded
+
+    def layout(self, num_rows: int, unit_size: int) -> StoreLayout:
+        """THE store layout of this run over a manifest of ``num_rows`` rows in units of
+        ``unit_size``: built once here, then passed to ``create_store`` and every actor."""
+        from pipeline.store.layout import primary_method
+
+        cfg = self.config
+        primary = primary_method(self.methods)
+        metrics = store_metric_names(cfg.metrics, self.pool, cfg.metrics_all_members,
+                                     others=[m for m in self.methods if m != primary])
+        side = cfg.map_size or self.image_size
+        return StoreLayout(
+            num_rows=int(num_rows), unit_size=int(unit_size),
+            image_size=(self.image_size, self.image_size), map_size=(side, side),
+            pool=self.pool, components=self.components, metrics=metrics,
+            selection=self.selection or ("beta" if "unioncam" in self.methods else ""),
+            methods=self.methods,
+        )  # fmt: skip
 
 
 def resolve(config: RunConfig) -> Resolved:

@@ -14,9 +14,10 @@ import time
 from collections import deque
 from typing import Any
 
-from pipeline.run.config import RunConfig
+from pipeline.config import RunConfig
 from pipeline.run.plan import UnitContext, plan_resources
-from pipeline.run.summary import MAX_FAILED_ROWS, ActorStats, RunSummary
+from pipeline.run.summary import ActorStats, RunSummary
+from pipeline.store.names import MAX_FAILED_ROWS
 
 __all__ = ["Scheduler", "note", "ray_error_line"]
 

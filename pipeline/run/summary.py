@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["MAX_FAILED_ROWS", "ActorStats", "RunSummary"]
+__all__ = ["ActorStats", "RunSummary"]
 
-#: Failed images the summary names (the rest: ``unioncam export STORE --csv FILE``).
-MAX_FAILED_ROWS = 10
 
 
 @dataclass

@@ -34,58 +34,24 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import RunConfig, quiet_load_model
 from pipeline.data.decode import Status, load_row
 from pipeline.data.location import redact_uri
 from pipeline.data.manifest import Manifest
 from pipeline.messages import error_line
-from pipeline.run.config import RunConfig
-from pipeline.run.plan import UnitContext, quiet_load_model
-from pipeline.store.io import write_unit
-from pipeline.store.layout import StoreLayout, primary_method
+from pipeline.run.metrics import batch_metrics
+from pipeline.run.plan import UnitContext
+from pipeline.run.rows import empty_unit_arrays, null_maps, rows_from_result, stored_maps
+from pipeline.store.io import UnitWriter
+from pipeline.store.layout import primary_method
+from pipeline.store.names import MAX_FAILED_ROWS
 
-__all__ = ["ExplainWorker", "PoolMismatchError", "empty_unit_arrays", "rows_from_result"]
+__all__ = ["ExplainWorker", "PoolMismatchError"]
 
-#: Failed rows a unit names in its summary (the run summary shows at most 10 in all).
-MAX_FAILED_ROWS_REPORTED = 10
 
 
 class PoolMismatchError(RuntimeError):
     """The method in this actor produces other pool members than the store holds."""
-
-
-def empty_unit_arrays(n: int, ctx: UnitContext) -> dict[str, np.ndarray]:
-    """Arrays for ``n`` rows, every row pre-marked as "not explained" (NaN / -1).
-
-    The store's layout is the one list of arrays, dtypes and fill values; the worker
-    only says which options this run has.
-    """
-    layout = StoreLayout(num_rows=n, unit_size=n, image_size=(ctx.image_size, ctx.image_size),
-                         pool=ctx.pool, components=ctx.components, metrics=ctx.metrics,
-                         selection=ctx.selection, methods=ctx.methods)  # fmt: skip
-    return layout.empty_rows(n)
-
-
-def rows_from_result(res: Any) -> dict[str, np.ndarray]:
-    """THE mapping from the library's result to the store's per-row arrays (one place).
-
-    ``res`` is a UnionCAM :class:`unioncam.CAMResult`; the store's arrays carry the same
-    names (see :meth:`pipeline.store.layout.StoreLayout.arrays`): ``beta`` is the confidence
-    gain of every member, ``selection_score`` what the selection rule ranked by (β itself
-    for the ``beta`` rule), ``target`` the class explained.
-    """
-    out = {
-        "maps": res.maps.float().cpu().numpy(),
-        "target": res.target.cpu().numpy(),
-        "prob": res.prob.float().cpu().numpy(),
-    }
-    if res.beta is not None:  # UnionCAM's own fields (another method's result has none)
-        out |= {
-            "beta": res.beta.float().cpu().numpy(),
-            "selection_score": res.selection_score.float().cpu().numpy(),
-            "selected": res.selected.cpu().numpy(),
-            "baseline_prob": res.baseline_prob.float().cpu().numpy(),
-        }
-    return out
 
 
 class _Decoded:
@@ -130,6 +96,9 @@ class ExplainWorker:
         self.manifest = Manifest.open(
             ctx.manifest, storage_options=self._storage_options, validate=False
         )
+        # One writer for the actor's life: the layout came with the context, so no unit
+        # reads the store's metadata.
+        self.writer = UnitWriter(ctx.store, ctx.layout, self._storage_options)
         if config.explainer == "null":  # no torch, no model: the pipeline's bare overhead
             self.device = "cpu"
             self.loaded = None
@@ -160,15 +129,15 @@ class ExplainWorker:
         # Components are a storage option of the run, not a result setting of the method.
         # ... and so are every member's maps when every member is scored.
         method = dataclasses.replace(
-            method, return_components=bool(ctx.components) or config.metrics_all_members
+            method, return_components=bool(ctx.layout.components) or config.metrics_all_members
         )
         # One CAM per method, the primary (UnionCAM if present) first: it decides the class
         # explained, which the others then explain too.
-        primary = primary_method(ctx.methods)
+        primary = primary_method(ctx.layout.methods)
         self.cams = {
             name: UnionCAM(self.model, ctx.layer, config=method) if name == "unioncam"
             else make_cam(name, self.model, ctx.layer, **config.method_kwargs(name))
-            for name in sorted(ctx.methods, key=lambda m: m != primary)
+            for name in sorted(ctx.layout.methods, key=lambda m: m != primary)
         }  # fmt: skip
         self.cam = self.cams[primary]
         # One method: entered once for the actor's life. Several: each is entered around
@@ -227,17 +196,15 @@ class ExplainWorker:
         t_read = time.perf_counter()
 
         if self.config.explainer == "null":
-            self._null_fill(arrays)
+            self._null_fill(u, arrays)
             decode_s = compute_s = lock_s = 0.0
         else:
             decode_s, compute_s, lock_s = self._explain_rows(u, rows, arrays, attempt)
         t_explained = time.perf_counter()
 
-        write_unit(
-            self.ctx.store,
+        self.writer.write(
             u,
             arrays,
-            storage_options=self._storage_options,
             info={
                 "attempt": attempt,
                 "actor": self.actor_index,
@@ -254,7 +221,7 @@ class ExplainWorker:
         ok = int((status == int(Status.OK)).sum())
         self._units_done += 1
         self._progress.pop(u, None)
-        bad = np.nonzero(status != int(Status.OK))[0][:MAX_FAILED_ROWS_REPORTED]
+        bad = np.nonzero(status != int(Status.OK))[0][:MAX_FAILED_ROWS]
         summary = {
             "unit": u,
             "attempt": attempt,
@@ -285,13 +252,16 @@ class ExplainWorker:
             self._metrics.record(summary)
         return summary
 
-    def _null_fill(self, arrays: dict[str, np.ndarray]) -> None:
-        """The ``null`` explainer: zeros everywhere, status OK (benchmarking only)."""
+    def _null_fill(self, u: int, arrays: dict[str, np.ndarray]) -> None:
+        """The ``null`` explainer: CAM-like maps (:func:`null_maps`), zeros elsewhere, status
+        OK (benchmarking only)."""
         for name, a in arrays.items():
-            if name in ("label", "error"):
+            if name in ("label", "error", "uri"):
                 continue
             if name == "status":
                 a[:] = int(Status.OK)
+            elif a.ndim == 3:  # maps, methods/*, components/*
+                a[...] = null_maps(u, a.shape[0], a.shape[1:])
             else:
                 a[...] = 0
 
@@ -387,21 +357,22 @@ class ExplainWorker:
                 # Every other method explains the class the primary one explained.
                 targets = results[name].target
             res = results[self.cam_name]
-            if "unioncam" in results and tuple(res.pool) != tuple(self.ctx.pool):
+            if "unioncam" in results and tuple(res.pool) != tuple(self.ctx.layout.pool):
                 raise PoolMismatchError(
-                    f"the method's pool {tuple(res.pool)} differs from the store's {self.ctx.pool}"
+                    f"the method's pool {tuple(res.pool)} differs from the store's {self.ctx.layout.pool}"
                 )
-            out = rows_from_result(res)
+            size = self.ctx.layout.map_size
+            out = rows_from_result(res, size)
             for name, other in results.items():
                 if name != self.cam_name:
-                    out[f"methods/{name}"] = other.maps.float().cpu().numpy()
+                    out[f"methods/{name}"] = stored_maps(other.maps, size)
             with self.cam:
                 if self.config.target == "label":
                     out["predicted"] = self.cam.softmax(x).argmax(1).cpu().numpy()
                 else:
                     out["predicted"] = out["target"]
-                for name in self.ctx.components:
-                    out[f"components/{name}"] = res.components[name].float().cpu().numpy()
+                for name in self.ctx.layout.components:
+                    out[f"components/{name}"] = stored_maps(res.components[name], size)
                 for name, values in self._metrics_for(x, results).items():
                     out[f"metrics/{name}"] = values
         except Exception as e:
@@ -426,58 +397,10 @@ class ExplainWorker:
         return next(iter(self.cams))
 
     def _metrics_for(self, x, results: dict[str, Any]) -> dict[str, np.ndarray]:
-        """Optional faithfulness metrics of each method's maps (extra forwards).
-
-        Named like the store's ``metrics/<name>`` arrays: bare for the primary method,
-        ``<metric>@<method>`` for the others (``<metric>@<pool member>`` for UnionCAM's
-        members with ``metrics_all_members``). Costs per image and method: average drop /
-        increase 1 forward; insertion + deletion ``2 * ceil(S*S / step)`` forwards.
-        """
-        if not self.ctx.metrics:
-            return {}
-        from pipeline.analysis.evaluate import (
-            INS_DEL_METRICS,
-            ROAD_METRICS,
-            evaluate_batch,
-            member_metric,
-        )
-        from unioncam import metrics as M
-        from unioncam.road import road
-
-        want = set(self.ctx.metrics)
-        out: dict[str, np.ndarray] = {}
-        # Scored through the primary CAM's engine: its tuned chunk size, memory format and
-        # precision, its hook off, and nothing about the model's state changed behind it.
-        for method, res in results.items():
-            def named(metric: str, method=method) -> str:
-                return metric if method == self.cam_name else member_metric(metric, method)
-
-            if {named("average_drop"), named("increase")} & want:
-                drop, inc = M.average_drop_increase(self.cam, x, res.maps, targets=res.target)
-                for metric, v in (("average_drop", drop), ("increase", inc)):
-                    if named(metric) in want:
-                        out[named(metric)] = v.float().cpu().numpy()
-            if {named(k) for k in ROAD_METRICS} & want:
-                r = road(self.cam, x, res.maps, targets=res.target)
-                for k, v in (("road_morf", r.morf), ("road_lerf", r.lerf), ("road", r.road)):
-                    out[named(k)] = v.float().cpu().numpy()
-            if not {named(k) for k in INS_DEL_METRICS} & want and not (
-                method == "unioncam" and self.config.metrics_all_members
-            ):
-                continue
-            if method == "unioncam":
-                # the selected map (and every pool member with metrics_all_members)
-                ev = evaluate_batch(self.cam, x, res,
-                                    all_members=self.config.metrics_all_members,
-                                    step=self.config.metric_step)  # fmt: skip
-                out.update({named(k) if "@" not in k else k: v for k, v in ev.items()})
-            else:
-                r = M.insertion_deletion(self.cam, x, res.maps, targets=res.target,
-                                         step=self.config.metric_step)  # fmt: skip
-                ins, dele = r.insertion.float().cpu().numpy(), r.deletion.float().cpu().numpy()
-                out.update({named("insertion"): ins, named("deletion"): dele,
-                            named("ins_minus_del"): ins - dele})  # fmt: skip
-        return {k: v for k, v in out.items() if k in want}
+        """The run's stored metrics of each method's maps (:mod:`pipeline.run.metrics`)."""
+        return batch_metrics(self.cam, self.cam_name, x, results, self.ctx.layout.metrics,
+                             step=self.config.metric_step,
+                             all_members=self.config.metrics_all_members)  # fmt: skip
 
     def shutdown(self) -> None:
         """Release the hook and threads (the driver kills actors anyway)."""

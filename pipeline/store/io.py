@@ -23,6 +23,7 @@ attributes and markers go through :func:`redact` (credential-like keys are blank
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import json
 import os
@@ -31,13 +32,16 @@ import shutil
 import socket
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.core.array import AsyncArray
+from zarr.core.sync import sync
+from zarr.storage import StorePath
 
 from pipeline.data.decode import Status
 from pipeline.data.location import is_local, normalise_location, redact_uri, url_to_fs
@@ -54,10 +58,12 @@ from pipeline.store.layout import (
     StoreMismatchError,
     check_format,
     marker_key,
+    parse_codec,
     redact,
 )
 
 __all__ = [
+    "UnitWriter",
     "create_store",
     "done_units",
     "finalize_store",
@@ -69,9 +75,30 @@ __all__ = [
 ]
 
 _MARKER_RE = re.compile(r"^unit-(\d+)$")
-#: Maps compress ~1.5x better with byte-shuffle + zstd than with zarr's default zstd
-#: (measured on smooth float16 CAM-like maps: ratio 2.40 vs 1.60).
-_MAP_CODEC = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+
+
+def _array_kwargs(spec: ArraySpec, layout: StoreLayout) -> dict[str, Any]:
+    """``zarr.create_array`` arguments of one per-image array: the one definition that the
+    driver creates the store with and a :class:`UnitWriter` rebuilds the metadata from (so
+    a worker never reads it). Maps: one shard per unit of ``layout.map_chunk``-row inner
+    chunks, Blosc with byte shuffle (smooth float16 maps compress ~1.5x better shuffled);
+    every other array: one plain chunk per unit."""
+    kwargs: dict[str, Any] = {}
+    if spec.sharded:
+        cname, clevel = parse_codec(layout.map_codec)
+        kwargs["chunks"] = (spec.inner, *spec.trailing)
+        kwargs["shards"] = (layout.unit_size, *spec.trailing)
+        kwargs["compressors"] = BloscCodec(cname=cname, clevel=clevel, shuffle="shuffle")
+    else:
+        kwargs["chunks"] = (layout.unit_size, *spec.trailing)
+    return dict(
+        shape=(layout.num_rows, *spec.trailing),
+        dtype=str if spec.dtype == "str" else spec.dtype,
+        fill_value=spec.fill,
+        dimension_names=spec.dims,
+        attributes=redact(spec.attrs),
+        **kwargs,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,43 +194,22 @@ def _fingerprints(attrs: Mapping[str, Any]) -> dict[str, Any]:
 
 def create_store(
     path: str | os.PathLike[str],
+    layout: StoreLayout,
     *,
-    num_rows: int,
-    unit_size: int,
-    image_size: int | tuple[int, int],
-    pool: Sequence[str],
-    components: Sequence[str] = (),
-    metrics: Sequence[str] = (),
-    selection: str = "beta",
-    methods: Sequence[str] = ("unioncam",),
     attrs: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> zarr.Group:
-    """Create the store (DRIVER ONLY), or reuse a matching one to resume.
+    """Create the store of ``layout`` (DRIVER ONLY), or reuse a matching one to resume.
 
-    An existing store is reused when its layout (rows, unit size, image size, pool,
-    components, metrics, selection rule, format) and every ``*fingerprint`` key of ``attrs`` (e.g.
-    ``manifest_fingerprint``, ``config_fingerprint``) equal the stored ones; its attributes
-    are then updated with ``attrs``. Otherwise :class:`StoreMismatchError` (one line) unless
-    ``overwrite``, which deletes the old store, markers included. A path that holds
-    something that is not a unioncam store is never deleted or written into.
+    An existing store is reused when its layout (rows, unit size, image and map size,
+    pool, components, metrics, selection rule, map chunking and codec, format) and every
+    ``*fingerprint`` key of ``attrs`` (e.g. ``manifest_fingerprint``,
+    ``config_fingerprint``) equal the stored ones; its attributes are then updated with
+    ``attrs``. Otherwise :class:`StoreMismatchError` (one line) unless ``overwrite``, which
+    deletes the old store, markers included. A path that holds something that is not a
+    unioncam store is never deleted or written into.
     """
-    size = (
-        (int(image_size), int(image_size))
-        if isinstance(image_size, (int, np.integer))
-        else tuple(image_size)
-    )
-    layout = StoreLayout(
-        num_rows=int(num_rows),
-        unit_size=int(unit_size),
-        image_size=(int(size[0]), int(size[1])),
-        pool=tuple(str(p) for p in pool),
-        components=tuple(str(c) for c in components),
-        metrics=tuple(str(m) for m in metrics),
-        selection=str(selection or ("beta" if "unioncam" in methods else "")),
-        methods=tuple(str(m) for m in methods),
-    )
     user_attrs = redact(dict(attrs or {}))
     if LAYOUT_ATTR in user_attrs:
         raise StoreError(f"attrs must not contain the reserved key {LAYOUT_ATTR!r}")
@@ -281,7 +287,7 @@ def _create(
     store = _zstore(loc, storage_options, read_only=False)
     root_attrs = {**user_attrs, LAYOUT_ATTR: layout.to_dict(), "created_at": _now()}
     group = zarr.open_group(store, mode="w", attributes=root_attrs)
-    n, unit = layout.num_rows, layout.unit_size
+    n = layout.num_rows
     for sub, names in (("components", layout.components), ("metrics", layout.metrics),
                        ("methods", layout.others)):
         if names:
@@ -294,23 +300,7 @@ def _create(
     )
 
     def make(spec: ArraySpec) -> None:
-        kwargs: dict[str, Any] = {}
-        if spec.sharded:
-            kwargs["chunks"] = (1, *spec.trailing)
-            kwargs["shards"] = (unit, *spec.trailing)
-            kwargs["compressors"] = _MAP_CODEC
-        else:
-            kwargs["chunks"] = (unit, *spec.trailing)
-        zarr.create_array(
-            store,
-            name=spec.name,
-            shape=(n, *spec.trailing),
-            dtype=str if spec.dtype == "str" else spec.dtype,
-            fill_value=spec.fill,
-            dimension_names=spec.dims,
-            attributes=redact(spec.attrs),
-            **kwargs,
-        )
+        zarr.create_array(store, name=spec.name, **_array_kwargs(spec, layout))
 
     def make_coord(item: tuple[str, np.ndarray, Any]) -> None:
         # Coordinates (written once, here, by the driver): xarray indexes by them.
@@ -427,87 +417,119 @@ def _prepare(spec: ArraySpec, value: Any, rows: int, u: int) -> np.ndarray:
     return arr.astype(dtype, copy=False)
 
 
+class UnitWriter:
+    """WORKER: writes whole units of one store, reading no metadata.
+
+    Why a writer object: the layout travels from the driver (it created the store from
+    it), so the arrays' metadata is rebuilt here in memory from the same definition
+    (:func:`_array_kwargs`) instead of read back for every unit; an actor makes one writer
+    and every unit then costs only its own chunks, shards and marker. Every object written
+    goes through a :class:`RecordingStore`, so the marker lists each one's key, size and
+    CRC32C (what ``unioncam verify`` checks later). All arrays of a unit are written
+    concurrently on zarr's event loop (object-store latency dominates remote writes; Blosc
+    compresses the inner chunks in zarr's threads).
+    """
+
+    def __init__(
+        self,
+        store_path: str | os.PathLike[str],
+        layout: StoreLayout,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.loc = normalise_location(store_path)
+        self.layout = layout
+        self._base = _zstore(self.loc, storage_options, read_only=False)
+        self._storage_options = storage_options
+        self._specs = layout.arrays()
+        self._aliases = layout.aliases()
+        scratch = zarr.storage.MemoryStore()
+        self._meta = {s.name: zarr.create_array(scratch, name=s.name,
+                                                **_array_kwargs(s, layout)).metadata
+                      for s in self._specs}  # fmt: skip
+
+    def write(
+        self, u: int, arrays: Mapping[str, Any], *, info: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Write every array's rows of unit ``u`` (whole shards), then its marker.
+
+        ``arrays`` maps array names (``maps``, ``status``, ..., ``components/<name>``,
+        ``metrics/<name>``, ``methods/<name>``) to ``(rows, ...)`` arrays for this unit;
+        ``status`` and ``maps`` are required, every array not given is written with its
+        fill value ("not available"), so rewriting a unit always yields the same store
+        (idempotent: an actor may die after writing and the unit be retried). ``info``
+        adds fields to the marker (e.g. ``attempt``). Returns the marker dict.
+        """
+        t0 = time.perf_counter()
+        layout = self.layout
+        start, stop = layout.unit_range(int(u))
+        rows = stop - start
+        unknown = sorted(k for k in arrays if k not in self._aliases)
+        if unknown:
+            raise StoreError(f"write_unit(unit {u}): unknown array(s) {unknown}; known: "
+                             f"{sorted(set(self._aliases))}")  # fmt: skip
+        given = {self._aliases[k]: v for k, v in arrays.items()}
+        for required in ("status", "maps"):
+            if required not in given:
+                raise StoreError(f"write_unit(unit {u}): array {required!r} is required")
+        data = {
+            s.name: _prepare(s, given[s.name], rows, u) if s.name in given else s.empty(rows)
+            for s in self._specs
+        }
+        status = data["status"]
+        valid = {int(s) for s in Status if s is not Status.PENDING}
+        bad = sorted(set(np.unique(status).tolist()) - valid)
+        if bad:
+            raise StoreError(
+                f"write_unit(unit {u}): status has invalid code(s) {bad} (PENDING=255 means "
+                "'never processed' and cannot be written)"
+            )
+        store = RecordingStore(self._base)
+
+        async def put_all() -> None:
+            await asyncio.gather(*(
+                AsyncArray(self._meta[s.name], StorePath(store, s.name)).setitem(
+                    slice(start, stop), data[s.name])
+                for s in self._specs
+            ))  # fmt: skip
+
+        try:
+            sync(put_all())
+        except OSError as e:  # a full disk, a lost mount, an object store that keeps failing
+            raise StoreError(
+                f"unit {u}: cannot write to store {redact_uri(self.loc)}: {error_line(e)}"
+            ) from e
+        counts = np.bincount(status.astype(np.int64), minlength=256)
+        marker = {
+            "unit": int(u),
+            "start": int(start),
+            "stop": int(stop),
+            "rows": int(rows),
+            "ok": int(counts[int(Status.OK)]),
+            "failed": int(rows - counts[int(Status.OK)]),
+            "by_status": {s.name: int(counts[int(s)]) for s in Status if counts[int(s)]},
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "written_at": _now(),
+            "write_seconds": round(time.perf_counter() - t0, 3),
+            **redact(dict(info or {})),
+            **store.record(),
+        }
+        _write_marker(self.loc, int(u), marker, self._storage_options)
+        return marker
+
+
 def write_unit(
     store_path: str | os.PathLike[str],
+    layout: StoreLayout,
     u: int,
     arrays: Mapping[str, Any],
     storage_options: dict[str, Any] | None = None,
     *,
     info: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """WORKER: write every array's rows of unit ``u`` (whole shards), then its marker.
-
-    ``arrays`` maps array names (``maps``, ``scores``, ``status``, ...,
-    ``components/<name>``, ``metrics/<name>``) to ``(rows, ...)`` arrays for this unit;
-    ``status`` and ``maps`` are required, every other array not given is written with its
-    fill value ("not available"), so rewriting a unit always yields the same store
-    (idempotent: an actor may die after writing and the unit be retried). ``info`` adds
-    fields to the marker (e.g. ``seconds`` spent, ``attempt``). Returns the marker dict.
-    Never touches metadata: arrays are opened, not created.
-    """
-    t0 = time.perf_counter()
-    loc = normalise_location(store_path)
-    layout = read_layout(loc, storage_options)
-    start, stop = layout.unit_range(int(u))
-    rows = stop - start
-    aliases = layout.aliases()
-    unknown = sorted(k for k in arrays if k not in aliases)
-    if unknown:
-        raise StoreError(
-            f"write_unit(unit {u}): unknown array(s) {unknown}; known: {sorted(set(aliases))}"
-        )
-    given = {aliases[k]: v for k, v in arrays.items()}
-    for required in ("status", "maps"):
-        if required not in given:
-            raise StoreError(f"write_unit(unit {u}): array {required!r} is required")
-    specs = layout.arrays()
-    data = {
-        s.name: _prepare(s, given[s.name], rows, u) if s.name in given else s.empty(rows)
-        for s in specs
-    }
-    status = data["status"]
-    valid = {int(s) for s in Status if s is not Status.PENDING}
-    bad = sorted(set(np.unique(status).tolist()) - valid)
-    if bad:
-        raise StoreError(
-            f"write_unit(unit {u}): status has invalid code(s) {bad} (PENDING=255 means "
-            "'never processed' and cannot be written)"
-        )
-    # Every object written goes through the recorder: the marker lists each one's key,
-    # size and CRC32C (what ``unioncam verify`` checks later).
-    store = RecordingStore(_zstore(loc, storage_options, read_only=False))
-
-    def put(spec: ArraySpec) -> None:
-        arr = zarr.open_array(store, path=spec.name, mode="r+", zarr_format=3)
-        arr[start:stop] = data[spec.name]
-
-    # Arrays are independent objects: write them concurrently (object-store latency
-    # dominates remote writes; zarr runs all of it on its one event loop).
-    try:
-        with ThreadPoolExecutor(max_workers=min(8, len(specs))) as pool:
-            list(pool.map(put, specs))
-    except OSError as e:  # a full disk, a lost mount, an object store that keeps failing
-        raise StoreError(
-            f"unit {u}: cannot write to store {redact_uri(loc)}: {error_line(e)}"
-        ) from e
-    counts = np.bincount(status.astype(np.int64), minlength=256)
-    marker = {
-        "unit": int(u),
-        "start": int(start),
-        "stop": int(stop),
-        "rows": int(rows),
-        "ok": int(counts[int(Status.OK)]),
-        "failed": int(rows - counts[int(Status.OK)]),
-        "by_status": {s.name: int(counts[int(s)]) for s in Status if counts[int(s)]},
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "written_at": _now(),
-        "write_seconds": round(time.perf_counter() - t0, 3),
-        **redact(dict(info or {})),
-        **store.record(),
-    }
-    _write_marker(loc, int(u), marker, storage_options)
-    return marker
+    """WORKER: write unit ``u`` of the store of ``layout`` (see :meth:`UnitWriter.write`);
+    for many units make one :class:`UnitWriter` and reuse it."""
+    return UnitWriter(store_path, layout, storage_options).write(u, arrays, info=info)
 
 
 def _write_marker(

@@ -34,15 +34,26 @@ __all__ = [
     "safe_name",
 ]
 
-#: The store format this code writes and reads. 3: a per-row ``uri`` array (the image's
-#: redacted location); several CAM methods per store (``maps`` is the primary method's,
-#: ``methods/<name>`` every other's) and UnionCAM's arrays (``beta``, ``selected``, ...)
-#: exist when UnionCAM is one of them. 2 (unioncam 0.2): arrays ``beta``, ``selection_score`` (always) and
-#: ``target``, layout ``image_size``. 1 (unioncam < 0.2): ``scores``, ``selection_scores``
-#: for non-β rules only, ``class_explained``, ``map_size``.
-STORE_FORMAT = 3
+#: The store format this code writes and reads. 4: maps are stored at the layout's
+#: ``map_size`` (the network input's side, or smaller with ``--map-size``), in inner chunks
+#: of ``map_chunk`` rows (not one row: zarr's per-chunk cost of ~1-3 ms made a 1,024-row
+#: shard cost seconds whatever its bytes), compressed with ``map_codec``. 3 (unioncam 0.3):
+#: one-row inner chunks, maps at ``image_size``; a per-row ``uri`` array; several CAM
+#: methods per store (``maps`` is the primary method's, ``methods/<name>`` every other's).
+#: 2 (unioncam 0.2): arrays ``beta``, ``selection_score`` and ``target``. 1 (unioncam <
+#: 0.2): ``scores``, ``selection_scores``, ``class_explained``.
+STORE_FORMAT = 4
 #: Which unioncam wrote each older format (named in the refusal).
-_WRITTEN_BY = {1: "unioncam < 0.2", 2: "unioncam 0.2"}
+_WRITTEN_BY = {1: "unioncam < 0.2", 2: "unioncam 0.2", 3: "unioncam 0.3"}
+#: Raw bytes aimed at per inner chunk of a map array: ~2 MiB (16 rows of 224 px float16,
+#: capped at 128 rows for small maps). Measured on 1,024 CAM-like maps (benchmarks/
+#: bench_scale.py): fewer, larger chunks cut zarr's per-chunk overhead, while one row read
+#: (``query row``, an overlay) still decodes at most ~2 MiB (a few ms).
+MAP_CHUNK_BYTES = 2 << 20
+MAX_MAP_CHUNK_ROWS = 128
+#: The maps' compressor: Blosc with byte shuffle and zstd at level 1. Against level 5
+#: (format 3) it writes a 224-px unit ~3-4x faster for ~10 % more bytes (bench_scale.py).
+DEFAULT_MAP_CODEC = "zstd:1"
 #: Root attribute holding the layout (what shapes/arrays the store has).
 LAYOUT_ATTR = "unioncam_store"
 MARKERS = "markers"
@@ -125,14 +136,37 @@ class ArraySpec:
     dtype: str  # numpy dtype string, or "str" for variable-length UTF-8
     fill: Any
     trailing: tuple[int, ...] = ()
-    sharded: bool = False  # inner chunk = one image (maps); else one chunk per unit
+    #: Rows per inner chunk of a sharded array (maps: one shard per unit holds
+    #: ``unit_size / inner`` chunks); 0: one plain chunk per unit.
+    inner: int = 0
     attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sharded(self) -> bool:
+        return self.inner > 0
 
     def empty(self, rows: int) -> np.ndarray:
         """Fill-valued data for ``rows`` rows (what "not available" looks like)."""
         if self.dtype == "str":
             return np.full((rows, *self.trailing), self.fill, dtype=object)
         return np.full((rows, *self.trailing), self.fill, dtype=np.dtype(self.dtype))
+
+
+def map_chunk_rows(unit_size: int, map_size: tuple[int, int]) -> int:
+    """Rows per inner chunk of a map array: the largest divisor of ``unit_size`` (a shard
+    must hold whole chunks) whose raw float16 bytes stay within :data:`MAP_CHUNK_BYTES`."""
+    limit = max(1, min(MAX_MAP_CHUNK_ROWS, MAP_CHUNK_BYTES // (2 * map_size[0] * map_size[1])))
+    return max(d for d in range(1, min(limit, unit_size) + 1) if unit_size % d == 0)
+
+
+def parse_codec(text: str) -> tuple[str, int]:
+    """``"zstd:1"`` -> ``("zstd", 1)``: a Blosc compressor and its level (one-line error)."""
+    cname, _, level = str(text).partition(":")
+    if cname not in ("zstd", "lz4", "lz4hc", "zlib", "blosclz") or not level.isdigit() \
+            or not 0 <= int(level) <= 9:
+        raise StoreError(f"map codec must be <blosc compressor>:<level 0-9> (e.g. "
+                         f"{DEFAULT_MAP_CODEC}), got {text!r}")
+    return cname, int(level)
 
 
 def safe_name(name: str) -> str:
@@ -148,7 +182,7 @@ class StoreLayout:
 
     num_rows: int
     unit_size: int
-    image_size: tuple[int, int]
+    image_size: tuple[int, int]  # (h, w); an int is a square's side
     pool: tuple[str, ...]
     components: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
@@ -157,9 +191,28 @@ class StoreLayout:
     #: The CAM methods whose maps the store holds: :attr:`primary`'s in ``maps``, every
     #: other's in ``methods/<name>``.
     methods: tuple[str, ...] = ("unioncam",)
+    #: The stored maps' (h, w): ``image_size`` (lossless) or smaller (``--map-size``,
+    #: area-downsampled from the network-input map); ``None`` means ``image_size``.
+    map_size: tuple[int, int] | None = None
+    #: Rows per inner chunk of every map array; ``None``: :func:`map_chunk_rows`.
+    map_chunk: int | None = None
+    map_codec: str = DEFAULT_MAP_CODEC
     format: int = STORE_FORMAT
 
     def __post_init__(self) -> None:
+        if isinstance(self.image_size, (int, np.integer)):  # a square input's side
+            object.__setattr__(self, "image_size", (int(self.image_size), int(self.image_size)))
+        if isinstance(self.map_size, (int, np.integer)):
+            object.__setattr__(self, "map_size", (int(self.map_size), int(self.map_size)))
+        object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        for name in ("pool", "components", "metrics", "methods"):
+            object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name)))
+        if "unioncam" not in self.methods and self.selection == "beta":
+            object.__setattr__(self, "selection", "")  # no pool: nothing is selected
+        if self.map_size is None:
+            object.__setattr__(self, "map_size", tuple(self.image_size))
+        if self.map_chunk is None:
+            object.__setattr__(self, "map_chunk", map_chunk_rows(self.unit_size, self.map_size))
         for what, v in (("num_rows", self.num_rows), ("unit_size", self.unit_size)):
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise StoreError(f"{what} must be a positive integer, got {v!r}")
@@ -167,6 +220,14 @@ class StoreLayout:
             raise StoreError(
                 f"image_size must be a positive int or (h, w), got {self.image_size!r}"
             )
+        if len(self.map_size) != 2 or not 1 <= min(self.map_size) \
+                or any(m > i for m, i in zip(self.map_size, self.image_size, strict=True)):
+            raise StoreError(f"map_size must be positive and at most image_size "
+                             f"{tuple(self.image_size)}, got {self.map_size!r}")
+        if not 1 <= self.map_chunk <= self.unit_size or self.unit_size % self.map_chunk:
+            raise StoreError(f"map_chunk must divide unit_size {self.unit_size}, "
+                             f"got {self.map_chunk!r}")
+        parse_codec(self.map_codec)
         if not self.methods or len(set(self.methods)) != len(self.methods):
             raise StoreError(f"methods must be non-empty unique names, got {list(self.methods)}")
         if self.has_pool and (not self.pool or len(set(self.pool)) != len(self.pool)):
@@ -225,6 +286,9 @@ class StoreLayout:
             "metrics": list(self.metrics),
             "selection": self.selection,
             "methods": list(self.methods),
+            "map_size": [int(v) for v in self.map_size],
+            "map_chunk": int(self.map_chunk),
+            "map_codec": self.map_codec,
         }
 
     @classmethod
@@ -238,17 +302,21 @@ class StoreLayout:
             metrics=tuple(d.get("metrics", ())),
             selection=str(d.get("selection") or ""),
             methods=tuple(d.get("methods") or ("unioncam",)),
+            map_size=(tuple(int(v) for v in d["map_size"]) if d.get("map_size") else None),
+            map_chunk=(int(d["map_chunk"]) if d.get("map_chunk") else None),
+            map_codec=str(d.get("map_codec") or DEFAULT_MAP_CODEC),
             format=int(d.get("format", STORE_FORMAT)),
         )
 
     def arrays(self) -> list[ArraySpec]:
         """Every per-image array (the ones :func:`write_unit` writes), in a fixed order."""
-        h, w = self.image_size
+        h, w = self.map_size
+        k = self.map_chunk
         p = len(self.pool)
         sel_dtype = "i1" if p <= 127 else "i2"
         nan = float("nan")
         specs = [
-            ArraySpec("maps", ("image", "y", "x"), "f2", nan, (h, w), sharded=True,
+            ArraySpec("maps", ("image", "y", "x"), "f2", nan, (h, w), inner=k,
                       attrs={"method": self.primary,
                              "description": f"{self.primary} map, [0,1], on the crop"
                                             + (" (the selected pool member's)"
@@ -289,13 +357,13 @@ class StoreLayout:
         for name in self.others:
             specs.append(
                 ArraySpec(f"methods/{safe_name(name)}", ("image", "y", "x"), "f2", nan, (h, w),
-                          sharded=True, attrs={"name": name,
+                          inner=k, attrs={"name": name,
                                                "description": f"{name} map, [0,1], on the crop"})
             )  # fmt: skip
         for name in self.components:
             specs.append(
                 ArraySpec(f"components/{safe_name(name)}", ("image", "y", "x"), "f2", nan, (h, w),
-                          sharded=True, attrs={"name": name})
+                          inner=k, attrs={"name": name})
             )  # fmt: skip
         for name in self.metrics:
             specs.append(

@@ -9,13 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.analysis.evaluate import (
-    INS_DEL_METRICS,
-    ROAD_METRICS,
-)
 from pipeline.analysis.images import colorize
 from pipeline.analysis.report.sample import ReportSample
 from pipeline.analysis.report.stats import METRIC_TITLES, finite
+from pipeline.store.names import INS_DEL_METRICS, ROAD_METRICS
 
 __all__ = ['fig_curves', 'fig_distribution', 'fig_gallery', 'fig_scores', 'fig_selection']
 

@@ -14,12 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.analysis.evaluate import (
-    INS_DEL_METRICS,
-    METHODS,
-    ROAD_METRICS,
-    check_methods,
-)
+from pipeline.analysis.evaluate import METHODS, check_methods
 from pipeline.analysis.report.figures import (
     fig_curves,
     fig_distribution,
@@ -36,6 +31,7 @@ from pipeline.analysis.report.stats import (
     method_stats,
 )
 from pipeline.analysis.report.stored import store_sample
+from pipeline.store.names import INS_DEL_METRICS, ROAD_METRICS
 
 __all__ = ['build_report', 'render']
 

@@ -14,11 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.analysis.evaluate import (
-    INS_DEL_METRICS,
-    ROAD_METRICS,
-)
 from pipeline.analysis.report.sample import ReportSample
+from pipeline.store.names import INS_DEL_METRICS, ROAD_METRICS
 
 __all__ = ['EXACT_BOOTSTRAP_MAX', 'METRIC_SIGN', 'METRIC_TITLES', 'ReportError', 'bootstrap_ci', 'by_class', 'finite', 'method_stats', 'paired_bootstrap']
 

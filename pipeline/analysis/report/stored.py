@@ -11,17 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.analysis.evaluate import (
-    INS_DEL_METRICS,
-    METHOD_LABELS,
-    ROAD_METRICS,
-    parse_metric_name,
-)
+from pipeline.analysis.evaluate import METHOD_LABELS
 from pipeline.analysis.reader import open_reader
 from pipeline.analysis.report.sample import GalleryItem, ReportSample, class_names, cname
 from pipeline.analysis.report.stats import ReportError, by_class
 from pipeline.data.decode import Status
 from pipeline.store.layout import safe_name
+from pipeline.store.names import INS_DEL_METRICS, ROAD_METRICS, parse_metric_name
 
 __all__ = ['member_label', 'read_store_scalars', 'store_sample', 'summarize_store']
 
@@ -263,8 +259,7 @@ def _sanity_store(reader: Any, rows: np.ndarray, count: int, progress: bool,
     import torch
 
     from pipeline.analysis.report.sanity import run_sanity, store_specs
-    from pipeline.run.config import RunConfig
-    from pipeline.run.plan import quiet_load_model
+    from pipeline.config import RunConfig, quiet_load_model
 
     attrs = dict(reader.group.attrs)
     cfg = RunConfig.from_dict(dict(attrs["config"]))

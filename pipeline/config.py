@@ -33,6 +33,7 @@ __all__ = [
     "TARGETS",
     "FaultInjection",
     "RunConfig",
+    "quiet_load_model",
 ]
 
 
@@ -97,9 +98,12 @@ class RunConfig:
     #: to every actor (a dict of its fields is accepted and converted, for JSON). Default:
     #: the library's default preset.
     method: UnionCAMConfig = field(default_factory=lambda: _method_class()())
-    #: Side of the square network input (and of the stored maps); ``None``: the model's
-    #: default crop size.
+    #: Side of the square network input; ``None``: the model's default crop size.
     image_size: int | None = None
+    #: Side of the stored maps; ``None``: ``image_size`` (lossless). Smaller stores the
+    #: network-input map area-downsampled (a CAM comes from a 7-28 px layer upsampled, so
+    #: 56 px keeps it to within ~1e-2, docs/store.md, at 1/16 of the bytes).
+    map_size: int | None = None
     target: str = "predicted"
     explainer: str = "unioncam"
     #: Also store every pool member's map (``components/<name>``): ``len(pool)`` times the
@@ -107,7 +111,7 @@ class RunConfig:
     components: bool = False
     metrics: tuple[str, ...] = ()
     #: Also score every pool member's map (``metrics/<metric>@<member>``, see
-    #: :func:`pipeline.analysis.evaluate.store_metric_names`); needs an insertion/deletion metric.
+    #: :func:`pipeline.store.names.store_metric_names`); needs an insertion/deletion metric.
     metrics_all_members: bool = False
     #: RISE pixels per insertion/deletion step (224 at 224 px = 224 steps, the default).
     metric_step: int = 224
@@ -165,6 +169,10 @@ class RunConfig:
         pos("cpus_per_actor", self.cpus_per_actor, allow_none=True)
         pos("decode_threads", self.decode_threads, allow_none=True)
         pos("image_size", self.image_size, allow_none=True)
+        pos("map_size", self.map_size, allow_none=True)
+        if self.map_size and self.image_size and self.map_size > self.image_size:
+            raise ValueError(f"map_size {self.map_size} must be at most image_size "
+                             f"{self.image_size}")
         pos("max_units", self.max_units, allow_none=True)
         if not isinstance(self.prefetch_batches, int) or self.prefetch_batches < 0:
             raise ValueError(
@@ -228,6 +236,8 @@ class RunConfig:
             # Only when not the default, so stores made before these options still resume.
             **({"metrics_all_members": True} if self.metrics_all_members else {}),
             **({"metric_step": self.metric_step} if self.metric_step != 224 else {}),
+            **({"map_size": self.map_size}
+               if self.map_size and self.map_size != self.image_size else {}),
         }
 
     def _method_settings(self) -> dict[str, Any]:
@@ -300,3 +310,18 @@ def _method_class() -> type[UnionCAMConfig]:
     from unioncam.union import UnionCAMConfig
 
     return UnionCAMConfig
+
+
+def quiet_load_model(model: str, weights: str | None) -> Any:
+    """``unioncam.load_model`` without the model packages' chatter on stdout.
+
+    (efficientnet_lite_pytorch prints "Loaded pretrained weights ..." on every load, which
+    would otherwise appear once per actor in the middle of the progress bar.)
+    """
+    import contextlib
+    import io
+
+    from unioncam import load_model
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return load_model(model, weights=weights)
