@@ -268,7 +268,7 @@ def main() -> None:
         w = stages["run"]["write_s_per_unit"]
         text += [f"Markers' `write_seconds` per unit (wall, while the other actor ran): median "
                  f"{w['median']} s, p90 {w['p90']} s over {w['units']} units. Driver RSS in the "
-                 X, ""]  # fmt: skip
+                 f"run's second and last quarter: {stages['run'].get('rss_mb_q2_q4')} MB.", ""]  # fmt: skip
     if writes:
         text += ["## One 1,024-row unit written, format 3 against today (best of "
                  f"{a.rounds} interleaved rounds)", "", md_table(
