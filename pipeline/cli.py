@@ -481,8 +481,9 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
 def _cmd_status(a: argparse.Namespace) -> int:
     from pipeline.analysis.reader import open_reader
+    from pipeline.analysis.status import store_status
 
-    st = open_reader(a.store, parse_storage_options(a.storage_option)).status()
+    st = store_status(open_reader(a.store, parse_storage_options(a.storage_option)))
     if a.json:
         print(json.dumps(st.__dict__, default=str, indent=1))
     else:

@@ -467,3 +467,30 @@ def test_an_analysed_store_still_verifies(planted, capsys):
     assert (Path(planted["path"]) / "analysis" / "rows").is_dir()
     assert main(["verify", str(planted["path"]), "--deep"]) == 0
     assert "0 bad" in capsys.readouterr().out
+
+
+def test_analyze_opens_the_store_a_constant_number_of_times(tmp_path, monkeypatch):
+    """The store is opened per pass, not per unit: 20 units and 5 units cost the same."""
+    import pipeline.analysis.reader as reader_mod
+    import pipeline.analysis.store_analysis as analysis_mod
+    from pipeline.store import io
+
+    opens: list[str] = []
+
+    def counted(path, *a, **k):
+        opens.append(str(path))
+        return io.open_store(path, *a, **k)
+
+    monkeypatch.setattr(reader_mod, "open_store", counted)
+    monkeypatch.setattr(analysis_mod, "open_store", counted)
+    rng = np.random.default_rng(3)
+    counts = {}
+    for units in (20, 5):
+        n = units * UNIT
+        maps = rng.random((n, S, S)).astype(np.float32)
+        path = write_store(tmp_path / f"s{units}.zarr", maps, np.arange(n) % 4, bad=False)
+        opens.clear()
+        summary = analyze(str(path), config=AnalysisConfig(groups="class"), parallel=False)
+        assert summary.units == units and summary.rows_described == n
+        counts[units] = len(opens)
+    assert counts[20] == counts[5] <= 4, counts

@@ -28,6 +28,7 @@ ray = pytest.importorskip("ray")
 torch = pytest.importorskip("torch")
 
 from pipeline.analysis.reader import open_reader  # noqa: E402
+from pipeline.analysis.status import store_status  # noqa: E402
 from pipeline.config import FaultInjection, RunConfig  # noqa: E402
 from pipeline.data.build import build_from_list  # noqa: E402
 from pipeline.data.decode import Status, decode_image, load_row, read_bytes  # noqa: E402
@@ -269,7 +270,7 @@ def test_dead_actor_is_replaced_and_failing_unit_reported_then_rerun_finishes(
     assert markers[2]["attempt"] == 1
     status = open_store(str(store))["status"][:]
     assert (status[4 * UNIT :] == int(Status.PENDING)).all()
-    assert open_reader(str(store)).status().state.startswith("incomplete: 1 failed units")
+    assert store_status(open_reader(str(store))).state.startswith("incomplete: 1 failed units")
     # Once the cause is gone, the same command finishes exactly the missing unit.
     s2 = run(make_config(data["manifest"], store, actors=1))
     assert s2.units_processed == 1 and s2.units_already_done == N_UNITS - 1 and s2.complete
@@ -297,7 +298,7 @@ def test_ctrl_c_leaves_a_store_that_a_rerun_completes_and_a_finished_rerun_does_
         mdir = store / "markers"
         while not stop.is_set():
             if mdir.is_dir() and any(p.name.startswith("unit-") for p in mdir.iterdir()):
-                seen.append(open_reader(str(store)).status().state)
+                seen.append(store_status(open_reader(str(store))).state)
                 _thread.interrupt_main()  # what Ctrl-C does to the main thread
                 return
             time.sleep(0.05)
@@ -316,7 +317,7 @@ def test_ctrl_c_leaves_a_store_that_a_rerun_completes_and_a_finished_rerun_does_
     done = done_units(str(store))
     assert 1 <= len(done) <= N_UNITS - 2
     assert seen and seen[0].startswith("in progress (driver pid")
-    assert open_reader(str(store)).status().state.startswith("interrupted")
+    assert store_status(open_reader(str(store))).state.startswith("interrupted")
     s2 = run(make_config(data["manifest"], store, actors=1))
     assert s2.complete and s2.units_processed == N_UNITS - len(done)
     assert s2.units_already_done == len(done)
@@ -417,7 +418,7 @@ def test_s3_end_to_end_manifest_images_and_store_on_s3(ray_cluster, data, refere
         assert cfg["storage_options"] == sorted(so)
         assert s3.endpoint_url not in json.dumps(root)
         r = open_reader(store, storage_options=so)
-        assert r.status().complete
+        assert store_status(r).complete
         top = r.top_k("prob", 3)
         assert len(top) == 3 and top[0].score == pytest.approx(float(np.nanmax(a["prob"])))
         again = run(make_config(m.uri, store, storage_options=so))

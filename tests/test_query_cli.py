@@ -26,6 +26,7 @@ ray = pytest.importorskip("ray")
 
 from pipeline.analysis.images import overlay_image  # noqa: E402
 from pipeline.analysis.reader import open_reader  # noqa: E402
+from pipeline.analysis.status import store_status  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 from pipeline.data.classes import load_class_names  # noqa: E402
 from pipeline.data.decode import Status, decode_image, read_bytes  # noqa: E402
@@ -167,7 +168,7 @@ def test_one_line_error_in_a_real_subprocess(tmp_path):
 # ---------------------------------------------------------------------------------------
 # status, stats, top-k
 def test_status_api_and_cli(made, capsys):
-    st = open_reader(str(made["store"])).status()
+    st = store_status(open_reader(str(made["store"])))
     assert st.complete and st.units_done == st.num_units == 3 and st.state == "finished"
     assert st.rows_by_status == {"OK": N_GOOD, "CORRUPT": 1}
     assert main(["status", str(made["store"])]) == 0
@@ -364,7 +365,7 @@ def test_demo_runs_offline_on_bundled_photos(ray_cluster, tmp_path, capsys):
     assert run_demo(out=tmp_path / "demo", image_size=64) == 0
     out = capsys.readouterr().out
     r = open_reader(str(tmp_path / "demo" / "store.zarr"))
-    st = r.status()
+    st = store_status(r)
     assert st.complete and st.rows_by_status == {"OK": len(DEMO_IMAGES)}
     names = load_class_names()
     m = Manifest.open(str(tmp_path / "demo" / "manifest.parquet"))

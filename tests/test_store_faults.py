@@ -29,6 +29,7 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
 from pipeline.analysis.reader import open_reader  # noqa: E402
+from pipeline.analysis.status import store_status  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.data.build import build_from_list  # noqa: E402
@@ -233,7 +234,7 @@ def test_a_driver_killed_while_finalising_leaves_a_store_the_rerun_finishes(
     assert "markers" in consolidated and not any(k.startswith("markers/") for k in consolidated)
     assert open_reader(str(store)).done_units() == set(range(N // 2))  # listed, as ever
     assert root["attributes"]["summary"]["complete"]
-    st = open_reader(str(store)).status()
+    st = store_status(open_reader(str(store)))
     assert st.complete and st.state == "finished" and st.lease is None
     assert st.rows_by_status == {"OK": N}
     assert verify_store(str(store), deep=True).ok

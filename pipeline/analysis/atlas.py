@@ -35,8 +35,10 @@ import numpy as np
 from pipeline.analysis.descriptors import DESCRIPTOR_TITLES, DESCRIPTORS
 from pipeline.analysis.images import colorize
 from pipeline.analysis.reader import StoreReader
+from pipeline.analysis.status import store_status
 from pipeline.data.classes import class_name, load_class_names
 from pipeline.data.decode import Status
+from pipeline.store.names import status_name, text
 
 __all__ = ["AtlasSite", "write_atlas"]
 
@@ -188,14 +190,10 @@ def _failed_rows(reader: StoreReader) -> list[tuple[int, int, str, str, str]]:
         for i in bad.tolist():
             st = int(a["status"][i])
             c = int(a["target"][i]) if int(a["target"][i]) >= 0 else int(a["label"][i])
-            err, uri = (_text(a[k][i]) if k in a else "" for k in ("error", "uri"))
-            name = Status(st).name if st in Status._value2member_map_ else str(st)
+            err, uri = (text(a[k][i]) if k in a else "" for k in ("error", "uri"))
+            name = status_name(st)
             out.append((start + i, c, name, uri, err))
     return out
-
-
-def _text(v: Any) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v or "")
 
 
 def write_atlas(reader: StoreReader, out: str | Path, *, manifest: str | None = None,
@@ -258,7 +256,7 @@ def write_atlas(reader: StoreReader, out: str | Path, *, manifest: str | None = 
         body.append("<h2>Classes</h2>" + _class_table(rows, names, {}, link=False))
         gfailed = [f for f in failed if group_of.get(f[1]) == name]
         body.append(f"<h2>Failed rows ({len(gfailed)})</h2>" + _failed_table(gfailed, names))
-        (out / f"group-{slug}.html").write_text(_page(f"{title} – unioncam atlas",
+        (out / f"group-{slug}.html").writetext(_page(f"{title} – unioncam atlas",
                                                        "\n".join(body)), encoding="utf-8")
         pages += 1
     # ---------------------------------------------------------------- class thumbnails
@@ -273,7 +271,7 @@ def write_atlas(reader: StoreReader, out: str | Path, *, manifest: str | None = 
         _compare_page(reader, res, out, imgs, names, manifest)
         pages += 1
     # ---------------------------------------------------------------- index
-    st = reader.status()
+    st = store_status(reader)
     a = reader.attrs
     cover = ("every unit" if res.complete else
              f"{len(res.attrs.get('units', []))} of {reader.num_units} units "
@@ -313,9 +311,9 @@ def write_atlas(reader: StoreReader, out: str | Path, *, manifest: str | None = 
     body.append(_class_table(classes, names, class_thumb, link=True))
     if failed:
         body.append(f"<h2>Failed rows ({len(failed)})</h2>" + _failed_table(failed, names))
-    (out / "index.html").write_text(_page("unioncam atlas", "\n".join(body)), encoding="utf-8")
+    (out / "index.html").writetext(_page("unioncam atlas", "\n".join(body)), encoding="utf-8")
     pages += 1
-    (out / "atlas.json").write_text(json.dumps({"store": reader.path, "groups": len(groups),
+    (out / "atlas.json").writetext(json.dumps({"store": reader.path, "groups": len(groups),
                                                 "classes": len(classes)}), encoding="utf-8")
     return AtlasSite(index=out / "index.html", pages=pages, images=imgs.count)
 
@@ -410,5 +408,5 @@ def _compare_page(reader: StoreReader, res: Any, out: Path, imgs: _Images, names
            f'data-v="{r["top_iou"]}">{_num(r["top_iou"])}</td></tr>' for r in table]  # fmt: skip
     body.append("<h2>Classes by agreement</h2>"
                 + _table(["class", "name", "spearman", "top_iou"], trs, "agreement"))
-    (out / "compare.html").write_text(_page("comparison – unioncam atlas", "\n".join(body)),
+    (out / "compare.html").writetext(_page("comparison – unioncam atlas", "\n".join(body)),
                                       encoding="utf-8")

@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline.analysis.reader import StoreReader
 from pipeline.data.classes import class_name
-from pipeline.data.decode import Status
+from pipeline.store.names import status_name, text
 
 __all__ = ["export_csv"]
 
@@ -45,9 +45,9 @@ def export_csv(reader: StoreReader, path: str, names: list[str]) -> int:
                 ce = int(a["target"][i])
                 row = [
                     start + i,
-                    _text(a["uri"][i]),
-                    Status(st).name if st in Status._value2member_map_ else st,
-                    _text(a["error"][i]),
+                    text(a["uri"][i]),
+                    status_name(st),
+                    text(a["error"][i]),
                     int(a["label"][i]),
                     int(a["predicted"][i]),
                     ce,
@@ -64,10 +64,6 @@ def export_csv(reader: StoreReader, path: str, names: list[str]) -> int:
                 w.writerow(row)
                 n += 1
     return n
-
-
-def _text(v: Any) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v or "")
 
 
 def _fmt(v: Any) -> str:

@@ -18,7 +18,6 @@ rule scores −inf) are left out of a top-k, in either direction.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -38,73 +37,15 @@ from pipeline.store.layout import (
     StoreLayout,
     safe_name,
 )
-from pipeline.store.lease import describe_lease, read_lease
-from pipeline.store.names import MAX_FAILED_ROWS
+from pipeline.store.names import status_name, text
 from pipeline.store.verify import VerifyReport, verify_store
 
 __all__ = [
     "ClassStats",
     "StoreReader",
-    "StoreStatus",
     "TopRow",
     "open_reader",
 ]
-
-
-@dataclass
-class StoreStatus:
-    """Where a run stands (from markers and the status array)."""
-
-    store: str
-    num_rows: int
-    num_units: int
-    units_done: int
-    rows_done: int
-    rows_by_status: dict[str, int]
-    complete: bool
-    attrs: dict[str, Any] = field(default_factory=dict)
-    #: finished / in progress (...) / interrupted / incomplete (see ``StoreReader.status``)
-    state: str = ""
-    #: ``(row id, uri, status, message)`` of the first failed rows (at most 10).
-    failed_rows: list[tuple[int, str, str, str]] = field(default_factory=list)
-    #: the driver lease (host, pid, started_at, heartbeat, ...), None when no driver holds it
-    lease: dict[str, Any] | None = None
-
-    def format(self) -> str:
-        a = self.attrs
-        state = self.state or ("finished" if self.complete else "incomplete")
-        lines = [
-            f"store: {self.store}",
-            f"state: {state}",
-            f"units: {self.units_done} of {self.num_units} done",
-            f"rows:  {self.rows_done} of {self.num_rows} written",
-            "driver lease: " + (describe_lease(self.lease) if self.lease else "free"),
-        ]
-        if self.rows_by_status:
-            lines.append(
-                "rows by status: "
-                + ", ".join(f"{k}={v}" for k, v in sorted(self.rows_by_status.items()))
-            )
-        for row, uri, status, message in self.failed_rows:
-            lines.append(f"  row {row} {uri or '<inline image>'}: {status}: {message}")
-        failed = sum(v for k, v in self.rows_by_status.items() if k != "OK")
-        if failed > len(self.failed_rows):
-            lines.append(
-                f"  ... {failed - len(self.failed_rows)} more failed rows: unioncam export "
-                f"{self.store} --csv FILE lists every row with its file and status"
-            )
-        if a:
-            lines.append(
-                f"model: {a.get('model')} ({a.get('weights')}), layer {a.get('layer')}, "
-                f"image size {a.get('image_size')}, explainer {a.get('explainer', 'unioncam')}"
-            )
-            if a.get("methods"):
-                lines.append("methods: " + ", ".join(a["methods"]))
-            if a.get("pool"):
-                lines.append("pool: " + ", ".join(a["pool"]))
-            if a.get("manifest"):
-                lines.append(f"manifest: {a['manifest']}")
-        return "\n".join(lines)
 
 
 @dataclass
@@ -164,13 +105,24 @@ class StoreReader:
         self.methods: tuple[str, ...] = self.layout.methods
         self.primary: str = self.layout.primary
         self.image_size = int(self.layout.image_size[-1])
+        #: The stored maps' side (``image_size``, or smaller with ``--map-size``).
+        self.map_size = int(self.layout.map_size[-1])
+        # One listing of the finished units serves every query of this reader: a run still
+        # writing is seen as it was when the reader opened (status lists afresh).
+        self._done = frozenset(done_units(self.path, storage_options=self.storage_options))
 
     # ------------------------------------------------------------------ basics
     def done_units(self) -> set[int]:
-        return set(done_units(self.path, storage_options=self.storage_options))
+        """The units finished when this reader opened (their markers exist)."""
+        return set(self._done)
 
     def unit_range(self, u: int) -> tuple[int, int]:
         return self.layout.unit_range(u)
+
+    def rows_of(self, units: Iterable[int]) -> np.ndarray:
+        """Row ids of ``units``, ascending (int64)."""
+        parts = [np.arange(*self.unit_range(u), dtype=np.int64) for u in sorted(units)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def iter_units(self, names: Iterable[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """Yield (first row, arrays) for every finished unit, one shard at a time."""
@@ -182,20 +134,13 @@ class StoreReader:
     def read_columns(self, names: Iterable[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Row ids and the given per-row arrays of every finished unit, concatenated
         (per-row scalars only: a column of maps would not fit in memory)."""
-        names = list(names)
-        rows: list[np.ndarray] = []
-        parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        for start, a in self.iter_units(names):
-            n_rows = a[names[0]].shape[0] if names else 0
-            rows.append(np.arange(start, start + n_rows, dtype=np.int64))
-            for n in names:
-                parts[n].append(a[n])
-        cols = {
-            n: np.concatenate(parts[n]) if parts[n]
-            else np.zeros((0, *self.group[n].shape[1:]), dtype=self.group[n].dtype)
-            for n in names
-        }  # fmt: skip
-        return (np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)), cols
+        rows = self.rows_of(self._done)
+        # Whole columns in one read each (zarr fetches a column's unit chunks concurrently:
+        # ~10x the rows/s of a read per unit), then the finished units' rows.
+        full = len(rows) == self.num_rows
+        cols = {n: (lambda a: a if full else a[rows])(np.asarray(self.group[n][:]))
+                for n in names}  # fmt: skip
+        return rows, cols
 
     def metric_paths(self) -> dict[str, str]:
         """Stored metric name (``insertion@region:scorecam``) -> array path in the store."""
@@ -216,81 +161,10 @@ class StoreReader:
         per-class tables, strategies, comparison), or None when it was not analysed."""
         return open_analysis(self.group.store)
 
-    # ------------------------------------------------------------------ status
-    def status(self) -> StoreStatus:
-        done = self.done_units()
-        counts: dict[str, int] = {}
-        rows_done = 0
-        failed: list[tuple[int, str, str, str]] = []
-        for start, a in self.iter_units(["status"]):
-            st = a["status"]
-            rows_done += st.shape[0]
-            for i in np.nonzero(st != int(Status.OK))[0][: MAX_FAILED_ROWS - len(failed)]:
-                r = start + int(i)
-                failed.append((r, _as_str(np.asarray(self.group["uri"][r]).item()),
-                               _status_name(int(st[i])),
-                               _as_str(np.asarray(self.group["error"][r]).item())))  # fmt: skip
-            vals, cnt = np.unique(st, return_counts=True)
-            for v, c in zip(vals.tolist(), cnt.tolist(), strict=True):
-                name = Status(v).name if v in Status._value2member_map_ else str(v)
-                counts[name] = counts.get(name, 0) + int(c)
-        run_state = self._run_state(len(done) == self.num_units)
-        keep = {
-            k: self.attrs.get(k)
-            for k in (
-                "model",
-                "weights",
-                "layer",
-                "image_size",
-                "methods",
-                "pool",
-                "manifest",
-                "explainer",
-                "target",
-            )
-            if k in self.attrs
-        }
-        return StoreStatus(
-            store=self.path,
-            num_rows=self.num_rows,
-            num_units=self.num_units,
-            units_done=len(done),
-            rows_done=rows_done,
-            rows_by_status=counts,
-            complete=len(done) == self.num_units,
-            attrs=keep,
-            state=run_state,
-            failed_rows=failed,
-            lease=read_lease(self.path, storage_options=self.storage_options),
-        )
-
     def verify(self, deep: bool = False, repair: bool = False) -> VerifyReport:
         """Check every finished unit against its marker (see :func:`verify_store`):
         objects present with their sizes; ``deep`` also checksums and row counts."""
         return verify_store(self.path, self.storage_options, deep=deep, repair=repair)
-
-    def _run_state(self, complete: bool) -> str:
-        """finished / in progress / interrupted / incomplete, from the driver's attributes."""
-        import socket
-
-        rs = self.attrs.get("run_state") or {}
-        state = rs.get("state", "")
-        if complete:
-            return "finished"
-        if state == "running":
-            where = f"driver pid {rs.get('pid')} on {rs.get('host')}, since {rs.get('at')}"
-            if rs.get("host") == socket.gethostname() and rs.get("pid"):
-                try:
-                    os.kill(int(rs["pid"]), 0)
-                except ProcessLookupError:
-                    return f"interrupted (the driver, {where}, is gone); rerun to resume"
-                except OSError:
-                    pass
-            return f"in progress ({where})"
-        if state in ("interrupted", "failed", "incomplete"):
-            detail = f": {rs['detail']}" if rs.get("detail") else ""
-            return f"{state}{detail}; rerun the same command to resume"
-        return "incomplete"
 
     # ------------------------------------------------------------------ statistics
     def class_stats(self, by: str = "target") -> list[ClassStats]:
@@ -419,7 +293,7 @@ class StoreReader:
                     int(a["target"][i]),
                     int(a["label"][i]),
                     int(a["selected"][i]) if "selected" in a else -1,
-                    _as_str(a["uri"][i]),
+                    text(a["uri"][i]),
                 )
             order = np.lexsort((ids, sign * vals))[:k]  # stable: ties by row id
             best_ids, best_val = ids[order], vals[order]
@@ -477,19 +351,15 @@ class StoreReader:
         ):
             if name in g:
                 out[name] = np.asarray(g[name][r]).item()
-        out["status_name"] = (
-            Status(out["status"]).name
-            if out["status"] in Status._value2member_map_
-            else str(out["status"])
-        )
+        out["status_name"] = status_name(out["status"])
         if "beta" in g:
             out["beta"] = np.asarray(g["beta"][r], dtype=np.float64).tolist()
         if "selection_score" in g:
             out["selection_score"] = np.asarray(g["selection_score"][r], np.float64).tolist()
         out["orig_size"] = tuple(int(v) for v in np.asarray(g["orig_size"][r]))
         out["crop_box"] = tuple(int(v) for v in np.asarray(g["crop_box"][r]))
-        out["error"] = _as_str(np.asarray(g["error"][r]).item())
-        out["uri"] = _as_str(np.asarray(g["uri"][r]).item())
+        out["error"] = text(np.asarray(g["error"][r]).item())
+        out["uri"] = text(np.asarray(g["uri"][r]).item())
         sel = out.get("selected", -1)
         out["selected_name"] = self.pool[sel] if 0 <= sel < len(self.pool) else ""
         return out
@@ -622,16 +492,6 @@ class StoreReader:
             img.save(p, format="PNG")
             paths.append(p)
         return paths
-
-
-def _status_name(v: int) -> str:
-    return Status(v).name if v in Status._value2member_map_ else str(v)
-
-
-def _as_str(v: Any) -> str:
-    if isinstance(v, bytes):
-        return v.decode("utf-8", "replace")
-    return "" if v is None else str(v)
 
 
 def _plain(d: Any) -> Any:
