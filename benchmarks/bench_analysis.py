@@ -44,8 +44,9 @@ IMAGENET_TRAIN_ROWS = 1_281_167
 
 def write_store(path: Path, rows: int, side: int, unit: int, classes: int) -> dict:
     """The synthetic store; returns the planted classes and the seconds it took."""
-    from pipeline.store.io import create_store, read_layout, write_unit
+    from pipeline.store.io import create_store, read_layout
     from pipeline.store.layout import StoreLayout
+    from pipeline.store.units import write_unit
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)

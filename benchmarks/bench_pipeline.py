@@ -244,7 +244,7 @@ def part_scale(args, tmp: Path, results: dict) -> None:
     finally:
         stop.set()
         ray.shutdown()
-    from pipeline.store.io import read_markers
+    from pipeline.store.units import read_markers
 
     markers = read_markers(str(store))
     write_s = np.array([mk.get("write_seconds", np.nan) for mk in markers.values()], dtype=float)

@@ -16,7 +16,7 @@ and would hide what a real map costs the store):
 For each stage: wall time, rows/s, the peak RSS of the command's own process (VmHWM,
 sampled from /proc; Ray's actors are separate processes and are reported by the run's
 markers instead), and the store's bytes on disk after it. Then **the unit write** side by
-side: one 1,024-row unit of CAM-like maps written by :class:`pipeline.store.io.UnitWriter`
+side: one 1,024-row unit of CAM-like maps written by :class:`pipeline.store.units.UnitWriter`
 at 56 and 224 px, with format 3's map layout (one-row inner chunks, zstd level 5) and
 today's (``map_chunk`` rows per inner chunk, zstd level 1), interleaved rounds, best of
 each: the process's CPU seconds (Blosc compresses in zarr's threads), wall seconds, the
@@ -139,8 +139,9 @@ def write_list(path: Path, rows: int) -> None:
 def unit_write(sides: tuple[int, ...], rounds: int, tmp: Path) -> list[dict]:
     """Format 3's map layout against today's, interleaved, best of ``rounds`` each."""
     from pipeline.run.rows import null_maps
-    from pipeline.store.io import UnitWriter, create_store, open_store
+    from pipeline.store.io import create_store, open_store
     from pipeline.store.layout import StoreLayout
+    from pipeline.store.units import UnitWriter
 
     variants = {"format 3 (1-row chunks, zstd:5)": {"map_chunk": 1, "map_codec": "zstd:5"},
                 "today (default)": {}}  # fmt: skip

@@ -1,6 +1,6 @@
 """Time ``unioncam verify`` (fast and deep) on a synthetic store of many units.
 
-The store is written unit by unit with :func:`pipeline.store.io.write_unit`, as workers
+The store is written unit by unit with :func:`pipeline.store.units.write_unit`, as workers
 write it (random maps, every row OK), so markers, shards and chunks are the real thing;
 only the maps are small (``--image-size``, default 32) to keep building it quick. Fast mode
 costs per object (one ``stat`` locally, one listing entry on S3), deep mode per byte.
@@ -20,8 +20,9 @@ import time
 import numpy as np
 
 from pipeline.data.decode import Status
-from pipeline.store.io import create_store, read_layout, write_unit
+from pipeline.store.io import create_store, read_layout
 from pipeline.store.layout import StoreLayout
+from pipeline.store.units import write_unit
 from pipeline.store.verify import verify_store
 
 

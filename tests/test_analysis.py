@@ -26,8 +26,9 @@ from pipeline.analysis.store_analysis import AnalysisConfig, analyze
 from pipeline.analysis.strategies import adjusted_rand_index, find_strategies, silhouette
 from pipeline.cli import main
 from pipeline.data.decode import Status
-from pipeline.store.io import create_store, read_layout, write_unit
+from pipeline.store.io import create_store, read_layout
 from pipeline.store.layout import StoreLayout
+from pipeline.store.units import write_unit
 
 S = 32  # map side of the synthetic stores
 UNIT = 16
@@ -426,7 +427,7 @@ def test_units_described_as_ray_tasks_give_the_same_analysis(planted, tmp_path):
     shutil.rmtree(path / "analysis")
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         s = analyze(str(path), config=AnalysisConfig(groups="class"))
     finally:

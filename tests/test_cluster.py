@@ -139,7 +139,7 @@ def assert_store_complete(store: Path, num_units: int) -> None:
     import zarr
 
     from pipeline.data.decode import Status
-    from pipeline.store.io import done_units
+    from pipeline.store.units import done_units
 
     assert done_units(str(store)) == set(range(num_units))
     status = np.asarray(zarr.open_group(str(store), mode="r")["status"][:])

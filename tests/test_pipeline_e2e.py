@@ -34,8 +34,9 @@ from pipeline.data.build import build_from_list  # noqa: E402
 from pipeline.data.decode import Status, decode_image, load_row, read_bytes  # noqa: E402
 from pipeline.data.manifest import Row  # noqa: E402
 from pipeline.run.driver import run  # noqa: E402
-from pipeline.store.io import done_units, open_store, read_markers  # noqa: E402
+from pipeline.store.io import open_store  # noqa: E402
 from pipeline.store.layout import StoreMismatchError  # noqa: E402
+from pipeline.store.units import done_units, read_markers  # noqa: E402
 from unioncam import UnionCAM, UnionCAMConfig, find_target_layer, load_model  # noqa: E402
 
 N_IMAGES = 20

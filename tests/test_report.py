@@ -266,8 +266,9 @@ def small_store(effnet, sample_dir, sample_labels, tmp_path_factory):
     written with real UnionCAM results, every pool member's map and metrics."""
     from pipeline.data.build import build_from_list
     from pipeline.data.decode import Status, load_row
-    from pipeline.store.io import create_store, finalize_store, read_layout, write_unit
+    from pipeline.store.io import create_store, finalize_store, read_layout
     from pipeline.store.layout import StoreLayout
+    from pipeline.store.units import write_unit
 
     tmp = tmp_path_factory.mktemp("report_store")
     (tmp / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)

@@ -16,15 +16,7 @@ import pytest
 import zarr
 
 from pipeline.data.decode import Status
-from pipeline.store.io import (
-    create_store,
-    done_units,
-    finalize_store,
-    open_store,
-    read_layout,
-    read_markers,
-    write_unit,
-)
+from pipeline.store.io import create_store, finalize_store, open_store, read_layout
 from pipeline.store.layout import (
     LAYOUT_ATTR,
     STORE_FORMAT,
@@ -33,6 +25,7 @@ from pipeline.store.layout import (
     StoreLayout,
     StoreMismatchError,
 )
+from pipeline.store.units import done_units, read_markers, write_unit
 
 POOL = ("region:scorecam", "region:groupcam", "fused:denoised+scorecam")
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"  # must never reach the store

@@ -35,8 +35,9 @@ from pipeline.config import RunConfig  # noqa: E402
 from pipeline.data.build import build_from_list  # noqa: E402
 from pipeline.data.decode import Status  # noqa: E402
 from pipeline.run.driver import run  # noqa: E402
-from pipeline.store.io import done_units, open_store, read_markers  # noqa: E402
+from pipeline.store.io import open_store  # noqa: E402
 from pipeline.store.lease import LeaseHeldError, read_lease  # noqa: E402
+from pipeline.store.units import done_units, read_markers  # noqa: E402
 from pipeline.store.verify import verify_store  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from pipeline.data.decode import Status
 from pipeline.run.rows import null_maps, stored_maps
-from pipeline.store.io import UnitWriter, create_store, open_store, read_layout
+from pipeline.store.io import create_store, open_store, read_layout
 from pipeline.store.layout import (
     MAP_CHUNK_BYTES,
     STORE_FORMAT,
@@ -27,6 +27,7 @@ from pipeline.store.layout import (
     StoreLayout,
     map_chunk_rows,
 )
+from pipeline.store.units import UnitWriter
 
 POOL = ("region:scorecam", "region:groupcam", "fused:denoised+scorecam")
 

@@ -29,7 +29,8 @@ from pipeline.cli import main  # noqa: E402
 from pipeline.data.build import build_from_list  # noqa: E402
 from pipeline.data.decode import Status, load_row  # noqa: E402
 from pipeline.data.manifest import Row  # noqa: E402
-from pipeline.store.io import done_units, open_store  # noqa: E402
+from pipeline.store.io import open_store  # noqa: E402
+from pipeline.store.units import done_units  # noqa: E402
 from unioncam import UnionCAM, UnionCAMConfig, load_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 driver lease, on real Zarr stores on disk and on the loopback S3 server (no Ray here; the
 runs are in test_store_faults.py).
 
-The stores are written by :func:`pipeline.store.io.write_unit`, exactly as a worker writes
+The stores are written by :func:`pipeline.store.units.write_unit`, exactly as a worker writes
 them, with random maps, so every unit has real shard objects to lose or corrupt.
 """
 
@@ -22,9 +22,10 @@ import pytest
 from pipeline.cli import main
 from pipeline.data.decode import Status
 from pipeline.store.checksum import checksum
-from pipeline.store.io import create_store, done_units, read_layout, read_markers, write_unit
+from pipeline.store.io import create_store, read_layout
 from pipeline.store.layout import StoreLayout, marker_key
 from pipeline.store.lease import LEASE, LeaseHeldError, StoreLease, read_lease
+from pipeline.store.units import done_units, read_markers, write_unit
 from pipeline.store.verify import verify_store
 
 ROWS, UNIT, SIZE = 10, 4, 8

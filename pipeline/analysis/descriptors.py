@@ -40,6 +40,7 @@ __all__ = [
     "DESCRIPTOR_TITLES",
     "describe",
     "region_masks",
+    "downsample",
     "thumbnails",
 ]
 
@@ -117,6 +118,26 @@ def describe(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     cb, bb = (p @ regions).astype(np.float64).T
     out[valid] = np.stack([cy, cx, spread, area, entropy, cb, bb], 1).astype(np.float32)
     return out, valid
+
+
+def _bin_matrix(n: int, side: int) -> np.ndarray:
+    """``side x n`` averaging matrix: row ``i`` averages the pixels of bin ``i`` (pixel ``p``
+    falls in bin ``p * side // n``: nearly equal bins when ``side`` does not divide ``n``)."""
+    b = (np.arange(n) * side) // n
+    m = (b[None, :] == np.arange(side)[:, None]).astype(np.float32)
+    return m / m.sum(1, keepdims=True)
+
+
+def downsample(maps: np.ndarray, side: int) -> np.ndarray:
+    """Area-average ``n x H x W`` maps to ``n x side x side`` (NaN where a map is NaN).
+
+    Two matrix products (``A_y @ m @ A_x^T``) rather than ``np.add.reduceat`` over two axes:
+    BLAS makes them ~5x faster on a unit of 56-px maps; a map with a NaN anywhere comes out
+    all NaN (the callers only pass whole valid or whole NaN maps)."""
+    m = np.asarray(maps, dtype=np.float32)
+    n, h, w = m.shape
+    ay, ax = _bin_matrix(h, side), _bin_matrix(w, side)
+    return np.matmul(ay, np.matmul(m, ax.T))
 
 
 def thumbnails(maps: np.ndarray, side: int) -> np.ndarray:

@@ -29,7 +29,7 @@ from pipeline.analysis.images import overlay_image
 from pipeline.analysis.results import AnalysisResults, open_analysis
 from pipeline.data.decode import Status, decode_image, read_bytes
 from pipeline.data.manifest import Manifest
-from pipeline.store.io import done_units, open_store
+from pipeline.store.io import open_store
 from pipeline.store.layout import (
     LAYOUT_ATTR,
     StoreError,
@@ -38,6 +38,7 @@ from pipeline.store.layout import (
     safe_name,
 )
 from pipeline.store.names import status_name, text
+from pipeline.store.units import done_units
 from pipeline.store.verify import VerifyReport, verify_store
 
 __all__ = [

@@ -49,6 +49,7 @@ __all__ = [
     "DESCRIBED",
     "AnalysisResults",
     "GroupStrategies",
+    "create_array",
     "open_analysis",
 ]
 
@@ -74,6 +75,15 @@ class GroupStrategies:
     off_object: list[int]
     mean_map: np.ndarray
     classes: list[int]
+
+
+def create_array(store: Any, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any,
+            fill: Any, dims: tuple[str, ...], attrs: dict[str, Any] | None = None) -> zarr.Array:
+    """An array of the ``analysis`` group (the analysis's writer only: created over any
+    earlier one), with its dimension names for xarray."""
+    return zarr.create_array(store, name=f"{ANALYSIS}/{name}", shape=shape, chunks=chunks,
+                             dtype=dtype, fill_value=fill, dimension_names=dims,
+                             attributes=attrs or {}, overwrite=True)  # fmt: skip
 
 
 def _sub(store: Any, path: str) -> zarr.Group | None:

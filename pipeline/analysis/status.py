@@ -16,9 +16,9 @@ import numpy as np
 
 from pipeline.analysis.reader import StoreReader
 from pipeline.data.decode import Status
-from pipeline.store.io import done_units
 from pipeline.store.lease import describe_lease, read_lease
 from pipeline.store.names import MAX_FAILED_ROWS, status_name, text
+from pipeline.store.units import done_units
 
 __all__ = ["StoreStatus", "run_state_text", "store_status"]
 

@@ -86,7 +86,8 @@ def _run(config: RunConfig, lease: Any) -> RunSummary:
     ``KeyboardInterrupt`` after a clean stop on Ctrl-C.
     """
     from pipeline.data.manifest import Manifest
-    from pipeline.store.io import create_store, done_units
+    from pipeline.store.io import create_store
+    from pipeline.store.units import done_units
 
     t0 = time.perf_counter()
     if "://" not in config.store:

@@ -1,5 +1,5 @@
 """A unit's rows as the store keeps them: THE mapping from the library's result (and the
-``null`` explainer's stand-in) to the per-row arrays a :class:`~pipeline.store.io.UnitWriter`
+``null`` explainer's stand-in) to the per-row arrays a :class:`~pipeline.store.units.UnitWriter`
 writes. One place, so the library's names, the store's arrays and the reader's columns stay
 one vocabulary.
 """

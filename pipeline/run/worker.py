@@ -12,7 +12,7 @@ Why it looks like this:
   on object stores, where a shard write takes seconds). Two units never share a shard, so
   the two threads never write the same Zarr shard.
 * Every unit is written whole, by exactly this actor, with the completion marker last
-  (:func:`pipeline.store.io.write_unit`). A retried unit recomputes and rewrites the same
+  (:func:`pipeline.store.units.write_unit`). A retried unit recomputes and rewrites the same
   shard: writes are idempotent, which Ray's at-least-once delivery requires.
 * A bad image never fails a unit: it gets a status and a one-line message, a NaN map and
   NaN scores; the rest of its batch is explained. A batch the model rejects is split in
@@ -42,9 +42,9 @@ from pipeline.messages import error_line
 from pipeline.run.metrics import batch_metrics
 from pipeline.run.plan import UnitContext
 from pipeline.run.rows import empty_unit_arrays, null_maps, rows_from_result, stored_maps
-from pipeline.store.io import UnitWriter
 from pipeline.store.layout import primary_method
 from pipeline.store.names import MAX_FAILED_ROWS
+from pipeline.store.units import UnitWriter
 
 __all__ = ["ExplainWorker", "PoolMismatchError"]
 

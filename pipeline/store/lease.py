@@ -253,7 +253,7 @@ def drop_from_consolidated(
     Consolidation runs while the driver holds the lease, so its snapshot would show that
     driver as the holder long after it released the lease; the lease is only ever read from
     ``lease/zarr.json`` itself. Markers are always listed and read from the store
-    (:func:`pipeline.store.io.done_units`), never from a snapshot, and with their object
+    (:func:`pipeline.store.units.done_units`), never from a snapshot, and with their object
     lists (~1 KB each) they would make the root ``zarr.json`` that every open reads grow by
     about 1 MB per 1,000 units.
     """

@@ -39,8 +39,9 @@ from pipeline.data.decode import Status
 from pipeline.data.location import is_local, normalise_location, redact_uri, url_to_fs
 from pipeline.messages import error_line, ranges_text
 from pipeline.store.checksum import CHECKSUM, checksum
-from pipeline.store.io import open_store, read_layout, read_markers
+from pipeline.store.io import open_store, read_layout
 from pipeline.store.layout import StoreLayout, marker_key
+from pipeline.store.units import read_markers
 
 __all__ = ["VerifyReport", "remove_markers", "report_json", "verify_store"]
 
