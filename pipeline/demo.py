@@ -101,7 +101,7 @@ def run_demo(
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         say(f"starting a local Ray instance ({n_cpus} CPUs, no dashboard)")
-        ray.init(num_cpus=n_cpus, num_gpus=0, include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=n_cpus, num_gpus=0, include_dashboard=False, logging_level="ERROR")
         started = True
     try:
         summary = run(cfg)

@@ -76,7 +76,7 @@ def read_all(store: str | Path, names=("maps",) + PER_ROW, storage_options=None)
 def ray_cluster():
     if ray.is_initialized():  # another module's cluster must not leak into this one
         ray.shutdown()
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 

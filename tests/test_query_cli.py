@@ -46,7 +46,7 @@ RUN_ARGS = [
 def ray_cluster():
     if ray.is_initialized():  # another module's cluster must not leak into this one
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 

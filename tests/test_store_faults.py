@@ -57,7 +57,7 @@ def _rows(sample_dir: Path, n: int) -> list[tuple[str, int]]:
 def ray_cluster():
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 

@@ -265,6 +265,9 @@ def _init_ray(cfg: RunConfig) -> None:
         # A private local instance: token auth protects multi-user clusters, but a
         # single-user local instance started just for this run does not need it.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # "local": always a new private instance; a bare ray.init() would join a cluster
+        # someone else left running on this machine (``ray start --head``).
+        kwargs["address"] = "local"
     ray.init(**kwargs)
 
 
