@@ -35,11 +35,51 @@ if [[ "${1:-}" == "prepare" ]]; then
     exec "$PY" benchmarks/gpu_carry.py check "$WHL"
 fi
 
-if [[ -d "$WHL" ]] && ! "$PY" -c "import ray, zarr" 2>/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/gp_site "$WHL"/*.whl || { echo "wheel install failed" >&2; exit 3; }
-    export PYTHONPATH="/tmp/gp_site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
+# The device command: at most 8 files under $OUT (it writes 5), the most important first, each
+# as soon as its numbers exist: gpu.txt (GPU, driver, torch, the install), cuda_tests.log,
+# gpu_pipeline.json/.md (rewritten after every measurement), gpu_pipeline.log (all output).
+# The whole command stays inside 9 minutes (BUDGET_S, default 540) so that a time limit of 570 s
+# still returns everything; a step that would not fit is skipped and named.
+T0=$SECONDS
+BUDGET_S=${BUDGET_S:-540}
 OUTDIR=${OUT:-benchmarks/out/gpu_pipeline}
-exec "$PY" benchmarks/gpu_pipeline.py --out "$OUTDIR" "$@"
+CPU=0; for a in "$@"; do [[ "$a" == "--cpu" ]] && CPU=1; done
+for ((i = 1; i <= $#; i++)); do [[ "${!i}" == "--out" ]] && { j=$((i + 1)); OUTDIR=${!j}; }; done
+mkdir -p "$OUTDIR"
+info() { echo "$*" | tee -a "$OUTDIR/gpu.txt"; }
+: > "$OUTDIR/gpu.txt"
+info "gpu_pipeline.sh $(date -u +%FT%TZ) on $(hostname)"
+if command -v nvidia-smi >/dev/null; then
+    info "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
+else
+    info "no nvidia-smi on this machine"
+fi
+if [[ -d "$WHL" ]] && ! "$PY" -c "import ray, zarr" 2>/dev/null; then
+    t=$SECONDS
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/gp_site "$WHL"/*.whl 2>&1 | tail -3 | tee -a "$OUTDIR/gpu.txt"
+    [[ ${PIPESTATUS[0]} -eq 0 ]] || { info "wheel install failed"; exit 3; }
+    export PYTHONPATH="/tmp/gp_site${PYTHONPATH:+:$PYTHONPATH}"
+    info "installed $(ls "$WHL" | wc -l) wheels from $WHL in $((SECONDS - t)) s"
+fi
+export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
+info "$("$PY" -c "import sys, torch, torchvision, ray, zarr; print('Python', sys.version.split()[0], \
+'torch', torch.__version__, 'torchvision', torchvision.__version__, 'ray', ray.__version__, \
+'zarr', zarr.__version__, 'CUDA', torch.cuda.is_available() and torch.cuda.get_device_name(0))" 2>&1)"
+if [[ $CPU -eq 0 ]] && ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    info "no CUDA GPU visible to torch (use --cpu for the smoke mode)"; exit 2
+fi
+
+# The CUDA tests (skipped cleanly on a CPU machine; capped at 150 s).
+files=$(grep -l "mark.cuda" tests/test_*.py)
+timeout 150 "$PY" -m pytest -q -rs -m cuda -p no:cacheprovider -p gpu_pytest $files \
+    > "$OUTDIR/cuda_tests.log" 2>&1
+rc_tests=$?
+info "cuda tests exit code $rc_tests (124 = timed out): $(tail -1 "$OUTDIR/cuda_tests.log")"
+
+left=$((BUDGET_S - (SECONDS - T0)))
+timeout $((left + 20)) "$PY" benchmarks/gpu_pipeline.py --out "$OUTDIR" --budget-s "$left" "$@" \
+    2>&1 | tee "$OUTDIR/gpu_pipeline.log"
+rc=${PIPESTATUS[0]}
+info "gpu_pipeline.py exit code $rc; $((SECONDS - T0)) s in all"
+exit $(( rc != 0 ? rc : rc_tests ))
