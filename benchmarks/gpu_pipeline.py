@@ -1,18 +1,19 @@
-"""The pipeline on a GPU, end to end (issue 14): read, decode, explain, write.
+"""The pipeline on a GPU, end to end (issues 14, 24): read, decode, explain, write.
 
-Not a test: one prepared run that prints a table and writes ``gpu_pipeline.{md,json}``.
-For each configuration (method, preset, precision) it runs ``unioncam run`` on one actor
-over >= 2,000 real JPEGs of ImageNet-like sizes and qualities (re-encoded from the
-ImageNet sample, or from scikit-image's photos when the sample is absent), and in the same
-process the library alone on pre-decoded tensors of the same photos. It reports:
+Not a test: one prepared run that prints tables and rewrites ``gpu_pipeline.{md,json}``
+after every measurement (a time limit still returns what was measured). In order:
 
-* images/s while explaining (first actor ready to last unit written) and end to end;
-* the library alone (same method, batch size, device) and the ratio (goal >= 0.9);
-* the share of time the GPU was busy (``nvidia-smi`` sampled twice a second);
-* decode ms/image on one CPU thread, and how many decode threads keep the GPU fed at
-  the measured rate (rate x decode seconds per image);
-* write ms per unit (inside the actor) and the projected hours for ImageNet train
-  (1,281,167 images) on 8 such GPUs at the explaining rate.
+1. the library alone on pre-decoded tensors: the default preset at each batch size of
+   ``--batches`` in forwards/s against ``paper``'s (goal >= 0.9), each precision, and
+   every configured method at the pipeline's batch (for the ratio below);
+2. decode ms/image on one CPU thread, and with ``torchvision.io.decode_jpeg`` on the GPU;
+3. for each configuration (method, preset, precision), ``unioncam run`` on one actor over
+   >= 2,000 JPEGs of ImageNet-like sizes and qualities (re-encoded from the ImageNet sample,
+   or from scikit-image's photos when the sample is absent; ``paper`` on fewer, its
+   Score-CAM costing a forward per channel): images/s while explaining and end to end, the
+   library alone's rate and the ratio (goal >= 0.9), the GPU's busy share and its idle
+   share while units are written, write ms/unit, decode threads needed to keep up, and the
+   projected hours for ImageNet train (1,281,167 images) on 8 such GPUs.
 
 ``--cpu`` is a smoke mode for machines without a GPU (and for the test suite): 16 photos,
 ResNet-18 at 64 px, the default preset and Grad-CAM; the numbers then say nothing about a
@@ -44,19 +45,25 @@ from common import markdown_table as table  # noqa: E402
 IMAGENET_TRAIN = 1_281_167
 
 
-def make_photos(n: int, out: Path, seed: int = 0) -> list[tuple[str, int]]:
-    """``n`` JPEGs re-encoded at varied sizes (long side 256-800 px) and qualities (70-95)."""
+def make_photos(n: int, out: Path, seed: int = 0, source: str = "auto") -> list[tuple[str, int]]:
+    """``n`` JPEGs re-encoded at varied sizes (long side 256-800 px) and qualities (70-95).
+
+    ``source``: ``sample`` (the ImageNet sample beside the repo), ``skimage`` (what the GPU
+    machine uses: the sample does not travel) or ``auto`` (the sample where it exists).
+    """
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    if (SAMPLE / "labels.csv").exists():
+    if source == "sample" or (source == "auto" and (SAMPLE / "labels.csv").exists()):
         from common import sample_rows
 
         sources = [(Image.open(p).convert("RGB"), c) for p, c in sample_rows(min(n, 200))]
     else:  # a machine without the ImageNet sample: the photos scikit-image ships
         from skimage import data
 
-        names = ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat")
+        # Only those shipped inside the wheel: the others (cat, ...) are downloaded on first use,
+        # and the GPU machine reaches no network.
+        names = ("astronaut", "chelsea", "coffee", "rocket", "camera")
         sources = [(Image.fromarray(getattr(data, k)()).convert("RGB"), -1) for k in names]
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -253,14 +260,19 @@ KEYS = ["config", "images", "images_per_s_explaining", "images_per_s_end_to_end"
         "actor_cpus", "imagenet_train_hours_8_gpus"]  # fmt: skip
 
 
-def make_method(method: str, preset: str, precision: str, net, layer: str):
-    """The CAM a config names (``unioncam`` with a preset, or a component method)."""
+def make_method(method: str, preset: str, precision: str, net, layer: str, cpu: bool = False):
+    """The CAM a config names (``unioncam`` with a preset, or a component method).
+
+    ``cpu`` (the smoke mode): a fixed chunk and memory format, since the auto-tuner's ~7 s per
+    CAM on a 2-core CPU would be most of the smoke test; on a GPU the tuner runs, as in use.
+    """
     from unioncam import UnionCAM, UnionCAMConfig, make_cam
 
     autocast = None if precision == "fp32" else precision
     if method == "unioncam":
+        fixed = {"chunk_size": 64, "channels_last": False} if cpu else {}
         return UnionCAM(net, layer, config=UnionCAMConfig.preset(preset or "faithful",
-                                                                 autocast=autocast))  # fmt: skip
+                                                                 autocast=autocast), **fixed)  # fmt: skip
     return make_cam(method, net, layer, autocast=autocast)
 
 
@@ -270,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, help="photos to explain (default 2048; --cpu: 16)")
     p.add_argument("--paper-images", type=int, help="photos for `paper` end to end (default "
                    "128: Score-CAM's 2,048 forwards/image make 2,048 photos take ~7 min)")
+    p.add_argument("--photos", choices=("auto", "sample", "skimage"), default="auto",
+                   help="where the JPEGs are re-encoded from (auto: the ImageNet sample if "
+                   "present, else scikit-image's bundled photos, as on the GPU machine)")
     p.add_argument("--model", help="default resnet50 (random weights); --cpu: resnet18")
     p.add_argument("--layer", default="layer4")
     p.add_argument("--image-size", type=int, help="default 224; --cpu: 64")
@@ -326,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = results["summary"]
     try:
         t = time.perf_counter()
-        rows = make_photos(n, tmp / "photos")
+        rows = make_photos(n, tmp / "photos", source=a.photos)
         results["photo_seconds"] = round(time.perf_counter() - t, 1)
         loaded = load_model(model)
         pre = loaded.preprocess.with_size(size)
@@ -352,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             if left() < 30:
                 results["skipped"].append(f"library {method} {preset} {pr} b{b}: time")
                 continue
-            ips, fps = library_rate(make_method(method, preset, pr, net, a.layer), x_all, b,
+            ips, fps = library_rate(make_method(method, preset, pr, net, a.layer, cpu), x_all, b,
                                     device, min_s=1.0 if cpu else 3.0)  # fmt: skip
             lib[(method, preset, pr, b)] = ips
             paper = [r for r in results["library"] if r["method"] == "unioncam paper"
@@ -365,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             results["library"].append(row)
             print(json.dumps(row), flush=True)
             rep.save()
+        if device.type == "cuda":  # the sweep's cached blocks: the actor needs the memory
+            torch.cuda.empty_cache()
         vs = [r["forwards_vs_paper"] for r in results["library"]
               if r["method"] == "unioncam faithful" and r["forwards_vs_paper"]]  # fmt: skip
         if vs:

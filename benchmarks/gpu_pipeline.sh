@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The pipeline on one GPU, end to end (issue 14): benchmarks/gpu_pipeline.py for the
 # default preset, `paper` and Grad-CAM, fp32 and bf16, on >= 2,000 real JPEGs, with the
-# library alone in the same run. Under 8 minutes on an H100/H200 (2,048 photos).
+# library alone in the same run, after the CUDA tests; inside 9 minutes (BUDGET_S) on an H100/H200.
 #
 #   bash benchmarks/gpu_pipeline.sh --cpu [--out DIR]   # smoke mode, no GPU (the test suite runs this)
 #   bash benchmarks/gpu_pipeline.sh prepare             # here: wheels the device lacks -> .whl/
@@ -41,9 +41,10 @@ fi
 # The whole command stays inside 9 minutes (BUDGET_S, default 540) so that a time limit of 570 s
 # still returns everything; a step that would not fit is skipped and named.
 T0=$SECONDS
-BUDGET_S=${BUDGET_S:-540}
 OUTDIR=${OUT:-benchmarks/out/gpu_pipeline}
 CPU=0; for a in "$@"; do [[ "$a" == "--cpu" ]] && CPU=1; done
+# The smoke mode on a loaded CPU may take longer than the GPU check: no budget there.
+BUDGET_S=${BUDGET_S:-$(( CPU ? 36000 : 540 ))}
 for ((i = 1; i <= $#; i++)); do [[ "${!i}" == "--out" ]] && { j=$((i + 1)); OUTDIR=${!j}; }; done
 mkdir -p "$OUTDIR"
 info() { echo "$*" | tee -a "$OUTDIR/gpu.txt"; }
