@@ -398,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         paper_unit = max(1, min(unit, n_paper // 4))
         paper_manifest = build_from_list(rows[:n_paper], tmp / "paper.parquet",
                                          unit_size=paper_unit)  # fmt: skip
-        ray.init(include_dashboard=False, logging_level="ERROR",
+        # address="local": always a cluster of our own, never one another job left running.
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR",
                  **({"num_cpus": os.cpu_count(), "num_gpus": 0} if cpu else {}))  # fmt: skip
         for method, preset, precision in specs:
             is_paper = method == "unioncam" and preset == "paper"
