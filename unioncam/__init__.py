@@ -13,14 +13,20 @@ from unioncam.engine import Engine
 from unioncam.gradient import (
     GRADIENT_METHODS,
     DenoisedCAM,
+    EigenCAM,
+    EigenGradCAM,
+    FinerCAM,
     GradCAM,
+    GradCAMElementWise,
     GradCAMPlusPlus,
     GradientCAM,
+    HiResCAM,
     LayerCAM,
     XGradCAM,
 )
 from unioncam.hooks import TargetLayer, find_target_layer, resolve_layer
 from unioncam.models import LoadedModel, Preprocessing, load_model
+from unioncam.perturbation import AblationCAM
 from unioncam.region import REGION_METHODS, GroupCAM, RegionCAM, ScoreCAM
 from unioncam.registry import METHODS
 from unioncam.reshape import ChannelsLast, TokenGrid
@@ -58,6 +64,12 @@ __all__ = [
     "XGradCAM",
     "LayerCAM",
     "DenoisedCAM",
+    "HiResCAM",
+    "GradCAMElementWise",
+    "EigenCAM",
+    "EigenGradCAM",
+    "FinerCAM",
+    "AblationCAM",
     "RegionCAM",
     "ScoreCAM",
     "GroupCAM",
