@@ -405,3 +405,26 @@ def test_every_method_is_made_by_name_and_returns_one_result_type(tiny):
         assert not hasattr(cam, "last")
     with pytest.raises(ValueError, match="unknown method 'gradcam2'; choose from gradcam"):
         make_cam("gradcam2", tiny)
+
+
+def test_tuning_cache_is_keyed_weakly_on_the_model():
+    """A freed model takes its tuned setting with it: ``id()`` is reused by the next
+    object at that address, a weak key is not."""
+    import gc
+    import weakref
+
+    import unioncam.engine as engine
+
+    x = torch.randn(1, 3, 8, 8)
+    tiny = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
+    with ScoreCAM(tiny, "4") as cam:
+        cam(x)
+        chosen = (cam.chunk_size, cam.channels_last)
+    assert isinstance(engine._TUNED, weakref.WeakKeyDictionary) and tiny in engine._TUNED
+    assert chosen in engine._TUNED[tiny].values()
+    gone = weakref.ref(tiny)
+    before = len(engine._TUNED)
+    del tiny, cam
+    gc.collect()
+    assert gone() is None and len(engine._TUNED) == before - 1
