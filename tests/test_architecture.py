@@ -31,6 +31,7 @@ LIBRARY_FLOORS: tuple[tuple[str, ...], ...] = (
     ("cam", "metrics", "road", "sanity"),  # the gradient pass; scoring maps
     ("gradient", "region", "perturbation", "selection"),  # the methods
     ("union",),  # UnionCAM, made of the methods
+    ("fusion",),  # Fusion-CAM, UnionCAM's pool fused
     ("",),  # the package's face: unioncam/__init__.py
 )
 CLI = "pipeline.cli"

@@ -150,8 +150,8 @@ def _maker(name: str):
     """Every registered method, small enough for the tiny model (groups=2, "fast")."""
     from unioncam import make_cam
 
-    kw = {"groups": 2} if name in ("groupcam", "unioncam") else {}
-    if name == "unioncam":
+    kw = {"groups": 2} if name in ("groupcam", "unioncam", "fusioncam") else {}
+    if name in ("unioncam", "fusioncam"):
         kw["config"] = "fast"
 
     def make(m, layer):
@@ -395,9 +395,9 @@ def test_every_method_is_made_by_name_and_returns_one_result_type(tiny):
     assert set(METHODS) == {"gradcam", "gradcam++", "xgradcam", "layercam", "denoised",
                             "scorecam", "groupcam", "unioncam", "hirescam",
                             "gradcam-elementwise", "eigencam", "eigengradcam", "finercam",
-                            "ablationcam"}
+                            "ablationcam", "fusioncam"}
     for name in METHODS:
-        kw = {"groups": 2} if name in ("groupcam", "unioncam") else {}
+        kw = {"groups": 2} if name in ("groupcam", "unioncam", "fusioncam") else {}
         with make_cam(name, tiny, "4", chunk_size=4, **kw) as cam:
             res = cam(x)
         assert isinstance(res, CAMResult), name

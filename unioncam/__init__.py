@@ -10,6 +10,7 @@ Every CAM is used the same way and returns the same :class:`CAMResult`::
 
 from unioncam.cam import BaseCAM, CAMResult
 from unioncam.engine import Engine
+from unioncam.fusion import FusionCAM
 from unioncam.gradient import (
     GRADIENT_METHODS,
     DenoisedCAM,
@@ -55,6 +56,7 @@ __all__ = [
     "BaseCAM",
     "Engine",
     "UnionCAM",
+    "FusionCAM",
     "UnionCAMConfig",
     "PRESETS",
     "DEFAULT_PRESET",
