@@ -78,7 +78,7 @@ def rows_from_result(res: Any) -> dict[str, np.ndarray]:
         "target": res.target.cpu().numpy(),
         "prob": res.prob.float().cpu().numpy(),
     }
-    if res.beta is not None:  # UnionCAM's own fields (another method's result has none)
+    if res.selected is not None:  # UnionCAM's own fields (Fusion-CAM has β but no selection)
         out |= {
             "beta": res.beta.float().cpu().numpy(),
             "selection_score": res.selection_score.float().cpu().numpy(),
