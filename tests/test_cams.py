@@ -427,4 +427,5 @@ def test_tuning_cache_is_keyed_weakly_on_the_model():
     before = len(engine._TUNED)
     del tiny, cam
     gc.collect()
-    assert gone() is None and len(engine._TUNED) == before - 1
+    # its entry left with it (other tests' freed models may leave at this collection too)
+    assert gone() is None and len(engine._TUNED) <= before - 1
