@@ -66,8 +66,10 @@ from common import (  # noqa: E402
     median_paired_ratio,
     timed,
 )
+from torch import nn  # noqa: E402
 
-from unioncam import ScoreCAM, UnionCAM, load_model  # noqa: E402
+from unioncam import AblationCAM, FusionCAM, ScoreCAM, UnionCAM, load_model  # noqa: E402
+from unioncam.fusion import similarity_fusion  # noqa: E402
 from unioncam.reshape import auto_reshape  # noqa: E402
 from unioncam.union import DEFAULT_PRESET  # noqa: E402
 
@@ -166,7 +168,20 @@ def per_image_unioncam(model, layer_module, x1: torch.Tensor, theta: float = 10.
     L_fused = norm(b_den * L_den + b_reg * L_reg)
     b_fused = prob(x1 * L_fused) - p_base
     sel = 1 if b_fused > b_reg else 0
-    return {"map": (L_reg, L_fused)[sel], "selected": sel, "forwards": forwards + 4}
+    return {"map": (L_reg, L_fused)[sel], "selected": sel, "forwards": forwards + 4,
+            "reg": L_reg, "fused": L_fused, "b_reg": b_reg, "b_fused": b_fused}
+
+
+def per_image_fusioncam(model, layer_module, x: torch.Tensor) -> dict:
+    """Fusion-CAM the per-image way (the public Xplain-CAM pattern): UnionCAM's per-image
+    steps 1-4 above, then the similarity fusion, one image at a time."""
+    maps, forwards = [], 0
+    for i in range(x.shape[0]):
+        o = per_image_unioncam(model, layer_module, x[i:i + 1])
+        b = torch.tensor([o["b_fused"]]), torch.tensor([o["b_reg"]])
+        maps.append(similarity_fusion(o["fused"][None].cpu(), o["reg"][None].cpu(), *b)[0])
+        forwards += o["forwards"]
+    return {"maps": torch.stack(maps), "forwards": forwards}
 
 
 def per_image_batch(model, layer_module, x: torch.Tensor) -> dict:
@@ -195,6 +210,64 @@ def lib_scorecam(model, layer, x, **kw) -> dict:
         maps, fwd = res.maps, res.forwards  # masked forwards + the clean pass
         setting = (cam.chunk_size, cam.channels_last)
     return {"maps": maps.cpu(), "forwards": fwd, "setting": setting}
+
+
+def lib_fusioncam(model, layer, x, **kw) -> dict:
+    with FusionCAM(model, layer, **kw) as cam:
+        res = cam(x)
+        setting = (cam.chunk_size, cam.channels_last)
+    return {"maps": res.maps.float().cpu(), "forwards": res.forwards, "setting": setting}
+
+
+class _Upto(nn.Module):
+    """EfficientNet-Lite up to and including block ``k``: the split that lets
+    pytorch-grad-cam's AblationCAM swap a layer (its ablation layer takes no
+    ``drop_connect_rate``, which the blocks are called with)."""
+
+    def __init__(self, m: nn.Module, k: int) -> None:
+        super().__init__()
+        self.m, self.k = m, k
+
+    def forward(self, x):
+        m = self.m
+        x = m._swish(m._bn0(m._conv_stem(x)))
+        for block in m._blocks[: self.k + 1]:
+            x = block(x)
+        return x
+
+
+class _After(_Upto):
+    def forward(self, x):
+        m = self.m
+        for block in m._blocks[self.k + 1:]:
+            x = block(x)
+        x = m._swish(m._bn1(m._conv_head(x)))
+        return m._fc(torch.flatten(m._avg_pooling(x), 1))
+
+
+def ablation_model(name: str, model: nn.Module, layer: str) -> tuple[nn.Module, str]:
+    """The model and layer both Ablation-CAMs run on (the same function as ``model``)."""
+    if name == "efficientnet-lite0" and layer.startswith("_blocks."):
+        k = int(layer.split(".")[1])
+        return nn.Sequential(_Upto(model, k), nn.Identity(), _After(model, k)).eval(), "1"
+    return model, layer
+
+
+def lib_ablationcam(model, layer, x, **kw) -> dict:
+    with AblationCAM(model, layer, **kw) as cam:
+        res = cam(x)
+        setting = (cam.chunk_size, cam.channels_last, cam.tail)
+    return {"maps": res.maps.float().cpu(), "forwards": res.forwards, "setting": setting}
+
+
+def gradcam_ablationcam(model, layer_module, x, batch_size: int) -> dict:
+    """pytorch-grad-cam's AblationCAM: one whole-network forward per channel, batched."""
+    from pytorch_grad_cam import AblationCAM as GCAblationCAM
+
+    with GCAblationCAM(model=model, target_layers=[layer_module], batch_size=batch_size) as cam:
+        maps = cam(input_tensor=x, targets=None)
+        k = cam.activations.shape[1]
+    return {"maps": torch.from_numpy(maps), "forwards": x.shape[0] * (1 + k)}
 
 
 def gradcam_scorecam(model, layer_module, x, batch_size: int) -> dict:
@@ -343,6 +416,13 @@ def bench_model(name: str, args, device: torch.device, log) -> dict:
                                args.peer_batches, args.sweep_rounds, device, log,
                                "torchcam batch")
         peers["torchcam"] = {"batch_size": bs, "sweep_s": table}
+    abl_model, abl_layer = ablation_model(name, model, layer)
+    abl_module = dict(abl_model.named_modules())[abl_layer]
+    if args.ablation and "gradcam" in args.peers:
+        bs, table = best_batch(
+            lambda b: (lambda: gradcam_ablationcam(abl_model, abl_module, x[:1], b)),
+            args.peer_batches, args.sweep_rounds, device, log, "pytorch-grad-cam AblationCAM batch")
+        peers["gradcam_ablation"] = {"batch_size": bs, "sweep_s": table}
     out["peers"] = peers
 
     # 4. the main interleaved rounds, on all n photos
@@ -358,6 +438,16 @@ def bench_model(name: str, args, device: torch.device, log) -> dict:
     if "torchcam" in peers:
         methods["torchcam"] = lambda: torchcam_scorecam(model, layer, x,
                                                         peers["torchcam"]["batch_size"])
+    if args.ablation:
+        methods["ablationcam"] = lambda: lib_ablationcam(abl_model, abl_layer, x)
+        if "gradcam_ablation" in peers:
+            methods["gradcam_ablation"] = lambda: gradcam_ablationcam(
+                abl_model, abl_module, x, peers["gradcam_ablation"]["batch_size"])
+    if args.fusion:
+        methods["fusioncam"] = lambda: lib_fusioncam(model, layer, x)
+        if args.per_image:
+            methods["per_image_fusion"] = lambda: per_image_fusioncam(model, layer_module,
+                                                                      x[:n_pi])
     if DEFAULT_PRESET != "paper":
         methods["unioncam_default"] = lambda: lib_unioncam(model, layer, x, DEFAULT_PRESET)
     if args.per_image:
@@ -370,7 +460,7 @@ def bench_model(name: str, args, device: torch.device, log) -> dict:
             methods[f"unioncam_{pname}"] = lambda pname=pname: lib_unioncam(model, layer, x,
                                                                             autocast=pname)
     rec = interleaved(methods, args.rounds, device, log, "main")
-    images = {k: (n_pi if k == "per_image" else args.n) for k in methods}
+    images = {k: (n_pi if k.startswith("per_image") else args.n) for k in methods}
     rows = {}
     for k, r in rec.items():
         first = r["out"][0]
@@ -409,6 +499,9 @@ def bench_model(name: str, args, device: torch.device, log) -> dict:
         checks["per_image_max_abs_diff"] = float((pi["maps"] - lib["maps"][:n_pi]).abs().max())
         checks["per_image_selection_agree"] = int((pi["selected"] == lib["selected"][:n_pi]).sum())
         checks["per_image_n"] = n_pi
+    if "per_image_fusion" in rec:
+        pf, lf = rec["per_image_fusion"]["out"][0], rec["fusioncam"]["out"][0]
+        checks["per_image_fusion_max_abs_diff"] = float((pf["maps"] - lf["maps"][:n_pi]).abs().max())
     for pname, _dt in precisions[1:]:
         lo = rec[f"unioncam_{pname}"]["out"][0]
         checks[f"{pname}_max_abs_dev"] = float((lo["maps"] - lib["maps"]).abs().max())
@@ -432,6 +525,12 @@ NOTES = {
                 "logit differences",
     "per_image": "public per-image pattern: batch-1 forward per channel, numpy percentile "
                  "({n} photo(s))",
+    "ablationcam": "this library's Ablation-CAM: the network tail per channel, auto-tuned {setting}",
+    "gradcam_ablation": "pytorch-grad-cam AblationCAM, batch_size={bs} (best swept): the whole "
+                        "network per channel",
+    "fusioncam": "this library's Fusion-CAM (UnionCAM's paper pool, similarity fusion), "
+                 "auto-tuned {setting}",
+    "per_image_fusion": "public per-image Fusion-CAM pattern ({n} photo(s))",
     "plain_fp32": "the plain fp32 forwards UnionCAM ran, fastest batch {b}, {fmt}",
     "plain_bf16": "the same count of plain bf16 forwards, fastest batch {b}, {fmt}",
 }
@@ -439,11 +538,18 @@ LABELS = {"unioncam": "UnionCAM (this library)",
           "unioncam_default": "UnionCAM default preset (this library)", "unioncam_bf16": "UnionCAM bf16 (this library)",
           "scorecam": "Score-CAM (this library)", "gradcam": "Score-CAM (pytorch-grad-cam)",
           "torchcam": "Score-CAM (torchcam)", "per_image": "UnionCAM, per-image public pattern",
-          "plain_fp32": "plain fp32 forwards (ideal)", "plain_bf16": "plain bf16 forwards"}
+          "plain_fp32": "plain fp32 forwards (ideal)", "plain_bf16": "plain bf16 forwards",
+          "ablationcam": "Ablation-CAM (this library)",
+          "gradcam_ablation": "Ablation-CAM (pytorch-grad-cam)",
+          "fusioncam": "Fusion-CAM (this library)",
+          "per_image_fusion": "Fusion-CAM, per-image public pattern"}
 
 
 def fmt_setting(s) -> str:
-    return f"chunk {s[0]}, {'channels_last' if s[1] else 'contiguous'}" if s else "?"
+    if not s:
+        return "?"
+    tail = f", tail: {s[2]}" if len(s) > 2 else ""  # Ablation-CAM: how the tail was found
+    return f"chunk {s[0]}, {'channels_last' if s[1] else 'contiguous'}{tail}"
 
 
 def model_markdown(m: dict) -> list[str]:
@@ -480,6 +586,9 @@ def model_markdown(m: dict) -> list[str]:
     if "per_image_max_abs_diff" in c:
         L.append(f"Per-image stand-in vs library maps: max |diff| {c['per_image_max_abs_diff']:.2e}, "
                  f"selection agrees on {c['per_image_selection_agree']}/{c['per_image_n']} photos.")
+    if "per_image_fusion_max_abs_diff" in c:
+        L.append("Per-image Fusion-CAM vs library maps: max |diff| "
+                 f"{c['per_image_fusion_max_abs_diff']:.2e}.")
     if "bf16_max_abs_dev" in c:
         L.append(f"bf16 vs fp32 UnionCAM maps: max |dev| {c['bf16_max_abs_dev']:.3f}, mean |dev| "
                  f"{c['bf16_mean_abs_dev']:.4f}, selection agrees on {c['bf16_selection_agree']}/"
@@ -591,6 +700,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="photos for the slow per-image pattern (default cpu: all, cuda: 1)")
     p.add_argument("--no-per-image", dest="per_image", action="store_false")
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    p.add_argument("--no-ablation", dest="ablation", action="store_false",
+                   help="skip the Ablation-CAM rows (ours and pytorch-grad-cam's)")
+    p.add_argument("--no-fusion", dest="fusion", action="store_false",
+                   help="skip the Fusion-CAM rows (ours and the per-image pattern)")
     p.add_argument("--quick", action="store_true", help="skip the library fixed-settings sweep")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--images", default=os.environ.get("UNIONCAM_SAMPLE", str(SAMPLE)),

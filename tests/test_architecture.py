@@ -1,7 +1,9 @@
 """The import graph, checked from the source (``ast``; nothing is imported or executed).
 
-Rules (issue 12, PLAN.md): no import cycle among ``pipeline`` modules; no module imports
-another module's ``_private`` name; the method library ``unioncam`` imports neither the
+Rules (issue 12, PLAN.md; issue 27): no import cycle among ``pipeline`` modules nor among
+``unioncam`` modules; ``unioncam``'s modules sit on floors (:data:`LIBRARY_FLOORS`) and
+import only from their own floor or below; no module imports another module's
+``_private`` name; the method library ``unioncam`` imports neither the
 pipeline nor its cluster/storage dependencies; no module over 700 lines; only the faces
 import the CLI.
 """
@@ -19,6 +21,19 @@ MAX_LINES = 700
 #: What the pure-PyTorch library must never import.
 FORBIDDEN_IN_LIBRARY = ("ray", "zarr", "pyarrow", "fsspec", "xarray", "tqdm", "matplotlib",
                         "pipeline")  # fmt: skip
+#: The library's floors, lowest first: a module imports only from its floor or below, so
+#: the tensor operations never reach the model, the engine never reaches a method, and a
+#: method never reaches UnionCAM. A new module must be placed here.
+LIBRARY_FLOORS: tuple[tuple[str, ...], ...] = (
+    ("registry", "ops", "reshape", "checkpoint", "preprocessing"),  # no project imports
+    ("hooks", "models", "timm_models"),  # the model: its layers, loading it
+    ("engine", "tail"),  # the model's forwards, the network after a layer
+    ("cam", "metrics", "road", "sanity"),  # the gradient pass; scoring maps
+    ("gradient", "region", "perturbation", "selection"),  # the methods
+    ("union",),  # UnionCAM, made of the methods
+    ("fusion",),  # Fusion-CAM, UnionCAM's pool fused
+    ("",),  # the package's face: unioncam/__init__.py
+)
 CLI = "pipeline.cli"
 #: Allowed to import the CLI: the CLI itself (and the console-script entry, not a module).
 CLI_IMPORTERS = {"pipeline.cli"}
@@ -125,6 +140,29 @@ def test_no_import_cycle_among_pipeline_modules():
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
+def test_no_import_cycle_among_library_modules():
+    library = {n: {m: e for m, e in edges.items() if m.startswith("unioncam")}
+               for n, edges in GRAPH.items() if n.startswith("unioncam")}  # fmt: skip
+    cycle = find_cycle(library)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def _floor(module: str) -> int:
+    short = module.removeprefix("unioncam").removeprefix(".")
+    for i, floor in enumerate(LIBRARY_FLOORS):
+        if short in floor:
+            return i
+    raise AssertionError(f"{module} is on no floor of LIBRARY_FLOORS; place it there")
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("unioncam")))
+def test_library_module_imports_only_its_floor_or_below(module):
+    mine = _floor(module)
+    up = [f"{m} (line {edges[0][1]})" for m, edges in GRAPH[module].items()
+          if m.startswith("unioncam") and _floor(m) > mine]  # fmt: skip
+    assert not up, f"{module} (floor {mine}) imports from a floor above: {up}"
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_no_private_name_imported_from_another_module(module):
     bad = [f"line {line}: from {mod} import {what}"
@@ -189,3 +227,12 @@ def test_checker_finds_a_cycle_a_private_import_and_a_cli_import(tmp_path):
     assert lib == [("ray", None, 1)]
     _write(tmp_path, {"pipeline/b.py": "X = 1\n"})
     assert find_cycle(import_graph(tmp_path)) is None
+    # the old unioncam.models <-> unioncam.timm_models cycle (a lazy import is still one)
+    _write(tmp_path, {"unioncam/__init__.py": "", "unioncam/models.py":
+                      "def load():\n    from unioncam.timm_models import load_timm\n",
+                      "unioncam/timm_models.py": "from unioncam.models import LoadedModel\n"})
+    assert find_cycle(import_graph(tmp_path)) in (
+        ["unioncam.models", "unioncam.timm_models", "unioncam.models"],
+        ["unioncam.timm_models", "unioncam.models", "unioncam.timm_models"])
+    with pytest.raises(AssertionError, match="on no floor"):
+        _floor("unioncam.newcomer")

@@ -8,10 +8,14 @@ import torchvision
 from torch import nn
 
 from unioncam import (
-    DenoisedCAM,
+    METHODS,
+    EigenCAM,
+    EigenGradCAM,
+    FinerCAM,
     GradCAM,
+    GradCAMElementWise,
     GradCAMPlusPlus,
-    GroupCAM,
+    HiResCAM,
     LayerCAM,
     ScoreCAM,
     UnionCAM,
@@ -31,9 +35,30 @@ def _hook_count(model: nn.Module) -> int:
                for m in model.modules())
 
 
+def _sign_corrected(of: str):
+    """pytorch-grad-cam's EigenCAM / EigenGradCAM with its own sign correction.
+
+    Its plain ``get_2d_projection`` keeps whatever sign LAPACK's SVD returns (numpy and
+    torch disagreed on 1 of 8 test maps), so the reference is the same projection through
+    its ``get_2d_projection_with_sign_correction``: the library's functions, our choice
+    of which one.
+    """
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
+
+    class Corrected(getattr(pytorch_grad_cam, of)):
+        def get_cam_image(self, input_tensor, target_layer, target_category, activations,
+                          grads, eigen_smooth):
+            m = activations if of == "EigenCAM" else grads * activations
+            return get_2d_projection_with_sign_correction(m)
+
+    return Corrected
+
+
 PARITY = pytest.mark.parametrize(("ours", "theirs"), [
     (GradCAM, "GradCAM"), (GradCAMPlusPlus, "GradCAMPlusPlus"), (XGradCAM, "XGradCAM"),
-    (LayerCAM, "LayerCAM"),
+    (LayerCAM, "LayerCAM"), (HiResCAM, "HiResCAM"), (GradCAMElementWise, "GradCAMElementWise"),
+    (FinerCAM, "FinerCAM"), (EigenCAM, "EigenCAM~"), (EigenGradCAM, "EigenGradCAM~"),
 ])
 
 
@@ -68,8 +93,11 @@ def _check_parity(effnet, x, ours, theirs):
     stem = nn.Sequential(model._conv_stem, model._bn0, layer.module)
     rest = _AfterStem(model)
     wrapped = nn.Sequential(stem, rest).eval()
-    with getattr(pytorch_grad_cam, theirs)(wrapped, target_layers=[stem[2]]) as ref_cam:
-        ref = ref_cam(x, targets=[ClassifierOutputTarget(int(c)) for c in classes])
+    make = _sign_corrected(theirs[:-1]) if theirs.endswith("~") else getattr(pytorch_grad_cam, theirs)
+    # FinerCAM builds its own contrastive target for the predicted class when given none.
+    given = None if theirs == "FinerCAM" else [ClassifierOutputTarget(int(c)) for c in classes]
+    with make(wrapped, target_layers=[stem[2]]) as ref_cam:
+        ref = ref_cam(x, targets=given)
     ref = minmax(torch.from_numpy(ref))
     torch.testing.assert_close(mine, ref, atol=2e-3, rtol=0)
 
@@ -89,6 +117,28 @@ class _AfterStem(nn.Module):
         return m._fc(torch.flatten(m._avg_pooling(x), 1))
 
 
+def test_eigen_projection_sign_is_fixed_and_matches_numpy_up_to_it(effnet, photos):
+    """The SVD's sign is arbitrary; the corrected projection is not: negating the maps
+    gives the same projection, and it is ±pytorch-grad-cam's ``get_2d_projection``."""
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    from unioncam.gradient import eigen_projection
+
+    acts = []
+    h = effnet.model._blocks[4].register_forward_hook(lambda m, i, o: acts.append(o))
+    with torch.no_grad():
+        effnet.model.eval()(photos[0][:4])
+    h.remove()
+    a = acts[0]
+    p = eigen_projection(a)
+    torch.testing.assert_close(eigen_projection(-a), p, atol=1e-4, rtol=1e-4)
+    flat = p.flatten(1)
+    assert bool((flat.amax(1) >= flat.amin(1).abs()).all())  # the salient side is positive
+    ref = torch.from_numpy(get_2d_projection(a.numpy())).flatten(1)
+    sign = torch.where((ref * flat).sum(1, keepdim=True) >= 0, 1.0, -1.0)
+    torch.testing.assert_close(flat, sign * ref, atol=1e-3, rtol=1e-3)
+
+
 def test_denoise_gradient_thresholds_per_channel():
     g = torch.arange(20, dtype=torch.float32).view(1, 2, 2, 5)  # channel 0: 0..9, channel 1: 10..19
     out = denoise_gradient(g, theta=25.0)  # 25th percentile of 0..9 is 2.25
@@ -96,13 +146,22 @@ def test_denoise_gradient_thresholds_per_channel():
     assert out[0, 1].flatten().tolist() == [0, 0, 0] + list(range(13, 20))
 
 
-ALL_METHODS = [
-    lambda m, layer: GradCAM(m, layer, chunk_size=4),
-    lambda m, layer: DenoisedCAM(m, layer, chunk_size=4),
-    lambda m, layer: ScoreCAM(m, layer, chunk_size=4),
-    lambda m, layer: GroupCAM(m, layer, groups=2, chunk_size=4),
-    lambda m, layer: UnionCAM(m, layer, "fast", groups=2, chunk_size=4),
-]
+def _maker(name: str):
+    """Every registered method, small enough for the tiny model (groups=2, "fast")."""
+    from unioncam import make_cam
+
+    kw = {"groups": 2} if name in ("groupcam", "unioncam", "fusioncam") else {}
+    if name in ("unioncam", "fusioncam"):
+        kw["config"] = "fast"
+
+    def make(m, layer):
+        return make_cam(name, m, layer, chunk_size=4, **kw)
+
+    return make
+
+
+# Generated from the registry: a method added there is checked here without a word.
+ALL_METHODS = [pytest.param(_maker(name), id=name) for name in METHODS]
 
 
 @pytest.fixture
@@ -330,13 +389,15 @@ def test_metrics_scored_with_the_cam_keep_its_memory_format(effnet, photos):
 
 
 def test_every_method_is_made_by_name_and_returns_one_result_type(tiny):
-    from unioncam import METHODS, CAMResult, make_cam
+    from unioncam import CAMResult, make_cam
 
     x = torch.randn(2, 3, 8, 8)
     assert set(METHODS) == {"gradcam", "gradcam++", "xgradcam", "layercam", "denoised",
-                            "scorecam", "groupcam", "unioncam"}
+                            "scorecam", "groupcam", "unioncam", "hirescam",
+                            "gradcam-elementwise", "eigencam", "eigengradcam", "finercam",
+                            "ablationcam", "fusioncam"}
     for name in METHODS:
-        kw = {"groups": 2} if name in ("groupcam", "unioncam") else {}
+        kw = {"groups": 2} if name in ("groupcam", "unioncam", "fusioncam") else {}
         with make_cam(name, tiny, "4", chunk_size=4, **kw) as cam:
             res = cam(x)
         assert isinstance(res, CAMResult), name
@@ -344,3 +405,27 @@ def test_every_method_is_made_by_name_and_returns_one_result_type(tiny):
         assert not hasattr(cam, "last")
     with pytest.raises(ValueError, match="unknown method 'gradcam2'; choose from gradcam"):
         make_cam("gradcam2", tiny)
+
+
+def test_tuning_cache_is_keyed_weakly_on_the_model():
+    """A freed model takes its tuned setting with it: ``id()`` is reused by the next
+    object at that address, a weak key is not."""
+    import gc
+    import weakref
+
+    import unioncam.engine as engine
+
+    x = torch.randn(1, 3, 8, 8)
+    tiny = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
+    with ScoreCAM(tiny, "4") as cam:
+        cam(x)
+        chosen = (cam.chunk_size, cam.channels_last)
+    assert isinstance(engine._TUNED, weakref.WeakKeyDictionary) and tiny in engine._TUNED
+    assert chosen in engine._TUNED[tiny].values()
+    gone = weakref.ref(tiny)
+    before = len(engine._TUNED)
+    del tiny, cam
+    gc.collect()
+    # its entry left with it (other tests' freed models may leave at this collection too)
+    assert gone() is None and len(engine._TUNED) <= before - 1

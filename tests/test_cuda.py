@@ -128,7 +128,39 @@ def test_default_preset_syncs_do_not_grow_with_chunks_or_batch(gpu_model, photos
     assert len(seen[(4, 2)]) == len(seen[(512, 2)]) == len(seen[(512, 4)]), seen
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "groupcam"])
+@pytest.mark.parametrize("method", ["hirescam", "gradcam-elementwise", "eigencam",
+                                    "eigengradcam", "finercam"])
+def test_new_gradient_methods_sync_only_on_the_input_check(gpu_model, photos, method):
+    """The gradient family, Eigen's batched SVD included, syncs once (the NaN/Inf check of
+    the batch, cam.py), at 2 images as at 4."""
+    from unioncam import make_cam
+
+    x = photos[0][:4].cuda()
+    seen = []
+    for n in (2, 4):
+        with make_cam(method, gpu_model, "_blocks.4") as cam:
+            cam(x[:n])  # warm-up: layer resolution
+            seen.append(_library_syncs(cam, x[:n]))
+    assert seen[0] == seen[1] and [s.split(":")[0] for s in seen[0]] == ["cam.py"], seen
+
+
+def test_ablationcam_syncs_do_not_grow_with_chunks(gpu_model, photos):
+    """Ablation-CAM's tail forwards in 8-channel chunks sync as often as in one chunk."""
+    from unioncam import AblationCAM
+
+    x = photos[0][:2].cuda()
+    seen = []
+    for chunk in (8, 512):
+        with AblationCAM(gpu_model, "_blocks.15", chunk_size=chunk, channels_last=False) as cam:
+            cam(x)  # warm-up: layer resolution, the tail's trace and check
+            seen.append(_library_syncs(cam, x))
+            assert cam.tail == "fx"
+    assert len(seen[0]) == len(seen[1]), seen
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "groupcam",
+                                    "hirescam", "gradcam-elementwise", "eigencam",
+                                    "eigengradcam", "finercam", "ablationcam"])
 def test_component_methods_on_cuda_match_cpu(effnet, photos, fp32_exact, method):
     """What ``unioncam run --method <name>`` computes on a GPU actor equals the CPU."""
     from unioncam import make_cam

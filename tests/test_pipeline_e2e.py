@@ -640,3 +640,31 @@ def test_report_sanity_of_a_unioncam_store_uses_the_runs_settings(complete, refe
     assert san["unioncam"]["steps"] == want.steps
     np.testing.assert_allclose(san["unioncam"]["spearman"], want.spearman.mean(0).numpy(),
                                atol=1e-3)  # fmt: skip
+
+
+def test_the_new_methods_run_by_name_into_one_store_and_resume(data, ray_cluster, tmp_path):
+    """``--method ablationcam,fusioncam,hirescam,eigencam,unioncam``: all five in one store,
+    each equal to the library's map for the class UnionCAM explained; the run resumes."""
+    from unioncam import make_cam
+
+    names = ("ablationcam", "fusioncam", "hirescam", "eigencam", "unioncam")
+    rows = data["rows"][:UNIT]
+    m = build_from_list(rows, tmp_path / "new.parquet", unit_size=UNIT)
+    store = tmp_path / "new.zarr"
+    s = run(make_config(m.uri, store, methods=names, layer="_blocks.4", actors=1))
+    assert s.complete and s.images_ok == len(rows)
+    g = open_store(str(store))
+    assert set(g["methods"].array_keys()) == set(names) - {"unioncam"}
+    r = open_reader(str(store))
+    assert r.primary == "unioncam" and set(r.methods) == set(names)
+    loaded = load_model("efficientnet-lite0")
+    pre = loaded.preprocess.with_size(SIZE)
+    x = torch.stack([load_row(Row(i, uri, None, None), pre)[0] for i, (uri, _) in enumerate(rows)])
+    target = torch.as_tensor(g["target"][:]).long()
+    for name in ("ablationcam", "hirescam", "eigencam", "fusioncam"):
+        with make_cam(name, loaded.model, "_blocks.4", chunk_size=16) as cam:
+            want = cam(x, targets=target).maps.numpy()
+        np.testing.assert_allclose(r.maps(range(len(rows)), method=name), want, atol=2e-3,
+                                   err_msg=name)
+    again = run(make_config(m.uri, store, methods=names, layer="_blocks.4", actors=1))
+    assert again.units_processed == 0 and again.units_already_done == 1

@@ -10,17 +10,24 @@ Every CAM is used the same way and returns the same :class:`CAMResult`::
 
 from unioncam.cam import BaseCAM, CAMResult
 from unioncam.engine import Engine
+from unioncam.fusion import FusionCAM
 from unioncam.gradient import (
     GRADIENT_METHODS,
     DenoisedCAM,
+    EigenCAM,
+    EigenGradCAM,
+    FinerCAM,
     GradCAM,
+    GradCAMElementWise,
     GradCAMPlusPlus,
     GradientCAM,
+    HiResCAM,
     LayerCAM,
     XGradCAM,
 )
 from unioncam.hooks import TargetLayer, find_target_layer, resolve_layer
 from unioncam.models import LoadedModel, Preprocessing, load_model
+from unioncam.perturbation import AblationCAM
 from unioncam.region import REGION_METHODS, GroupCAM, RegionCAM, ScoreCAM
 from unioncam.registry import METHODS
 from unioncam.reshape import ChannelsLast, TokenGrid
@@ -49,6 +56,7 @@ __all__ = [
     "BaseCAM",
     "Engine",
     "UnionCAM",
+    "FusionCAM",
     "UnionCAMConfig",
     "PRESETS",
     "DEFAULT_PRESET",
@@ -58,6 +66,12 @@ __all__ = [
     "XGradCAM",
     "LayerCAM",
     "DenoisedCAM",
+    "HiResCAM",
+    "GradCAMElementWise",
+    "EigenCAM",
+    "EigenGradCAM",
+    "FinerCAM",
+    "AblationCAM",
     "RegionCAM",
     "ScoreCAM",
     "GroupCAM",

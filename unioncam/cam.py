@@ -2,8 +2,10 @@
 
 A CAM *is* an :class:`~unioncam.engine.Engine` (so its masked forwards, the selection
 rules and the metrics scored with it share one model state) plus the hook on its target
-layer. The hook is registered when the CAM is first called and removed on exit, also
-after an exception; it is switched off for every masked forward.
+layer. The hook is on only inside the gradient pass: registered when the pass starts and
+removed when it ends, also after an exception, so no other forward (masked inputs, the
+metrics, another CAM on the same model) is ever captured, and several CAMs can be entered
+on one model at once.
 
 Gradients come from one forward of the clean images and ``torch.autograd.grad`` on the
 hooked activation: no parameter gradients, one backward for the whole batch. A layer whose
@@ -15,7 +17,7 @@ method downstream sees the same N×K×h×w map.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +27,10 @@ from unioncam.engine import Engine, softmax_gather
 from unioncam.hooks import ActivationHook, TargetLayer, resolve_layer
 from unioncam.reshape import Reshape, auto_reshape
 
-__all__ = ["BaseCAM", "CAMResult", "Forward", "validate_inputs"]
+__all__ = ["BaseCAM", "CAMResult", "Forward", "Score", "validate_inputs"]
+
+#: What a gradient pass differentiates: fn(logits N×C fp32, target N) -> N scores.
+Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -77,14 +82,15 @@ class CAMResult:
 class Forward:
     """What one gradient pass over the clean images gives every method."""
 
-    __slots__ = ("activation", "gradient", "target", "prob", "logits")
+    __slots__ = ("activation", "gradient", "target", "prob", "logits", "calls")
 
-    def __init__(self, activation, gradient, target, prob, logits) -> None:
+    def __init__(self, activation, gradient, target, prob, logits, calls: int = 1) -> None:
         self.activation = activation  # N×K×h×w, detached
         self.gradient = gradient  # N×K×h×w, d logit_target / d activation (None: not asked)
         self.target = target  # N int64
         self.prob = prob  # N float32
         self.logits = logits  # N×C float32
+        self.calls = calls  # how many times the layer's module ran in the forward
 
 
 def validate_inputs(x: torch.Tensor, targets, num_classes: int | None = None) -> None:
@@ -141,25 +147,6 @@ class BaseCAM(Engine):
         self._reshape_spec = reshape
         self.layer: TargetLayer | None = None
         self.reshape: Reshape | None = None  # the step in use, known once the layer is
-        self._hook: ActivationHook | None = None
-
-    def _release(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    @contextmanager
-    def _forward_off(self):
-        hook = self._hook
-        if hook is None:
-            yield
-            return
-        was = hook.enabled
-        hook.enabled = False
-        try:
-            yield
-        finally:
-            hook.enabled = was
 
     def prepare(self, example: torch.Tensor) -> None:
         """Resolve the layer, register the hook and tune now, for inputs like ``example``.
@@ -178,11 +165,11 @@ class BaseCAM(Engine):
     runs_masked_forwards = True
 
     def _attach(self, x: torch.Tensor) -> None:
+        """Resolve the layer and the reshape step (once); no hook is registered here."""
         self._check_entered()
-        if self._hook is None:
+        if self.layer is None:
             self.layer = resolve_layer(self.model, self._layer_spec, x)
             self.reshape = self._reshape_spec or auto_reshape(self.model, self.layer.module)
-            self._hook = ActivationHook(self.layer)
 
     def _as_map(self, out: torch.Tensor) -> torch.Tensor:
         """The layer's output (or its gradient) as N×K×h×w, through the reshape step."""
@@ -194,25 +181,28 @@ class BaseCAM(Engine):
                              "choose another layer or pass reshape=")
         return t
 
-    def gradient_pass(self, x: torch.Tensor, targets=None, need_grad: bool = True) -> Forward:
-        """One forward of the clean images and d(logit_target)/d(activation).
+    def gradient_pass(self, x: torch.Tensor, targets=None, need_grad: bool = True,
+                      score: Score | None = None) -> Forward:
+        """One forward of the clean images and d(score)/d(activation).
 
-        Summing the N selected logits gives every image its own gradient in a single
-        backward, because images do not interact in eval mode. Methods that need no
-        gradient (Score-CAM alone) skip the backward.
+        The score of an image is its target's logit, or ``score(logits, target)`` (N values,
+        e.g. FinerCAM's contrast with the nearest classes). Summing the N scores gives every
+        image its own gradient in a single backward, because images do not interact in eval
+        mode. Methods that need no gradient (Score-CAM, EigenCAM) skip the backward. The
+        activation hook exists only during this call.
         """
         self._attach(x)
         if self.runs_masked_forwards:
             self.tune(x[:1])  # before the first pass, so every pass runs in one memory format
-        assert self._hook is not None
-        self._hook.reset()
-        self._hook.enabled = True
+        assert self.layer is not None
+        hook = ActivationHook(self.layer)
         try:
             with torch.set_grad_enabled(need_grad), self.amp(x.device):
                 logits = self.model(self.format_input(x))
                 if logits.dim() != 2:
                     raise ValueError(f"model output must be N×classes logits, got {tuple(logits.shape)}")
-                out = self._hook.activation
+                out = hook.activation
+                calls = hook.calls
                 act = self._as_map(out)  # fails here, before any backward, if it cannot
                 logits = logits.float()
                 target = self._resolve_targets(targets, logits)
@@ -221,16 +211,18 @@ class BaseCAM(Engine):
                     if not out.requires_grad:
                         raise ValueError(
                             f"layer {self.layer}: its output does not depend on the input")
-                    score = logits.gather(1, target[:, None]).sum()
+                    picked = (logits.gather(1, target[:, None])[:, 0] if score is None
+                              else score(logits, target))
                     # The gradient of the output as captured, then the same reshape: the
                     # reshaped view is not on the path from the output to the score.
-                    (grad,) = torch.autograd.grad(score, out)
+                    (grad,) = torch.autograd.grad(picked.sum(), out)
                     grad = self._as_map(grad)
         finally:
-            self._hook.reset()
+            hook.remove()
         prob = softmax_gather(logits.detach(), target)
         grad = grad.detach().float().contiguous() if grad is not None else None
-        return Forward(act.detach().float().contiguous(), grad, target, prob, logits.detach())
+        return Forward(act.detach().float().contiguous(), grad, target, prob, logits.detach(),
+                       calls)
 
     @staticmethod
     def _resolve_targets(targets, logits: torch.Tensor) -> torch.Tensor:

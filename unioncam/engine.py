@@ -20,7 +20,8 @@ for methods that run none (a gradient-only CAM costs no tuning).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, MutableMapping
 from contextlib import nullcontext
 
 import torch
@@ -41,7 +42,10 @@ _CPU_CHUNKS = (2, 4, 8, 16)
 _GPU_CHUNKS = (32, 64, 128, 256, 512)
 _TUNE_ROUNDS = 3
 _TUNE_MIN_IMAGES = 16  # per candidate per round on CPU: ~0.3 s
-_TUNED: dict[tuple, tuple[int, bool]] = {}
+# model -> {(device, input size, precision, given settings): (chunk size, channels_last)}.
+# Keyed weakly on the model itself: an id() is reused once a model is freed, and a new
+# model at the old address would inherit a stale choice.
+_TUNED: MutableMapping[nn.Module, dict[tuple, tuple[int, bool]]] = weakref.WeakKeyDictionary()
 
 
 def check_autocast(autocast: str | None) -> str | None:
@@ -141,18 +145,19 @@ class Engine:
     def format_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def _forward_off(self):
-        """Context in which forwards must not be captured (subclasses switch hooks off)."""
-        return nullcontext()
-
     # ------------------------------------------------------------------ forwards
     @torch.no_grad()
     def probs(self, count: int, make_inputs: Callable[[torch.Tensor], torch.Tensor],
-              target: torch.Tensor, device: torch.device) -> torch.Tensor:
+              target: torch.Tensor, device: torch.device, *,
+              forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              logit: bool = False) -> torch.Tensor:
         """Softmax probability of ``target[j]`` for input ``make_inputs(j)``, j in [0, count).
 
         ``make_inputs`` receives a 1-D index tensor for one chunk and returns that chunk's
         inputs; nothing bigger than one chunk is ever built. Tunes on first use.
+        ``forward`` replaces the model (Ablation-CAM runs only the network after its layer;
+        it has tuned on images before) and ``logit=True`` gives the target's logit instead
+        of its probability.
         """
         self._check_entered()
         out = torch.empty(count, device=device, dtype=torch.float32)
@@ -161,12 +166,14 @@ class Engine:
         if self.chunk_size is None or self.channels_last is None:
             self.tune(make_inputs(torch.arange(1, device=device)))
         step = self.chunk_size or 1
-        with self._forward_off():
-            for start in range(0, count, step):
-                idx = torch.arange(start, min(start + step, count), device=device)
-                with self.amp(device):
-                    logits = self.model(self.format_input(make_inputs(idx)))
-                out[start:start + idx.numel()] = softmax_gather(logits, target[idx])
+        run = forward or self.model
+        for start in range(0, count, step):
+            idx = torch.arange(start, min(start + step, count), device=device)
+            with self.amp(device):
+                logits = run(self.format_input(make_inputs(idx)))
+            out[start:start + idx.numel()] = (
+                logits.float().gather(1, target[idx, None])[:, 0] if logit
+                else softmax_gather(logits, target[idx]))
         return out
 
     @torch.no_grad()
@@ -176,18 +183,17 @@ class Engine:
 
     @torch.no_grad()
     def softmax(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmax over all classes (N×C, fp32) of ``x``, in chunks, never captured by hooks."""
+        """Softmax over all classes (N×C, fp32) of ``x``, in chunks."""
         self._check_entered()
         self.tune(x[:1])
         step = self.chunk_size or x.shape[0]
         out = []
-        with self._forward_off():
-            for start in range(0, x.shape[0], step):
-                with self.amp(x.device):
-                    logits = self.model(self.format_input(x[start:start + step]))
-                if logits.dim() != 2:
-                    raise ValueError(f"model must return N×classes logits, got {tuple(logits.shape)}")
-                out.append(logits.float().softmax(1))
+        for start in range(0, x.shape[0], step):
+            with self.amp(x.device):
+                logits = self.model(self.format_input(x[start:start + step]))
+            if logits.dim() != 2:
+                raise ValueError(f"model must return N×classes logits, got {tuple(logits.shape)}")
+            out.append(logits.float().softmax(1))
         return torch.cat(out)
 
     # ------------------------------------------------------------------ tuning
@@ -208,12 +214,12 @@ class Engine:
         if self.chunk_size is not None and self.channels_last is not None:
             return
         self._check_entered()
-        key = (id(self.model), example.device.type, example.device.index,
-               tuple(example.shape[1:]), self.autocast, self.chunk_size, self.channels_last)
-        if key not in _TUNED:
-            with self._forward_off():
-                _TUNED[key] = self._measure(example)
-        self.chunk_size, self.channels_last = _TUNED[key]
+        key = (example.device.type, example.device.index, tuple(example.shape[1:]),
+               self.autocast, self.chunk_size, self.channels_last)
+        tuned = _TUNED.setdefault(self.model, {})
+        if key not in tuned:
+            tuned[key] = self._measure(example)
+        self.chunk_size, self.channels_last = tuned[key]
         self._apply_format()
 
     @torch.no_grad()

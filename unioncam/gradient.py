@@ -19,6 +19,22 @@ Weightings (registered in :data:`GRADIENT_METHODS` by name):
 * ``layercam`` — L = ReLU(Σ_k ReLU(G_k) ⊙ A_k)  (Jiang et al. 2021).
 * ``denoised-<method>`` — the method above with G replaced by the thresholded Ĝ,
   i.e. the same denoising module in front of any weighting.
+* ``hirescam`` — L = ReLU(Σ_k G_k ⊙ A_k)  (Draelos & Carin 2020).
+* ``gradcam-elementwise`` — L = ReLU(Σ_k ReLU(G_k ⊙ A_k))  (pytorch-grad-cam's variant).
+* ``eigencam`` — L = ReLU(X v₁) with X the h·w×K activation centred per channel and v₁ its
+  first right singular vector (Muhammad & Yeasin 2020); needs no gradient.
+* ``eigengradcam`` — the same projection of G ⊙ A.
+
+The two Eigen methods share :func:`eigen_projection`, one batched ``torch.linalg.svd`` on
+the device. An SVD fixes v₁ only up to its sign, and LAPACK's choice is arbitrary: on the
+test photos numpy (pytorch-grad-cam's ``get_2d_projection``) and torch's CPU SVD disagreed
+on 1 map in 8, and a GPU solver may disagree again. The projection is therefore flipped
+when |min| > |max| (pytorch-grad-cam's own sign correction,
+``get_2d_projection_with_sign_correction``, Eq. 13 of Seg-Eigen-CAM), so a map is the same
+on every device and its salient side is the positive one that the ReLU keeps.
+
+FinerCAM (Zhang et al. 2025) is Grad-CAM's weighting of a different score: the target
+logit contrasted with its nearest classes, see :func:`finer_score`.
 """
 
 from __future__ import annotations
@@ -27,7 +43,7 @@ from collections.abc import Callable
 
 import torch
 
-from unioncam.cam import BaseCAM, CAMResult
+from unioncam.cam import BaseCAM, CAMResult, Score
 from unioncam.ops import minmax, percentile, upsample
 from unioncam.registry import METHODS, Registry
 
@@ -41,6 +57,13 @@ __all__ = [
     "XGradCAM",
     "LayerCAM",
     "DenoisedCAM",
+    "HiResCAM",
+    "GradCAMElementWise",
+    "EigenCAM",
+    "EigenGradCAM",
+    "FinerCAM",
+    "eigen_projection",
+    "finer_score",
 ]
 
 Weighting = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -100,6 +123,64 @@ for _name, _fn in _WEIGHTINGS.items():
     GRADIENT_METHODS.add(f"denoised-{_name}", _with_denoising(_fn), theta=True)
 
 
+def _hirescam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return (g * a).sum(1).clamp_min(0)
+
+
+def _gradcam_elementwise(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return (g * a).clamp_min(0).sum(1)
+
+
+def eigen_projection(maps: torch.Tensor) -> torch.Tensor:
+    """Each N×K×h×w map projected on its first principal component: N×h×w, sign-corrected.
+
+    As pytorch-grad-cam's ``get_2d_projection``: NaN set to 0, the h·w×K matrix centred
+    per channel, projected on the first right singular vector; then flipped where
+    |min| > |max| (see the module docstring). One batched SVD, no host sync.
+    """
+    n, _, h, w = maps.shape
+    m = torch.where(torch.isnan(maps), torch.zeros_like(maps), maps)
+    x = m.flatten(2).transpose(1, 2)  # N×hw×K
+    x = x - x.mean(1, keepdim=True)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    p = (x @ vh[:, 0, :, None])[..., 0]
+    flip = p.amin(1).abs() > p.amax(1).abs()
+    return torch.where(flip[:, None], -p, p).view(n, h, w)
+
+
+def _eigencam(a: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+    return eigen_projection(a).clamp_min(0)
+
+
+def _eigengradcam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return eigen_projection(g * a).clamp_min(0)
+
+
+GRADIENT_METHODS.add("hirescam", _hirescam)
+GRADIENT_METHODS.add("gradcam-elementwise", _gradcam_elementwise)
+GRADIENT_METHODS.add("eigencam", _eigencam, needs_gradient=False)
+GRADIENT_METHODS.add("eigengradcam", _eigengradcam)
+
+
+def finer_score(alpha: float = 1.0, comparisons: tuple[int, ...] = (1, 2, 3)) -> Score:
+    """FinerCAM's score: Σ_j p_j (z_c − α z_j) / (Σ_j p_j + 1e-9) over the nearest classes.
+
+    The classes j are those at ranks ``comparisons`` when all classes are sorted by
+    |z_j − z_c| (rank 0 is c itself), p = softmax(z) (differentiated too), exactly as
+    pytorch-grad-cam's ``FinerWeightedTarget`` with its default comparison ranks 1, 2, 3.
+    """
+    def score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ranks = [r for r in comparisons if r < logits.shape[1]]
+        zc = logits.gather(1, target[:, None])
+        order = (logits.detach() - zc.detach()).abs().argsort(1)
+        near = order[:, ranks]
+        w = logits.softmax(1).gather(1, near)
+        num = (w * (zc - alpha * logits.gather(1, near))).sum(1)
+        return num / (w.sum(1) + 1e-9)
+
+    return score
+
+
 def gradient_map(method: str, activation: torch.Tensor, gradient: torch.Tensor,
                  theta: float = 10.0) -> torch.Tensor:
     """The raw low-resolution map (N×h×w) of one gradient method, before resizing."""
@@ -124,9 +205,13 @@ class GradientCAM(BaseCAM):
         super().__init__(model, layer, **kwargs)
         self.method = GRADIENT_METHODS.check(method or self.method)
         self.theta = theta
+        self.needs_gradient = GRADIENT_METHODS.info(self.method).get("needs_gradient", True)
+
+    #: What the backward differentiates (``None``: the target logit).
+    score: Score | None = None
 
     def explain(self, x: torch.Tensor, targets) -> CAMResult:
-        fwd = self.gradient_pass(x, targets)
+        fwd = self.gradient_pass(x, targets, need_grad=self.needs_gradient, score=self.score)
         raw = gradient_map(self.method, fwd.activation, fwd.gradient, self.theta)
         return CAMResult(maps=minmax(upsample(raw, x.shape[-2:])), target=fwd.target,
                          prob=fwd.prob, forwards=x.shape[0], raw=raw)
@@ -165,3 +250,53 @@ class DenoisedCAM(GradientCAM):
     """UnionCAM's denoising module alone: Σ_k (P_k / ΣP_k) ⊙ A_k with thresholded gradients."""
 
     method = "denoised"
+
+
+@METHODS.register("hirescam")
+class HiResCAM(GradientCAM):
+    """HiResCAM: ReLU(Σ_k G_k ⊙ A_k), the element-wise product before the channel sum."""
+
+    method = "hirescam"
+
+
+@METHODS.register("gradcam-elementwise")
+class GradCAMElementWise(GradientCAM):
+    """Grad-CAM element-wise: ReLU(Σ_k ReLU(G_k ⊙ A_k))."""
+
+    method = "gradcam-elementwise"
+
+
+@METHODS.register("eigencam")
+class EigenCAM(GradientCAM):
+    """EigenCAM: the activation's first principal component (one forward, no backward)."""
+
+    method = "eigencam"
+
+
+@METHODS.register("eigengradcam")
+class EigenGradCAM(GradientCAM):
+    """EigenGradCAM: the first principal component of G ⊙ A."""
+
+    method = "eigengradcam"
+
+
+@METHODS.register("finercam")
+class FinerCAM(GradientCAM):
+    """FinerCAM: Grad-CAM of the target logit contrasted with its nearest classes.
+
+    ``alpha`` weighs the contrast (pytorch-grad-cam's default 1); ``comparisons`` are the
+    ranks of the contrasted classes by logit distance (default 1, 2, 3). Same cost as
+    Grad-CAM: one forward and one backward per image.
+    """
+
+    method = "gradcam"
+
+    def __init__(self, model, layer=None, *, alpha: float = 1.0,
+                 comparisons: tuple[int, ...] = (1, 2, 3), **kwargs) -> None:
+        super().__init__(model, layer, **kwargs)
+        if not comparisons or any(isinstance(r, bool) or not isinstance(r, int) or r < 1
+                                  for r in comparisons):
+            raise ValueError(f"comparisons must be ranks >= 1, got {comparisons!r}")
+        self.alpha = float(alpha)
+        self.comparisons = tuple(comparisons)
+        self.score = finer_score(self.alpha, self.comparisons)

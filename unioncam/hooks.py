@@ -137,27 +137,26 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 class ActivationHook:
-    """Keep the output of one call of one module, while switched on.
+    """Keep the output of one call of one module, from registration to :meth:`remove`.
 
     Only the tensor itself is kept (no ``retain_grad``), so gradients are taken
     with ``torch.autograd.grad(score, hook.activation)`` and no parameter
-    gradients are ever computed. ``enabled`` is switched off for the masked
-    forward passes of region-based methods, where capturing would only cost
-    memory.
+    gradients are ever computed. A CAM registers one for its gradient pass and removes
+    it right after, so masked forwards and other CAMs on the model are never captured.
     """
 
     def __init__(self, layer: TargetLayer) -> None:
         self.layer = layer
-        self.enabled = True
         self._calls: list[torch.Tensor] = []
         self._handle = layer.module.register_forward_hook(self._hook)
 
     def _hook(self, _module: nn.Module, _inp, out) -> None:
-        if self.enabled:
-            self._calls.append(out)
+        self._calls.append(out)
 
-    def reset(self) -> None:
-        self._calls = []
+    @property
+    def calls(self) -> int:
+        """How many times the module ran since registration."""
+        return len(self._calls)
 
     @property
     def activation(self) -> torch.Tensor:

@@ -31,7 +31,7 @@ from typing import Any
 from torch import nn
 
 from unioncam.checkpoint import file_sha256, load_checkpoint, read_state_dict, strip_prefixes
-from unioncam.models import INTERPOLATIONS, TIMM_PREFIX, LoadedModel, Preprocessing
+from unioncam.preprocessing import INTERPOLATIONS, TIMM_PREFIX, LoadedModel, Preprocessing
 
 __all__ = ["load_timm", "PRETRAINED"]
 

@@ -25,11 +25,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from unioncam.cam import BaseCAM, CAMResult
+from unioncam.cam import BaseCAM, CAMResult, Forward
 from unioncam.engine import check_autocast
 from unioncam.gradient import GRADIENT_METHODS, gradient_map
 from unioncam.ops import gaussian_blur, minmax, upsample
@@ -37,7 +37,7 @@ from unioncam.region import REGION_METHODS
 from unioncam.registry import METHODS
 from unioncam.selection import SELECTION_RULES, rule_forwards
 
-__all__ = ["UnionCAMConfig", "UnionCAM", "PRESETS", "DEFAULT_PRESET", "BASELINES"]
+__all__ = ["UnionCAMConfig", "UnionCAM", "PoolMaps", "PRESETS", "DEFAULT_PRESET", "BASELINES"]
 
 BASELINES = ("zeros", "blur")
 
@@ -193,6 +193,17 @@ PRESETS: dict[str, UnionCAMConfig] = {
 }
 
 
+class PoolMaps(NamedTuple):
+    """Steps 1–4 of one batch: the components, the fused maps and their β."""
+
+    fwd: Forward  # the gradient pass
+    maps: dict[str, torch.Tensor]  # member name -> N×H×W, normalised
+    raw: dict[str, torch.Tensor]  # component name -> its map before resizing
+    beta: dict[str, torch.Tensor]  # member name -> N, β = p(x ⊙ L) − p(x_b)
+    baseline_prob: torch.Tensor  # N: p(x_b)
+    forwards: int  # spent so far
+
+
 @METHODS.register("unioncam")
 class UnionCAM(BaseCAM):
     """UnionCAM over batches: ``with UnionCAM(model, "layer4") as cam: res = cam(x)``.
@@ -241,7 +252,9 @@ class UnionCAM(BaseCAM):
                            target.repeat_interleave(m), x.device)
         return probs.view(n, m) - baseline[:, None]
 
-    def explain(self, x: torch.Tensor, targets) -> CAMResult:
+    def pool_maps(self, x: torch.Tensor, targets) -> PoolMaps:
+        """Steps 1–4: every component and fused map with its β (what the selection ranks,
+        and what Fusion-CAM fuses)."""
         cfg = self.config
         fwd = self.gradient_pass(x, targets, need_grad=self.needs_gradient)
         size = (x.shape[-2], x.shape[-1])
@@ -281,6 +294,12 @@ class UnionCAM(BaseCAM):
             for i, k in enumerate(fused_names):
                 comp[k], beta[k] = fused_t[:, i], beta_f[:, i]
 
+        return PoolMaps(fwd, comp, raw, beta, base, forwards)
+
+    def explain(self, x: torch.Tensor, targets) -> CAMResult:
+        cfg = self.config
+        fwd, comp, raw, beta, base, forwards = self.pool_maps(x, targets)
+        size, target, n = (x.shape[-2], x.shape[-1]), fwd.target, x.shape[0]
         pool = cfg.pool
         beta_pool = torch.stack([beta[k] for k in pool], 1)
         stacked = torch.stack([comp[k] for k in pool], 1)

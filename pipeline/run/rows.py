@@ -69,7 +69,7 @@ def rows_from_result(res: Any, map_size: tuple[int, int] | None = None) -> dict[
         "target": res.target.cpu().numpy(),
         "prob": res.prob.float().cpu().numpy(),
     }
-    if res.beta is not None:  # UnionCAM's own fields (another method's result has none)
+    if res.selected is not None:  # UnionCAM's own fields (another method's result has none)
         out |= {
             "beta": res.beta.float().cpu().numpy(),
             "selection_score": res.selection_score.float().cpu().numpy(),
