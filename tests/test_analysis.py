@@ -468,3 +468,10 @@ def test_an_analysed_store_still_verifies(planted, capsys):
     assert (Path(planted["path"]) / "analysis" / "rows").is_dir()
     assert main(["verify", str(planted["path"]), "--deep"]) == 0
     assert "0 bad" in capsys.readouterr().out
+
+
+def test_compare_maps_without_compare_is_a_usage_error(planted, capsys):
+    """It used to exit 0 and compare nothing; now one line says what is missing."""
+    assert main(["analyze", str(planted["path"]), "--compare-maps", "maps,methods/gradcam"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--compare-maps needs --compare" in err, err
