@@ -291,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--limit", type=int, default=50, help="show the N largest classes (0 = all)")
     q.add_argument("--json", action="store_true")
     from pipeline.analysis.commands import add_analysis_commands, add_strategies_query
+    from pipeline.analysis.fiftyone import add_fiftyone_arguments
 
     add_strategies_query(qs)
     q = qs.add_parser("top", help="top-k (or bottom-k) rows by a score")
@@ -337,9 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     # export ---------------------------------------------------------------------------
     p = sub.add_parser(
         "export",
-        help="export scores as CSV and/or overlays as PNGs",
+        help="export scores as CSV, overlays as PNGs and/or a FiftyOne dataset",
         description="Write a CSV of per-row results (status, classes, probabilities, β of "
-        "every pool member, selected member) and/or overlay PNGs.",
+        "every pool member, selected member), overlay PNGs and/or a FiftyOne dataset "
+        "(needs the fiftyone extra).",
     )
     p.add_argument("store", metavar="STORE")
     p.add_argument("--csv", metavar="FILE", help="write per-row results to this CSV")
@@ -350,13 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--limit",
         type=int,
-        default=100,
-        help="without --rows, overlay the N OK rows with the highest probability (default 100)",
+        help="--overlays without --rows: the N OK rows with the highest probability (default "
+        "100); --fiftyone: at most N rows (default: all)",
     )
+    add_fiftyone_arguments(p)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--cmap", default="jet")
     p.add_argument("--method", help="whose maps, in a store of several methods "
-                   "(default: unioncam if stored, else the run's first method)")
+                   "(default: unioncam if stored, else the run's first method); "
+                   "--fiftyone takes several: a,b")
     _add_storage(p)
 
     # analyze / atlas ------------------------------------------------------------------
@@ -617,11 +621,12 @@ def _cmd_query(a: argparse.Namespace) -> int:
 
 def _cmd_export(a: argparse.Namespace) -> int:
     from pipeline.analysis.export import export_csv
+    from pipeline.analysis.fiftyone import fiftyone_command
     from pipeline.analysis.reader import open_reader
     from pipeline.data.classes import load_class_names
 
-    if not a.csv and not a.overlays:
-        raise CLIError("export needs --csv FILE and/or --overlays DIR")
+    if not a.csv and not a.overlays and not a.fiftyone:
+        raise CLIError("export needs --csv FILE, --overlays DIR and/or --fiftyone NAME")
     r = open_reader(a.store, parse_storage_options(a.storage_option))
     names = load_class_names()
     if a.csv:
@@ -631,10 +636,13 @@ def _cmd_export(a: argparse.Namespace) -> int:
         if a.rows:
             rows = _int_list(a.rows, "--rows")
         else:
-            rows = [x.row_id for x in sorted(r.top_k("prob", a.limit), key=lambda x: x.row_id)]
+            top = r.top_k("prob", 100 if a.limit is None else a.limit)
+            rows = [x.row_id for x in sorted(top, key=lambda x: x.row_id)]
         paths = r.write_overlays(rows, a.overlays, alpha=a.alpha, cmap=a.cmap, class_names=names,
                                  method=a.method)
         print(f"wrote {len(paths)} overlay PNGs to {a.overlays}")
+    if a.fiftyone:
+        fiftyone_command(a, r, names, _int_list(a.classes, "--classes") if a.classes else None)
     return 0
 
 

@@ -495,3 +495,10 @@ def test_analyze_opens_the_store_a_constant_number_of_times(tmp_path, monkeypatc
         assert summary.units == units and summary.rows_described == n
         counts[units] = len(opens)
     assert counts[20] == counts[5] <= 4, counts
+
+
+def test_compare_maps_without_compare_is_a_usage_error(planted, capsys):
+    """It used to exit 0 and compare nothing; now one line says what is missing."""
+    assert main(["analyze", str(planted["path"]), "--compare-maps", "maps,methods/gradcam"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--compare-maps needs --compare" in err, err

@@ -149,6 +149,19 @@ def test_screenshot_of_the_index(site, tmp_path):
         assert len(np.unique(colours, axis=0)) > 50
 
 
+def test_comparison_page_names_both_sides(site):
+    """Cards say which store (and method) each map comes from, not "this store"/"the other";
+    within one store they name the two methods."""
+    from pipeline.analysis.atlas import compare_labels
+    from pipeline.analysis.reader import open_reader
+
+    text = (site / "compare.html").read_text()
+    assert "this store" not in text and "the other" not in text
+    r = open_reader(str(site.parent / "s.zarr"))
+    assert f"s.zarr ({r.primary}): Spearman" in text and f"shifted.zarr ({r.primary})" in text
+    assert compare_labels(r, r, "maps", "methods/gradcam") == (r.primary, "gradcam")
+
+
 def test_boxes_score_the_rows_and_show_in_the_atlas(site):
     from pipeline.analysis.reader import open_reader
 

@@ -406,3 +406,28 @@ def test_manifest_on_s3(s3, tmp_path: Path, sample_dir, sample_labels, class_csv
         pq.read_table(fs.open(f"{bucket}/manifests/train.parquet"))["row_id"].to_numpy(),
         np.arange(6),
     )
+
+
+def test_a_directory_where_a_file_is_expected_says_so_in_one_line(tmp_path, sample_dir,
+                                                                   sample_labels, capsys):
+    """The newcomer's ``unioncam manifest photos12 photos12``, ``run photos12 ...`` and
+    ``--weights photos12``: each names the directory, in one line, before any work."""
+    from pipeline.cli import main
+
+    photos = tmp_path / "photos12"
+    photos.mkdir()
+    shutil.copy(sample_dir / sample_labels[0]["file"], photos / "a.jpg")
+    manifest = tmp_path / "m.parquet"
+    calls = [["manifest", str(photos), str(photos)],
+             ["run", str(photos), str(tmp_path / "s.zarr"), "--cpu", "--no-progress"]]
+    assert main(["manifest", str(photos), str(manifest)]) == 0
+    calls.append(["run", str(manifest), str(tmp_path / "s.zarr"), "--cpu", "--no-progress",
+                  "--model", "resnet18", "--weights", str(photos)])  # fmt: skip
+    capsys.readouterr()
+    for argv in calls:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "is a directory" in err, err
+        assert str(photos) in err or "'photos12'" in err or "photos12" in err, err
+        assert "Error" not in err and ".tmp-" not in err, err
+    assert not (tmp_path / "s.zarr").exists()

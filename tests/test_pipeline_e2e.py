@@ -327,6 +327,19 @@ def test_ctrl_c_leaves_a_store_that_a_rerun_completes_and_a_finished_rerun_does_
     np.testing.assert_array_equal(open_store(str(store))["status"][:], int(Status.OK))
 
 
+def test_the_progress_bar_counts_the_ready_actor_before_a_unit_is_done(
+    data, ray_cluster, tmp_path, capsys
+):
+    """The bar drawn when the first actor is ready (reset to count from there) says
+    ``actors=1``; it said ``actors=0`` until the first unit finished."""
+    run(make_config(data["manifest"], tmp_path / "bar.zarr", progress=True, actors=1,
+                    cpu_only=True, max_units=1))  # fmt: skip
+    err = capsys.readouterr().err
+    after = err[err.index(" ready on "):]
+    first = next(seg for seg in after.replace("\r", "\n").splitlines() if "actors=" in seg)
+    assert "actors=1" in first, first
+
+
 def test_bad_images_are_recorded_and_the_rest_is_written(ray_cluster, tmp_path, sample_dir):
     from PIL import Image
 

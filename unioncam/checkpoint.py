@@ -61,6 +61,8 @@ def _one_line(e: BaseException) -> str:
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, unwrapped (key prefixes as in the file)."""
+    if os.path.isdir(path):
+        raise ValueError(f"weights: {path!r} is a directory (give the checkpoint file)")
     if not os.path.isfile(path):
         raise ValueError(f"weights: no such file {path!r}")
     if _is_safetensors(path):

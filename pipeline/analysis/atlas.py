@@ -27,7 +27,7 @@ import html
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,7 @@ from pipeline.data.classes import class_name, load_class_names
 from pipeline.data.decode import Status
 from pipeline.store.names import status_name, text
 
-__all__ = ["AtlasSite", "write_atlas"]
+__all__ = ["AtlasSite", "compare_labels", "write_atlas"]
 
 #: Failed rows listed per group page (the rest are counted).
 MAX_FAILED = 50
@@ -368,6 +368,26 @@ def _failed_table(rows: list[tuple[int, int, str, str, str]], names: list[str]) 
     return _table(["row", "class", "status", "file", "error"], trs, "failed") + more
 
 
+def compare_labels(reader: StoreReader, other: StoreReader | None, maps_a: str, maps_b: str
+                   ) -> tuple[str, str]:  # fmt: skip
+    """What the two sides of a comparison are called: their methods (``unioncam``,
+    ``gradcam``) within one store, the stores' names (with the method) across two."""
+    def method(r: StoreReader | None, path: str) -> str:
+        if path == "maps":
+            return r.primary if r is not None else "maps"
+        return path.split("/", 1)[-1]
+
+    a, b = method(reader, maps_a), method(other, maps_b)
+    if other is not None and other.path == reader.path:
+        return a, b
+    na = PurePosixPath(reader.path.rstrip("/")).name
+    nb = PurePosixPath((other.path if other is not None else "other").rstrip("/")).name
+    if na == nb:  # two runs/x/s.zarr: name them by their folders
+        na = "/".join(PurePosixPath(reader.path.rstrip("/")).parts[-2:])
+        nb = "/".join(PurePosixPath(other.path.rstrip("/")).parts[-2:]) if other else nb
+    return f"{na} ({a})", f"{nb} ({b})"
+
+
 def _compare_page(reader: StoreReader, res: Any, out: Path, imgs: _Images, names: list[str],
                   manifest: str | None) -> None:  # fmt: skip
     from pipeline.analysis.reader import open_reader
@@ -389,17 +409,18 @@ def _compare_page(reader: StoreReader, res: Any, out: Path, imgs: _Images, names
         other = reader if at.get("other") == reader.path else open_reader(str(at.get("other")))
     except Exception:
         other = None
+    label_a, label_b = compare_labels(reader, other, maps_a, maps_b)
     cards = []
     for r in worst:
         a_map = np.asarray(reader.group[maps_a][r], dtype=np.float32)
         src, problem = imgs.overlay(reader, r, manifest, "-a", maps=a_map)
         c = reader.row(r).get("target", -1)
-        cards.append(_card(src, f"row {r} ({_e(class_name(names, c))}), this store: Spearman "
-                                f"{rho[r]:.3f}", problem))  # fmt: skip
+        cards.append(_card(src, f"row {r} ({_e(class_name(names, c))}), {_e(label_a)}: "
+                                f"Spearman {rho[r]:.3f}", problem))  # fmt: skip
         if other is not None:
             b_map = np.asarray(other.group[maps_b][r], dtype=np.float32)
             src, problem = imgs.overlay(reader, r, manifest, "-b", maps=b_map)
-            cards.append(_card(src, f"row {r}, the other", problem))
+            cards.append(_card(src, f"row {r}, {_e(label_b)}", problem))
     body.append("<h2>Rows that disagree most</h2>"
                 f'<div class="cards">{"".join(cards) or "none"}</div>')
     trs = [f'<tr><td class="l" data-v="{r["class"]}">{r["class"]}</td><td class="l" '

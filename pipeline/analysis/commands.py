@@ -96,7 +96,7 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
         "model); the store itself with --compare-maps compares two methods",
     )  # fmt: skip
     p.add_argument(
-        "--compare-maps", default="maps,maps", metavar="A,B",
+        "--compare-maps", metavar="A,B",
         help="map arrays to compare: this store's A with the other's B (default maps,maps; "
         "e.g. maps,methods/gradcam or maps,components/region_groupcam)",
     )  # fmt: skip
@@ -119,7 +119,10 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
 def analyze_command(a: argparse.Namespace, storage_options: dict[str, Any] | None) -> int:
     from pipeline.analysis.store_analysis import AnalysisConfig, analyze
 
-    maps = tuple(s.strip() for s in a.compare_maps.split(","))
+    if a.compare_maps and not a.compare:
+        raise ValueError("--compare-maps needs --compare OTHER_STORE (give the store itself "
+                         "to compare two of its methods)")
+    maps = tuple(s.strip() for s in (a.compare_maps or "maps,maps").split(","))
     if len(maps) != 2 or not all(maps):
         raise ValueError(f"--compare-maps: expected A,B, got {a.compare_maps!r}")
     cfg = AnalysisConfig(groups=a.groups, sample_per_group=a.sample_per_group, boxes=a.boxes)

@@ -132,6 +132,8 @@ def write_manifest(
     if not isinstance(unit_size, int) or unit_size < 1:
         raise ManifestError(f"unit_size must be a positive integer, got {unit_size!r}")
     out_loc = normalise_location(out)
+    if is_local(out_loc) and os.path.isdir(out_loc):
+        raise ManifestError(f"manifest {out_loc}: is a directory (give the .parquet file to write)")
     out_dir = parent_location(out_loc)
     schema = manifest_schema(inline)
     meta = {

@@ -198,7 +198,8 @@ class Manifest:
         try:
             if is_local(loc):
                 if not os.path.isfile(loc):
-                    raise ManifestError(f"manifest {name}: no such file")
+                    what = "is a directory" if os.path.isdir(loc) else "no such file"
+                    raise ManifestError(f"manifest {name}: {what}")
                 return pq.ParquetFile(loc), None
             fs, path = url_to_fs(loc, storage_options)
             handle = fs.open(path, "rb", block_size=4 * 2**20)

@@ -162,6 +162,7 @@ class Scheduler:
             ray.kill(slot.handle, no_restart=True)
         except Exception:
             pass
+        self._postfix()
 
     # -- main loop ----------------------------------------------------------------------
     def run(self) -> None:
@@ -295,6 +296,7 @@ class Scheduler:
             slot.pid = int(value.get("pid", 0))
             slot.stats.host = str(value.get("host", ""))
             slot.stats.device = str(value.get("device", ""))
+            self._postfix()  # the bar counts ready actors while the first units run
             if not self.ever_ready:
                 self._first_ready(slot, value)
             self.ever_ready = True
