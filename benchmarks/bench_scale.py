@@ -246,7 +246,7 @@ def main() -> None:
             stages[name] = stage(name, args, a.rows if name not in ("query row",) else 1,
                                  st, log)  # fmt: skip
         markers = json.loads(subprocess.run(
-            [sys.executable, "-c", "import json,sys; from pipeline.store.io import read_markers;"
+            [sys.executable, "-c", "import json,sys; from pipeline.store.units import read_markers;"
              f"m=read_markers({s!r}); print(json.dumps([v.get('write_seconds') for v in m.values()]))"],
             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
             check=True).stdout)  # fmt: skip

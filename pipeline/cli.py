@@ -15,11 +15,10 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
 from pipeline.data.location import parse_storage_options
-from pipeline.messages import error_line, ranges_text
+from pipeline.messages import error_line
 
 __all__ = ["build_parser", "main"]
 
@@ -41,24 +40,6 @@ class _Parser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------------------------------
 # helpers
-def _int_list(text: str, what: str) -> list[int]:
-    """``1,2,5-8`` -> [1, 2, 5, 6, 7, 8]."""
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part[1:]:
-                a, b = part.split("-", 1) if not part.startswith("-") else (part, part)
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise CLIError(f"{what}: expected integers like 1,2,5-8, got {text!r}") from None
-    return out
-
-
 def _add_storage(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--storage-option",
@@ -269,99 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage(p)
 
     # query ----------------------------------------------------------------------------
-    p = sub.add_parser(
-        "query",
-        help="per-class stats, top-k, maps, overlays, mean maps",
-        description="Query a store without loading it whole. Examples: "
-        "'unioncam query S classes', 'unioncam query S top --by beta -k 10', "
-        "'unioncam query S maps --rows 0,5 --overlay --out DIR', 'unioncam query S mean --classes 281'.",
-    )
-    p.add_argument("store", metavar="STORE")
-    _add_storage(p)
-    qs = p.add_subparsers(dest="what", metavar="QUERY", parser_class=_Parser)
-    q = qs.add_parser("classes", help="per-class β statistics and pool-member wins, or the "
-                      "analysis's class table sorted by a descriptor")
-    q.add_argument(
-        "--by", default="target",
-        help="target, label or predicted: β statistics of the classes in that column; a "
-        "descriptor (centre_bias, border, spread, entropy, area, centre_x, centre_y), "
-        "clever_hans, spearman or top_iou: the class table of 'unioncam analyze', largest first",
-    )
-    q.add_argument("--ascending", action="store_true", help="with a descriptor: smallest first")
-    q.add_argument("--limit", type=int, default=50, help="show the N largest classes (0 = all)")
-    q.add_argument("--json", action="store_true")
-    from pipeline.analysis.commands import add_analysis_commands, add_strategies_query
-    from pipeline.analysis.fiftyone import add_fiftyone_arguments
+    from pipeline.analysis.commands import add_analysis_commands
+    from pipeline.analysis.query import add_query_command
 
-    add_strategies_query(qs)
-    q = qs.add_parser("top", help="top-k (or bottom-k) rows by a score")
-    q.add_argument(
-        "--by", default=None,
-        help="default beta (prob in a store without UnionCAM); beta, prob, baseline_prob, beta:<pool member>, metrics/<name>, "
-        "selection_score, selection_score:<pool member> (what the selection rule ranked by)",
-    )
-    q.add_argument("-k", type=int, default=10)
-    q.add_argument("--bottom", action="store_true", help="smallest first")
-    q.add_argument(
-        "--class", dest="class_index", type=int, help="only rows explained for this class"
-    )
-    q.add_argument("--json", action="store_true")
-    q = qs.add_parser("row", help="every stored field of one row (its file, status, scores)")
-    q.add_argument("row_id", metavar="ROW", type=int)
-    q.add_argument("--json", action="store_true")
-    q = qs.add_parser("maps", help="maps of rows as .npy and/or overlay PNGs")
-    q.add_argument("--rows", required=True, help="row ids, e.g. 0,5,10-12")
-    q.add_argument("--out", required=True, help="output folder")
-    q.add_argument(
-        "--overlay", action="store_true", help="write overlay PNGs on the original images"
-    )
-    q.add_argument(
-        "--npy", action="store_true", help="write the maps as maps.npy (rows in the given order)"
-    )
-    q.add_argument("--alpha", type=float, default=0.5)
-    q.add_argument("--cmap", default="jet")
-    q.add_argument(
-        "--manifest", help="manifest to find the originals (default: the one recorded in the store)"
-    )
-    q.add_argument("--method", help="whose maps, in a store of several methods "
-                   "(default: unioncam if stored, else the run's first method)")
-    q = qs.add_parser("mean", help="mean map per class (PNG + .npy)")
-    q.add_argument("--classes", help="class ids, e.g. 1,281-285 (default: all)")
-    q.add_argument(
-        "--by", choices=("target", "label", "predicted"), default="target"
-    )
-    q.add_argument("--out", required=True, help="output folder")
-    q.add_argument("--cmap", default="jet")
-    q.add_argument("--method", help="whose maps, in a store of several methods "
-                   "(default: unioncam if stored, else the run's first method)")
+    add_query_command(sub, _Parser, _add_storage)
 
     # export ---------------------------------------------------------------------------
-    p = sub.add_parser(
-        "export",
-        help="export scores as CSV, overlays as PNGs and/or a FiftyOne dataset",
-        description="Write a CSV of per-row results (status, classes, probabilities, β of "
-        "every pool member, selected member), overlay PNGs and/or a FiftyOne dataset "
-        "(needs the fiftyone extra).",
-    )
-    p.add_argument("store", metavar="STORE")
-    p.add_argument("--csv", metavar="FILE", help="write per-row results to this CSV")
-    p.add_argument("--overlays", metavar="DIR", help="write overlay PNGs here")
-    p.add_argument(
-        "--rows", help="rows for --overlays (default: the --limit OK rows of highest probability)"
-    )
-    p.add_argument(
-        "--limit",
-        type=int,
-        help="--overlays without --rows: the N OK rows with the highest probability (default "
-        "100); --fiftyone: at most N rows (default: all)",
-    )
-    add_fiftyone_arguments(p)
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--cmap", default="jet")
-    p.add_argument("--method", help="whose maps, in a store of several methods "
-                   "(default: unioncam if stored, else the run's first method); "
-                   "--fiftyone takes several: a,b")
-    _add_storage(p)
+    from pipeline.analysis.export import add_export_command
+
+    add_export_command(sub, _add_storage)
 
     # analyze / atlas ------------------------------------------------------------------
     add_analysis_commands(sub, _add_storage)
@@ -506,144 +403,15 @@ def _cmd_verify(a: argparse.Namespace) -> int:
 
 
 def _cmd_query(a: argparse.Namespace) -> int:
-    from pipeline.analysis.reader import open_reader
-    from pipeline.data.classes import class_name, load_class_names
+    from pipeline.analysis.query import query_command
 
-    if not a.what:
-        raise CLIError(
-            "query needs one of: classes, top, row, maps, mean, strategies "
-            "(see unioncam query --help)"
-        )
-    r = open_reader(a.store, parse_storage_options(a.storage_option))
-    names = load_class_names()
-    if a.what == "strategies" or (a.what == "classes" and a.by not in ("target", "label",
-                                                                        "predicted")):
-        from pipeline.analysis.commands import query_analysis  # reads the analysis group
-
-        return query_analysis(a, r, names)
-    if a.what == "classes":
-        stats = sorted(r.class_stats(by=a.by), key=lambda s: (-s.count, s.class_index))
-        stored = {k for s in stats for k in s.mean_metrics}
-        shown = [k for k in ("insertion", "deletion", "ins_minus_del") if k in stored]
-        if a.limit:
-            stats = stats[: a.limit]
-        if a.json:
-            print(json.dumps([s.__dict__ for s in stats], indent=1))
-            return 0
-        head = "".join(f" {k[:13]:>13}" for k in shown)
-        print(f"{'class':>5}  {'name':<28} {'n':>6} {'beta':>7} {'prob':>6}{head}  wins")
-        for s in stats:
-            wins = ", ".join(f"{k}={v}" for k, v in s.wins.items())
-            cells = "".join(f" {s.mean_metrics.get(k, float('nan')):>13.4f}" for k in shown)
-            print(
-                f"{s.class_index:>5}  {class_name(names, s.class_index)[:28]:<28} {s.count:>6} "
-                f"{s.mean_beta:>7.4f} {s.mean_prob:>6.3f}{cells}  {wins}"
-            )
-        return 0
-    if a.what == "top":
-        a.by = a.by or ("beta" if r.layout.has_pool else "prob")
-        rows = r.top_k(a.by, a.k, largest=not a.bottom, class_index=a.class_index)
-        if a.json:
-            print(json.dumps([x.__dict__ for x in rows], indent=1))
-            return 0
-        print(f"{'row':>8} {a.by:>14}  {'class':<28} {'label':>5}  {'selected':<24} file")
-        for x in rows:
-            print(
-                f"{x.row_id:>8} {x.score:>14.5f}  {class_name(names, x.target)[:28]:<28} "
-                f"{x.label:>5}  {x.selected:<24} {x.uri}"
-            )
-        return 0
-    if a.what == "row":
-        info = r.row(a.row_id)
-        if a.json:
-            print(json.dumps(info, indent=1))
-            return 0
-        t = info.get("target", -1)
-        print(f"row {info['row_id']}: {info['uri'] or '<inline image>'}")
-        print(f"status: {info['status_name']}" + (f" ({info['error']})" if info["error"] else ""))
-        if info["status_name"] == "OK":
-            print(f"class explained: {t} {class_name(names, t)}; label {info.get('label')}, "
-                  f"predicted {info.get('predicted')}")  # fmt: skip
-            print(f"prob {info['prob']:.4f} (baseline {info['baseline_prob']:.4f}); "
-                  f"selected {info['selected_name']}")  # fmt: skip
-            for name, b in zip(r.pool, info["beta"], strict=True):
-                print(f"  beta {b:9.5f}  {name}")
-        print(f"original size (h, w) {info['orig_size']}, crop box {info['crop_box']}")
-        return 0
-    if a.what == "maps":
-        import numpy as np
-
-        rows = _int_list(a.rows, "--rows")
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        if a.npy or not a.overlay:
-            maps = r.maps(rows, method=a.method)
-            np.save(out / "maps.npy", maps)
-            np.save(out / "row_ids.npy", np.asarray(rows, dtype=np.int64))
-            print(
-                f"wrote {out / 'maps.npy'} ({maps.shape[0]} x {maps.shape[1]} x {maps.shape[2]} float32)"
-            )
-        if a.overlay:
-            paths = r.write_overlays(
-                rows, out, alpha=a.alpha, cmap=a.cmap, manifest=a.manifest, class_names=names,
-                method=a.method,
-            )
-            print(f"wrote {len(paths)} overlay PNGs to {out}")
-            skipped = len(rows) - len(paths)
-            if skipped:
-                print(f"skipped {skipped} rows without a map (see 'unioncam status')")
-        return 0
-    if a.what == "mean":
-        import numpy as np
-        from PIL import Image
-
-        from pipeline.analysis.images import colorize
-
-        classes = _int_list(a.classes, "--classes") if a.classes else None
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        means = r.mean_maps(classes, by=a.by, method=a.method)
-        tag = "" if a.method in (None, r.primary) else f"-{a.method}"
-        for c, (m, n) in means.items():
-            stem = out / f"mean-class-{c:04d}{tag}"
-            np.save(f"{stem}.npy", m)
-            Image.fromarray(colorize(m, a.cmap)).save(f"{stem}.png")
-            print(f"class {c} ({class_name(names, c)}): mean of {n} maps -> {stem}.png")
-        if classes is not None:
-            empty = [c for c in classes if c not in means]
-            if empty:
-                print(f"no OK rows for classes {ranges_text(empty)}")
-        elif not means:
-            print("no OK rows in the store")
-        return 0
-    raise CLIError(f"unknown query {a.what!r}")
+    return query_command(a, parse_storage_options(a.storage_option))
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
-    from pipeline.analysis.export import export_csv
-    from pipeline.analysis.fiftyone import fiftyone_command
-    from pipeline.analysis.reader import open_reader
-    from pipeline.data.classes import load_class_names
+    from pipeline.analysis.export import export_command
 
-    if not a.csv and not a.overlays and not a.fiftyone:
-        raise CLIError("export needs --csv FILE, --overlays DIR and/or --fiftyone NAME")
-    r = open_reader(a.store, parse_storage_options(a.storage_option))
-    names = load_class_names()
-    if a.csv:
-        n = export_csv(r, a.csv, names)
-        print(f"wrote {a.csv} ({n} rows)")
-    if a.overlays:
-        if a.rows:
-            rows = _int_list(a.rows, "--rows")
-        else:
-            top = r.top_k("prob", 100 if a.limit is None else a.limit)
-            rows = [x.row_id for x in sorted(top, key=lambda x: x.row_id)]
-        paths = r.write_overlays(rows, a.overlays, alpha=a.alpha, cmap=a.cmap, class_names=names,
-                                 method=a.method)
-        print(f"wrote {len(paths)} overlay PNGs to {a.overlays}")
-    if a.fiftyone:
-        fiftyone_command(a, r, names, _int_list(a.classes, "--classes") if a.classes else None)
-    return 0
+    return export_command(a, parse_storage_options(a.storage_option))
 
 
 def _cmd_analysis(a: argparse.Namespace) -> int:

@@ -59,6 +59,7 @@ def run_demo(
     """Run the demo into ``out``; print a per-image summary; return an exit code."""
     import ray
 
+    from pipeline.analysis.overlays import write_overlays
     from pipeline.analysis.reader import open_reader
     from pipeline.config import RunConfig
     from pipeline.data.build import build_from_folder
@@ -127,7 +128,7 @@ def run_demo(
         cname = names[c] if 0 <= c < len(names) else str(c)
         betas = ", ".join(f"{n}={b:+.3f}" for n, b in zip(reader.pool, r["beta"], strict=True))
         say(f"{stem:<12} {cname[:26]:<26} {r['prob']:>5.2f}  {r['selected_name']:<28} {betas}")
-    overlays = reader.write_overlays(range(m.num_rows), out / "overlays", class_names=names)
+    overlays = write_overlays(reader, range(m.num_rows), out / "overlays", class_names=names)
     say("")
     say(f"store:    {store}  ({summary.images_ok} maps, {summary.images_failed} failed)")
     say(f"overlays: {out / 'overlays'}  ({len(overlays)} PNGs)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["error_line", "one_line", "ranges_text"]
+__all__ = ["error_line", "int_list", "one_line", "ranges_text"]
 
 
 def one_line(text: object, limit: int | None = None) -> str:
@@ -43,3 +43,22 @@ def ranges_text(values: Sequence[int], sep: str = ", ") -> str:
         out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
         i = j + 1
     return sep.join(out)
+
+
+def int_list(text: str, what: str) -> list[int]:
+    """``1,2,5-8`` -> [1, 2, 5, 6, 7, 8]: integers as a user types them (``--rows``,
+    ``--classes``), the inverse of :func:`ranges_text`; a bad list is one line."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                a, b = part.split("-", 1) if not part.startswith("-") else (part, part)
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ValueError(f"{what}: expected integers like 1,2,5-8, got {text!r}") from None
+    return out

@@ -25,6 +25,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 
 from pipeline.analysis.images import overlay_image  # noqa: E402
+from pipeline.analysis.overlays import row_overlay  # noqa: E402
 from pipeline.analysis.reader import open_reader  # noqa: E402
 from pipeline.analysis.status import store_status  # noqa: E402
 from pipeline.cli import main  # noqa: E402
@@ -289,9 +290,9 @@ def test_maps_and_overlays(made, tmp_path, capsys):
     expect = overlay_image(
         decode_image(read_bytes(made["entries"][0][0])), maps[0], tuple(raw["crop_box"][0])
     )
-    np.testing.assert_array_equal(np.asarray(r.overlay(0)), np.asarray(expect))
+    np.testing.assert_array_equal(np.asarray(row_overlay(r, 0)), np.asarray(expect))
     with pytest.raises(ValueError, match="row 5 has no map: status CORRUPT"):
-        r.overlay(BAD_ROW)
+        row_overlay(r, BAD_ROW)
 
 
 def test_mean_maps_match_brute_force(made, tmp_path, capsys):

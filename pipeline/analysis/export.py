@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from pipeline.analysis.reader import StoreReader
-from pipeline.data.classes import class_name
+from pipeline.analysis.overlays import write_overlays
+from pipeline.analysis.reader import StoreReader, open_reader
+from pipeline.data.classes import class_name, load_class_names
+from pipeline.messages import int_list
 from pipeline.store.names import status_name, text
 
-__all__ = ["export_csv"]
+__all__ = ["add_export_command", "export_command", "export_csv"]
 
 
 def export_csv(reader: StoreReader, path: str, names: list[str]) -> int:
@@ -69,3 +73,60 @@ def export_csv(reader: StoreReader, path: str, names: list[str]) -> int:
 def _fmt(v: Any) -> str:
     v = float(v)
     return "" if math.isnan(v) else f"{v:.6g}"
+
+
+def add_export_command(sub: Any, add_storage: Callable[[argparse.ArgumentParser], None]) -> None:
+    """The ``export`` subcommand on the CLI's subparsers ``sub``."""
+    from pipeline.analysis.fiftyone import add_fiftyone_arguments
+
+    p = sub.add_parser(
+        "export",
+        help="export scores as CSV, overlays as PNGs and/or a FiftyOne dataset",
+        description="Write a CSV of per-row results (status, classes, probabilities, β of "
+        "every pool member, selected member), overlay PNGs and/or a FiftyOne dataset "
+        "(needs the fiftyone extra).",
+    )
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--csv", metavar="FILE", help="write per-row results to this CSV")
+    p.add_argument("--overlays", metavar="DIR", help="write overlay PNGs here")
+    p.add_argument(
+        "--rows", help="rows for --overlays (default: the --limit OK rows of highest probability)"
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        help="--overlays without --rows: the N OK rows with the highest probability (default "
+        "100); --fiftyone: at most N rows (default: all)",
+    )
+    add_fiftyone_arguments(p)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--cmap", default="jet")
+    p.add_argument("--method", help="whose maps, in a store of several methods "
+                   "(default: unioncam if stored, else the run's first method); "
+                   "--fiftyone takes several: a,b")
+    add_storage(p)
+
+
+def export_command(a: argparse.Namespace, storage_options: dict[str, Any] | None) -> int:
+    """Run ``unioncam export``: the CSV, overlays and/or FiftyOne dataset asked for."""
+    from pipeline.analysis.fiftyone import fiftyone_command
+
+    if not a.csv and not a.overlays and not a.fiftyone:
+        raise ValueError("export needs --csv FILE, --overlays DIR and/or --fiftyone NAME")
+    r = open_reader(a.store, storage_options)
+    names = load_class_names()
+    if a.csv:
+        n = export_csv(r, a.csv, names)
+        print(f"wrote {a.csv} ({n} rows)")
+    if a.overlays:
+        if a.rows:
+            rows = int_list(a.rows, "--rows")
+        else:
+            top = r.top_k("prob", 100 if a.limit is None else a.limit)
+            rows = [x.row_id for x in sorted(top, key=lambda x: x.row_id)]
+        paths = write_overlays(r, rows, a.overlays, alpha=a.alpha, cmap=a.cmap, class_names=names,
+                                 method=a.method)
+        print(f"wrote {len(paths)} overlay PNGs to {a.overlays}")
+    if a.fiftyone:
+        fiftyone_command(a, r, names, int_list(a.classes, "--classes") if a.classes else None)
+    return 0

@@ -37,6 +37,7 @@ import numpy as np
 from pipeline.analysis.reader import StoreReader
 from pipeline.data.classes import class_name
 from pipeline.data.decode import Status
+from pipeline.store.names import status_name, text
 
 __all__ = ["add_fiftyone_arguments", "export_fiftyone", "field_name", "fiftyone_command", "place_map"]
 
@@ -126,10 +127,10 @@ def export_fiftyone(
     for row, a in _rows(reader, want, want_status, limit):
         sample = fo.Sample(filepath=_filepath(reader, row, a, media))
         sample["row_id"] = row
-        sample["uri"] = _text(a["uri"])
+        sample["uri"] = text(a["uri"])
         st = int(a["status"])
-        sample["status"] = Status(st).name if st in Status._value2member_map_ else str(st)
-        sample["error"] = _text(a["error"])
+        sample["status"] = status_name(st)
+        sample["error"] = text(a["error"])
         label, pred, target = int(a["label"]), int(a["predicted"]), int(a["target"])
         sample["target"] = target
         if label >= 0:
@@ -227,7 +228,7 @@ def _rows(reader: StoreReader, classes: set[int] | None, status: int | None, lim
 
 def _filepath(reader: StoreReader, row: int, a: dict[str, Any], media: Path) -> str:
     """The photo's local path, or a JPEG of it written under ``media`` (see module doc)."""
-    uri = _text(a["uri"])
+    uri = text(a["uri"])
     local = uri[len("file://"):] if uri.startswith("file://") else uri
     if local and "://" not in local and "#" not in local and os.path.isfile(local):
         return os.path.abspath(local)
@@ -304,11 +305,6 @@ def _status_code(status: str | None) -> int | None:
         raise ValueError(f"--status: unknown status {status!r}; one of "
                          f"{', '.join(Status.__members__)}")  # fmt: skip
     return int(Status[key])
-
-
-def _text(v: Any) -> str:
-    v = v.item() if isinstance(v, np.ndarray) else v
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v or "")
 
 
 def _num(v: Any) -> float | None:

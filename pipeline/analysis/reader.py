@@ -20,12 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
-from pipeline.analysis.images import overlay_image
 from pipeline.analysis.results import AnalysisResults, open_analysis
 from pipeline.data.decode import Status, decode_image, read_bytes
 from pipeline.data.manifest import Manifest
@@ -314,7 +312,8 @@ class StoreReader:
         ]
 
     # ------------------------------------------------------------------ maps
-    def _check_rows(self, row_ids: Iterable[int]) -> list[int]:
+    def check_rows(self, row_ids: Iterable[int]) -> list[int]:
+        """``row_ids`` as ints, each checked against the store's rows (one-line error)."""
         rows = [int(r) for r in row_ids]
         for r in rows:
             if not 0 <= r < self.num_rows:
@@ -324,13 +323,14 @@ class StoreReader:
     def maps(self, row_ids: Iterable[int], method: str | None = None) -> np.ndarray:
         """One method's maps of the given rows as float32 ``len x S x S`` (NaN for failed
         rows); ``method=None``: :attr:`primary`."""
-        arr = self.group[self._maps_path(method)]
-        rows = self._check_rows(row_ids)
+        arr = self.group[self.maps_path(method)]
+        rows = self.check_rows(row_ids)
         if not rows:
             return np.zeros((0, self.image_size, self.image_size), dtype=np.float32)
         return np.stack([np.asarray(arr[r], dtype=np.float32) for r in rows])
 
-    def _maps_path(self, method: str | None) -> str:
+    def maps_path(self, method: str | None) -> str:
+        """The array holding ``method``'s maps (``None``: the primary's); one-line error."""
         try:
             return self.layout.maps_path(method)
         except StoreError as e:
@@ -338,7 +338,7 @@ class StoreReader:
 
     def row(self, row_id: int) -> dict[str, Any]:
         """Every per-row field of one row (small arrays; maps excluded)."""
-        (r,) = self._check_rows([row_id])
+        (r,) = self.check_rows([row_id])
         g = self.group
         out: dict[str, Any] = {"row_id": r}
         for name in (
@@ -379,7 +379,7 @@ class StoreReader:
         Reads only the rows of the requested classes (all classes if ``None``), at most
         ``rows_per_read`` maps at a time.
         """
-        path = self._maps_path(method)
+        path = self.maps_path(method)
         want = None if classes is None else {int(c) for c in classes}
         sums: dict[int, np.ndarray] = {}
         counts: dict[int, int] = {}
@@ -440,60 +440,6 @@ class StoreReader:
         m = Manifest.open(uri, storage_options=self.storage_options)
         self._manifest_cache = (uri, m)
         return m
-
-    def overlay(
-        self, row_id: int, *, alpha: float = 0.5, cmap: str = "jet", manifest: str | None = None,
-        method: str | None = None,
-    ):
-        """The row's map (of ``method``; ``None``: :attr:`primary`) placed on its original
-        image (``PIL.Image``, RGB)."""
-        info = self.row(row_id)
-        if info["status_name"] != "OK":
-            raise ValueError(
-                f"row {row_id} has no map: status {info['status_name']} ({info['error']})"
-            )
-        image = self.original_image(row_id, manifest=manifest)
-        m = self.maps([row_id], method=method)[0]
-        return overlay_image(image, m, info["crop_box"], alpha=alpha, cmap=cmap)
-
-    def write_overlays(
-        self,
-        row_ids: Iterable[int],
-        out_dir: str | Path,
-        *,
-        alpha: float = 0.5,
-        cmap: str = "jet",
-        manifest: str | None = None,
-        class_names: list[str] | None = None,
-        method: str | None = None,
-    ) -> list[Path]:
-        """Write ``<row id>_<file stem>.png`` overlays; rows without a map are skipped.
-
-        The file's stem makes the PNG findable next to the photo it came from; the class
-        name stands in for photos with no file name (inline bytes). A ``method`` other than
-        the store's primary one is added to the name (``<row id>_<stem>_gradcam.png``), so
-        the overlays of two methods can share a folder.
-        """
-        suffix = "" if method in (None, self.primary) else f"_{safe_name(method)}"
-        self._maps_path(method)
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for r in self._check_rows(row_ids):
-            info = self.row(r)
-            if info["status_name"] != "OK":
-                continue
-            img = self.overlay(r, alpha=alpha, cmap=cmap, manifest=manifest, method=method)
-            c = info.get("target", -1)
-            stem = PurePosixPath(info["uri"]).stem if info["uri"] else ""
-            if not stem and class_names and 0 <= c < len(class_names):
-                stem = class_names[c]
-            tag = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in stem).strip("_")
-            p = out / (f"{r:07d}_{tag[:60]}{suffix}.png" if tag else f"{r:07d}{suffix}.png")
-            img.save(p, format="PNG")
-            paths.append(p)
-        return paths
-
 
 def _plain(d: Any) -> Any:
     """Attributes may come back as zarr/JSON wrappers; make them plain Python."""
