@@ -348,9 +348,11 @@ def test_shard_manifests_store_the_same_maps_as_loose_files(dataset, tmp_path):
             m = build_from_webdataset(f"{bucket}/wds", f"{bucket}/w.parquet", unit_size=UNIT,
                                       storage_options=so)  # fmt: skip
             got["s3"] = explain(m.uri, f"{bucket}/w.zarr", so)
-        for name, a in got.items():
-            np.testing.assert_array_equal(a["maps"], ref["maps"], err_msg=name)
-            np.testing.assert_array_equal(a["beta"], ref["beta"], err_msg=name)
+        for name, a in got.items():  # the tolerance of test_pipeline_e2e's S3 run
+            np.testing.assert_allclose(a["maps"].astype(np.float32),
+                                       ref["maps"].astype(np.float32), atol=2e-3, err_msg=name)
+            np.testing.assert_allclose(a["beta"], ref["beta"], atol=1e-4, err_msg=name)
+            np.testing.assert_array_equal(a["status"], ref["status"], err_msg=name)
             np.testing.assert_array_equal(a["label"], ref["label"], err_msg=name)
             assert all("#" in u for u in a["uri"].tolist()), name
         assert got["wds"]["uri"][0].endswith(f"000000.tar#{dataset['keys'][0]}")
