@@ -332,7 +332,7 @@ def test_shard_manifests_store_the_same_maps_as_loose_files(dataset, tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         ref = explain(dataset["loose"].uri, str(tmp_path / "loose.zarr"))
         w = build_from_webdataset(dataset["wds"], tmp_path / "w.parquet", unit_size=UNIT)
