@@ -78,13 +78,19 @@ def detect_shards(source: str, storage_options: dict[str, Any] | None = None) ->
     for kind, suffix in SUFFIXES.items():
         if root.lower().endswith(suffix):
             return kind
-    if is_local(root) and not os.path.isdir(root):
-        return None
-    try:
-        files = list_files(root, storage_options)
-    except ManifestError:
-        return None
-    exts = {os.path.splitext(f)[1].lower() for f in files}
+    exts: set[str] = set()
+    if is_local(root):  # walked lazily: a folder of loose images answers at its first image
+        for _dir, dirs, names in os.walk(root, followlinks=True):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            exts |= {os.path.splitext(n)[1].lower() for n in names if not n.startswith(".")}
+            if exts & IMAGE_EXTENSIONS:
+                return None
+    else:  # shards sit at most a folder or two below the prefix (train/, val/)
+        fs, path = url_to_fs(root, storage_options)
+        try:
+            exts = {os.path.splitext(f)[1].lower() for f in fs.find(path, maxdepth=3)}
+        except (FileNotFoundError, OSError):
+            return None
     kinds = [k for k, s in SUFFIXES.items() if s in exts]
     if len(kinds) == 1 and not exts & IMAGE_EXTENSIONS:
         return kinds[0]
