@@ -23,6 +23,7 @@ import logging
 import os
 import tarfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -185,6 +186,7 @@ def build_from_webdataset(
     unit_size: int = DEFAULT_UNIT_SIZE,
     storage_options: dict[str, Any] | None = None,
     relative: bool = False,
+    read_threads: int = 8,
 ) -> Manifest:
     """Manifest of WebDataset tar shards (one ``.tar`` or a folder/prefix of them).
 
@@ -192,12 +194,16 @@ def build_from_webdataset(
     its label from the ``label_member`` member (an integer, or a synset with
     ``class_list``); ``uri`` is ``shard.tar#key``. A sample without an image member keeps
     its row (the run records it as MISSING); a member cut short by a truncated tar keeps
-    its declared length (the run records TRUNCATED).
+    its declared length (the run records TRUNCATED). ``read_threads`` tars are read at once.
     """
     classes = load_class_list(class_list, storage_options) if class_list is not None else None
     entries: list[tuple[Any, ...]] = []
-    for shard in list_shards(os.fspath(source), WEBDATASET, storage_options):
-        for key, off, n, text in _tar_samples(shard, label_member, storage_options):
+    found = list_shards(os.fspath(source), WEBDATASET, storage_options)
+    with ThreadPoolExecutor(max_workers=read_threads) as pool:  # shards are independent
+        listed = pool.map(lambda sh: _tar_samples(sh, label_member, storage_options), found)
+        per_shard = list(listed)
+    for shard, samples in zip(found, per_shard, strict=True):
+        for key, off, n, text in samples:
             where = f"shard {redact_uri(shard)} key {key!r}"
             label = label_of(text, classes, where) if text else None
             entries.append((f"{shard}#{key}", label, shard, off, n))
