@@ -65,14 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     # manifest -------------------------------------------------------------------------
     p = sub.add_parser(
         "manifest",
-        help="build a Parquet manifest from an image folder",
+        help="build a Parquet manifest from an image folder, a list or shards",
         description="Build a manifest (one row per image, one row group per unit of work) "
         "from a folder: ImageNet-train style class subfolders, a flat folder (optionally "
-        "with --val-labels), or a CSV list of uri[,label].",
+        "with --val-labels), a CSV list of uri[,label], or shards read in place: WebDataset "
+        ".tar files (key.jpg + key.cls) or Parquet files with an image column (datasets).",
     )
-    p.add_argument(
-        "image_dir", metavar="IMAGE_DIR", help="folder of images (or a .csv list of uri[,label])"
-    )
+    p.add_argument("image_dir", metavar="DATASET",
+                   help="folder of images, a .csv list of uri[,label], or shards (file/folder)")
+    p.add_argument("--format", choices=("auto", "webdataset", "parquet"), default="auto",
+                   help="auto (default): shards when DATASET holds only .tar or .parquet files")
+    p.add_argument("--label-column", metavar="NAME",
+                   help="shards: label member (WebDataset, default cls) or column (label)")
     p.add_argument("out", metavar="OUT.parquet", help="manifest to write (local path or s3://...)")
     p.add_argument(
         "--layout",
@@ -301,11 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
 # commands
 def _cmd_manifest(a: argparse.Namespace) -> int:
     from pipeline.data import build as M
+    from pipeline.data.build_shards import build_from_shards, detect_shards
 
     so = parse_storage_options(a.storage_option)
     src = a.image_dir
     common: dict[str, Any] = {"inline": a.inline, "unit_size": a.unit_size, "storage_options": so}
-    if src.lower().endswith((".csv", ".txt")) and not os.path.isdir(src):
+    if (kind := detect_shards(src, so) if a.format == "auto" else a.format) is not None:
+        m = build_from_shards(src, a.out, kind=kind, label=a.label_column,
+                              class_list=a.classes, **common)  # fmt: skip
+    elif src.lower().endswith((".csv", ".txt")) and not os.path.isdir(src):
         m = M.build_from_list(src, a.out, **common)
     elif a.val_labels:
         m = M.build_from_imagenet_val(src, a.val_labels, a.out, **common)

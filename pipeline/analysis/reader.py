@@ -403,6 +403,8 @@ class StoreReader:
     def original_image(self, row_id: int, manifest: str | None = None):
         """Decode the original image of a row (via the manifest recorded in the store)."""
         r = self._manifest_row(row_id, manifest)
+        if r.error is not None:  # a shard row whose bytes could not be fetched
+            raise r.error
         data = (
             r.data
             if r.data is not None

@@ -50,7 +50,8 @@ from pipeline.data.manifest import (
     read_text,
 )
 
-__all__ = ["build_from_folder", "build_from_imagenet_val", "build_from_list", "write_manifest"]
+__all__ = ["build_from_folder", "build_from_imagenet_val", "build_from_list", "list_files",
+           "write_manifest"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,7 @@ def _relative_to(target: str, base_dir: str) -> str:
     )
 
 
-
-def _list_files(root: str, storage_options: dict[str, Any] | None) -> list[str]:
+def list_files(root: str, storage_options: dict[str, Any] | None) -> list[str]:
     """All files below ``root`` as '/'-separated paths relative to it, sorted."""
     if is_local(root):
         if not os.path.isdir(root):
@@ -103,12 +103,11 @@ def _is_image_name(rel: str, extensions: Iterable[str]) -> bool:
     return os.path.splitext(parts[-1])[1].lower() in extensions
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
 def write_manifest(
-    entries: Iterable[tuple[str | None, int | None]],
+    entries: Iterable[tuple[Any, ...]],
     out: str | os.PathLike[str],
     *,
     inline: bool = False,
@@ -119,6 +118,8 @@ def write_manifest(
     source: str | None = None,
     builder: str = "write_manifest",
     read_threads: int = 16,
+    extra_fields: Sequence[pa.Field] = (),
+    metadata: dict[bytes, bytes] | None = None,
 ) -> Manifest:
     """Write ``(uri, label)`` entries as a manifest; the building block of every builder.
 
@@ -128,6 +129,8 @@ def write_manifest(
     unreadable file keeps its ``uri`` and a null ``image`` (the run then reports it per row).
     Written one unit at a time, so memory stays bounded by one unit's bytes; a local file is
     written under a temporary name and renamed, so a crash never leaves half a manifest.
+    ``extra_fields``: more columns, their values after ``(uri, label)`` in each entry (a
+    ``shard`` column is stored relative like ``uri``); ``metadata``: more key-values.
     """
     if not isinstance(unit_size, int) or unit_size < 1:
         raise ManifestError(f"unit_size must be a positive integer, got {unit_size!r}")
@@ -135,8 +138,8 @@ def write_manifest(
     if is_local(out_loc) and os.path.isdir(out_loc):
         raise ManifestError(f"manifest {out_loc}: is a directory (give the .parquet file to write)")
     out_dir = parent_location(out_loc)
-    schema = manifest_schema(inline)
-    meta = {
+    schema = pa.schema(list(manifest_schema(inline)) + list(extra_fields))
+    meta = dict(metadata or {}) | {
         META_FORMAT: FORMAT.encode(),
         META_UNIT: str(unit_size).encode(),
         META_BUILDER: builder.encode(),
@@ -149,8 +152,8 @@ def write_manifest(
             meta[META_CLASS_NAMES] = json.dumps(list(classes.names)).encode()
     schema = schema.with_metadata(meta)
 
-    def chunks() -> Iterator[list[tuple[str | None, int | None]]]:
-        buf: list[tuple[str | None, int | None]] = []
+    def chunks() -> Iterator[list[tuple[Any, ...]]]:
+        buf: list[tuple[Any, ...]] = []
         for entry in entries:
             buf.append(entry)
             if len(buf) == unit_size:
@@ -170,6 +173,9 @@ def write_manifest(
             log.warning("manifest: not inlining %s", exc.message)
             return None
 
+    def stored(locs: list[str | None]) -> list[str | None]:
+        return [_relative_to(u, out_dir) if relative and u else u for u in locs]
+
     def write_all(sink: Any) -> int:
         n = 0
         writer = pq.ParquetWriter(
@@ -181,16 +187,15 @@ def write_manifest(
         )
         try:
             for chunk in chunks():
-                uris = [u for u, _ in chunk]
-                stored = [
-                    None if u is None else (_relative_to(u, out_dir) if relative else u)
-                    for u in uris
-                ]
+                uris = [e[0] for e in chunk]
                 cols: dict[str, Any] = {
                     "row_id": pa.array(np.arange(n, n + len(chunk), dtype=np.int64)),
-                    "uri": pa.array(stored, pa.string()),
-                    "label": pa.array([lab for _, lab in chunk], pa.int32()),
+                    "uri": pa.array(stored(uris), pa.string()),
+                    "label": pa.array([e[1] for e in chunk], pa.int32()),
                 }
+                for j, f in enumerate(extra_fields, start=2):
+                    vals = [e[j] for e in chunk]
+                    cols[f.name] = pa.array(stored(vals) if f.name == "shard" else vals, f.type)
                 if inline:
                     assert pool is not None
                     cols["image"] = pa.array(list(pool.map(fetch, uris)), pa.binary())
@@ -250,7 +255,7 @@ def build_from_folder(
         raise ManifestError(f"layout must be 'auto', 'classes' or 'flat', got {layout!r}")
     root = normalise_location(image_dir)
     exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
-    files = [f for f in _list_files(root, storage_options) if _is_image_name(f, exts)]
+    files = [f for f in list_files(root, storage_options) if _is_image_name(f, exts)]
     top = [f for f in files if "/" not in f]
     nested = [f for f in files if "/" in f]
     if layout == "auto":
@@ -329,7 +334,7 @@ def build_from_imagenet_val(
     root = normalise_location(image_dir)
     exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
     files = [
-        f for f in _list_files(root, storage_options) if "/" not in f and _is_image_name(f, exts)
+        f for f in list_files(root, storage_options) if "/" not in f and _is_image_name(f, exts)
     ]
     if not files:
         raise ManifestError(f"image folder {redact_uri(root)}: no images at its top level")

@@ -480,7 +480,7 @@ def load_row(
     """Read, decode and preprocess one manifest row; never raises for a bad image.
 
     ``row`` is a :class:`pipeline.data.manifest.Row` (``row_id``, ``uri``, ``data``); inline
-    ``data`` wins over ``uri``. ``preprocess(img) -> (tensor, crop_box)`` is
+    ``data`` wins over ``uri``; a shard row's fetch ``error`` is its status. ``preprocess(img) -> (tensor, crop_box)`` is
     ``unioncam``'s ``Preprocessing``. With ``draft``, a large JPEG is decoded at reduced
     scale down to :func:`draft_target` (twice ``preprocess.resize_size``).
 
@@ -495,6 +495,8 @@ def load_row(
     try:
         data = getattr(row, "data", None)
         if data is None:
+            if getattr(row, "error", None) is not None:  # a shard row whose fetch failed
+                raise row.error
             if uri is None:
                 raise DecodeError(Status.MISSING, f"{name}: row has neither uri nor data")
             data = read_bytes(uri, storage_options)

@@ -15,7 +15,16 @@ uri        string       local path, ``file://``, ``s3://``, ``gs://`` ... or a p
                         relative to the manifest's folder; null only if ``image``
 label      int32, null  ground-truth class index (>= 0), null when unknown
 image      binary, opt. the encoded image bytes inline (then ``uri`` is provenance)
+shard      string, opt. the shard holding the image (path/URL, relative like ``uri``);
+                        then ``uri`` is ``shard#key`` (tar) or ``shard#row`` (Parquet)
+offset     int64, opt.  WebDataset: byte offset of the image member's data in the tar
+length     int64, opt.  WebDataset: its size in bytes (offset/length null: no image member)
+row_group  int32, opt.  Parquet shards: the source row group holding the image
+row        int32, opt.  Parquet shards: the row within that row group
 ========== ============ ==========================================================
+
+A shard manifest's images are read in place (:mod:`pipeline.data.shards`); a Parquet one
+names the source's image column in ``unioncam.image_column`` metadata (default ``image``).
 
 Every row group but the last holds exactly ``unit_size`` rows. :meth:`Manifest.open`
 checks all of this up front and raises one :class:`ManifestError` line, so a bad manifest
@@ -37,6 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.data import shards
 from pipeline.data.decode import DecodeError, read_bytes
 from pipeline.data.location import (
     is_local,
@@ -71,6 +81,7 @@ META_CLASSES = b"unioncam.classes"
 META_CLASS_NAMES = b"unioncam.class_names"
 META_SOURCE = b"unioncam.source"
 META_BUILDER = b"unioncam.builder"
+META_IMAGE_COLUMN = b"unioncam.image_column"
 
 
 def unit_range(u: int, *, unit_size: int, num_rows: int) -> tuple[int, int]:
@@ -90,13 +101,14 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """One image of a unit. ``uri`` is resolved (absolute path or full URL) or None."""
+    """One image of a unit. ``uri`` is resolved (absolute path or full URL) or None.
+    ``error``: why a shard row's bytes could not be fetched (the row's status)."""
 
     row_id: int
     uri: str | None
     label: int | None
     data: bytes | None = None
-
+    error: DecodeError | None = None
 
 
 def manifest_schema(inline: bool = False) -> pa.Schema:
@@ -111,7 +123,6 @@ def manifest_schema(inline: bool = False) -> pa.Schema:
     return pa.schema(fields)
 
 
-
 def read_text(uri: str, storage_options: dict[str, Any] | None) -> str:
     try:
         data = read_bytes(uri, storage_options)
@@ -121,7 +132,6 @@ def read_text(uri: str, storage_options: dict[str, Any] | None) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ManifestError(f"{redact_uri(uri)}: not a UTF-8 text file") from None
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +272,10 @@ class Manifest:
             raise self._fail(f"column 'label' must be int32, is {schema.field('label').type}")
         if "image" in schema.names and not _is_binary(schema.field("image").type):
             raise self._fail(f"column 'image' must be binary, is {schema.field('image').type}")
+        kind = shards.shard_kind(schema.names)
+        for col in shards.SHARD_COLUMNS.get(kind or "", ())[1:]:
+            if not pa.types.is_integer(schema.field(col).type):
+                raise self._fail(f"column {col!r} must be an integer, is {schema.field(col).type}")
         if self._num_rows == 0:
             raise self._fail("no rows")
         sizes = self._group_rows
@@ -361,6 +375,11 @@ class Manifest:
         return "image" in self._columns
 
     @property
+    def shard_kind(self) -> str | None:
+        """``"webdataset"`` or ``"parquet"`` when rows point into shards, else None."""
+        return shards.shard_kind(list(self._columns))
+
+    @property
     def has_labels(self) -> bool:
         """True when at least one row has a label."""
         if self._has_labels is None:
@@ -414,6 +433,9 @@ class Manifest:
             cols.append("label")
         if with_images and self.has_images:
             cols.append("image")
+        kind = self.shard_kind
+        if with_images and kind is not None:
+            cols += shards.SHARD_COLUMNS[kind]
         with self._lock:
             t = self._parquet().read_row_group(u, columns=cols)
         ids = t["row_id"].to_numpy(zero_copy_only=False)
@@ -421,13 +443,18 @@ class Manifest:
             raise self._fail(
                 f"unit {u} holds row ids {ids[0]}..{ids[-1]}, expected {start}..{stop - 1}"
             )
-        uris = t["uri"].to_pylist()
+        uris = [resolve_uri(uri, self._base) for uri in t["uri"].to_pylist()]
         labels = t["label"].to_pylist() if "label" in cols else [None] * len(ids)
         datas = t["image"].to_pylist() if "image" in cols else [None] * len(ids)
-        base = self._base
+        errors: list[DecodeError | None] = [None] * len(ids)
+        if with_images and kind is not None:  # outside the lock: two units fetch at once
+            column = self._kv.get(META_IMAGE_COLUMN.decode(), "image")
+            datas, errors = shards.fetch_unit(kind, t, uris, self._base, self._storage_options,
+                                              image_column=column)  # fmt: skip
         return [
-            Row(int(i), resolve_uri(uri, base), None if lab is None else int(lab), data)
-            for i, uri, lab, data in zip(ids.tolist(), uris, labels, datas, strict=True)
+            Row(int(i), uri, None if lab is None else int(lab), data, err)
+            for i, uri, lab, data, err in zip(ids.tolist(), uris, labels, datas, errors,
+                                              strict=True)  # fmt: skip
         ]
 
     def get_rows(self, row_ids: Iterable[int], *, with_images: bool = True) -> list[Row]:
