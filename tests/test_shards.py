@@ -314,7 +314,7 @@ def test_shard_manifests_store_the_same_maps_as_loose_files(dataset, tmp_path):
     """The real pipeline (Ray, the pretrained model) on loose files, tars and Parquet
     shards, locally and with shards, manifests and stores on the loopback S3 server."""
     ray = pytest.importorskip("ray")
-    from pipeline.run.config import RunConfig
+    from pipeline.config import RunConfig
     from pipeline.run.driver import run
     from pipeline.store.io import open_store
     from unioncam import UnionCAMConfig
