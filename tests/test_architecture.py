@@ -4,7 +4,7 @@ Rules (issue 12, PLAN.md; issue 27): no import cycle among ``pipeline`` modules 
 ``unioncam`` modules; ``unioncam``'s modules sit on floors (:data:`LIBRARY_FLOORS`) and
 import only from their own floor or below; no module imports another module's
 ``_private`` name; the method library ``unioncam`` imports neither the
-pipeline nor its cluster/storage dependencies; no module over 700 lines; only the faces
+pipeline nor its cluster/storage dependencies; no module over 500 lines; only the faces
 import the CLI.
 """
 
@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("unioncam", "pipeline")
-MAX_LINES = 700
+MAX_LINES = 500
 #: What the pure-PyTorch library must never import.
 FORBIDDEN_IN_LIBRARY = ("ray", "zarr", "pyarrow", "fsspec", "xarray", "tqdm", "matplotlib",
                         "pipeline")  # fmt: skip
@@ -33,6 +33,18 @@ LIBRARY_FLOORS: tuple[tuple[str, ...], ...] = (
     ("union",),  # UnionCAM, made of the methods
     ("fusion",),  # Fusion-CAM, UnionCAM's pool fused
     ("",),  # the package's face: unioncam/__init__.py
+)
+#: The pipeline's floors, lowest first (``pipeline.<package>``; a plain module is its own
+#: entry): arrows run one way, faces -> analysis -> store -> data, and run -> store, so the
+#: run and the analysis never import each other and the store's contract (layout, names,
+#: status words) sits below both. A new package or top-level module must be placed here.
+PIPELINE_FLOORS: tuple[tuple[str, ...], ...] = (
+    ("messages",),  # one-line messages: no project imports
+    ("data",),  # locations, manifests, decoding: bytes in
+    ("store",),  # the store's contract and its I/O
+    ("config",),  # the run's configuration (the report's sanity check reads it too)
+    ("run", "analysis"),  # siblings: neither imports the other
+    ("cli", "demo", ""),  # the faces
 )
 CLI = "pipeline.cli"
 #: Allowed to import the CLI: the CLI itself (and the console-script entry, not a module).
@@ -198,6 +210,28 @@ def test_console_script_points_at_the_cli():
     text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert 'unioncam = "pipeline.cli:main"' in text
     assert CLI in MODULES
+
+
+def _pipeline_floor(module: str) -> tuple[int, str]:
+    part = module.split(".")[1] if module.count(".") else ""
+    for i, floor in enumerate(PIPELINE_FLOORS):
+        if part in floor:
+            return i, part
+    raise AssertionError(f"{module} is on no floor of PIPELINE_FLOORS; place it there")
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("pipeline")))
+def test_pipeline_module_imports_only_its_floor_or_below(module):
+    """run/ and analysis/ share a floor but not imports: each may import only itself."""
+    mine, part = _pipeline_floor(module)
+    bad = []
+    for m, edges in GRAPH[module].items():
+        if not m.startswith("pipeline"):
+            continue
+        theirs, other = _pipeline_floor(m)
+        if theirs > mine or (theirs == mine and other != part and mine == 4):
+            bad.append(f"{m} (line {edges[0][1]})")
+    assert not bad, f"{module} imports upward or across: {bad}"
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ one sort and ``np.add.reduceat`` per unit (:func:`_group_add`), not ``np.add.at`
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import zarr
@@ -21,9 +21,6 @@ from pipeline.analysis.groups import AUTO_MIN_ROWS, Grouping, load_grouping
 from pipeline.analysis.reader import StoreReader
 from pipeline.analysis.results import ANALYSIS, DESCRIBED, create_array
 from pipeline.analysis.strategies import MAX_STRATEGIES, assign, clever_hans_score, find_strategies
-
-if TYPE_CHECKING:
-    from pipeline.analysis.store_analysis import AnalysisConfig
 
 __all__ = ["write_tables"]
 
@@ -40,7 +37,7 @@ def _group_add(out: np.ndarray, idx: np.ndarray, values: np.ndarray) -> None:
                                        axis=0)  # fmt: skip
 
 
-def _choose_grouping(cfg: AnalysisConfig, counts: dict[int, int]) -> tuple[Grouping, str]:
+def _choose_grouping(cfg: Any, counts: dict[int, int]) -> tuple[Grouping, str]:
     if cfg.groups != "auto":
         g = load_grouping(cfg.groups)
         return g, g.source
@@ -87,9 +84,11 @@ class _TopK:
             self.payload = both[order]
 
 
-def write_tables(reader: StoreReader, cfg: AnalysisConfig, store: Any,
-            timings: dict[str, float]) -> tuple[int, str, list]:  # fmt: skip
-    """Step 2: per-class tables, per-group strategies, every row's strategy."""
+def write_tables(reader: StoreReader, cfg: Any, store: Any,
+                 timings: dict[str, float]) -> tuple[int, str, list]:  # fmt: skip
+    """Step 2: per-class tables, per-group strategies, every row's strategy, written into
+    the ``analysis`` group of ``store``. ``cfg``: the run's ``AnalysisConfig`` (typed as
+    ``Any``: its module imports this one)."""
     group = zarr.open_group(store, path=f"{ANALYSIS}/rows", mode="r+", use_consolidated=False)
     rows_g = {k: group[k] for k in group.array_keys()}  # opened once, not per unit
     target_arr = reader.group["target"]

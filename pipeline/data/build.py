@@ -6,9 +6,6 @@ Every builder ends in :func:`write_manifest`, which writes one Parquet row group
 
 from __future__ import annotations
 
-import csv
-import io
-import itertools
 import json
 import logging
 import os
@@ -24,6 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline.data.classes import ClassList, label_of, load_class_list
 from pipeline.data.decode import DecodeError, read_bytes
+from pipeline.data.lists import list_file_entries
 from pipeline.data.location import (
     SCHEME_RE,
     is_local,
@@ -410,38 +408,6 @@ def build_from_imagenet_val(
     )
 
 
-_LIST_URI_COLS = ("uri", "path", "file", "filename", "image", "url")
-_LIST_LABEL_COLS = ("label", "class_index", "class", "synset", "target")
-
-
-def _list_file_entries(text: str, name: str) -> Iterator[tuple[str, str | None]]:
-    """``(uri, label or None)`` of every entry of a list file's ``text``, lazily: a CSV with
-    a header naming a uri column (and a label column), else ``uri [label]`` per line."""
-    lines = (ln for ln in io.StringIO(text) if ln.strip() and not ln.lstrip().startswith("#"))
-    first = next(lines, None)
-    if first is None:
-        raise ManifestError(f"list {name}: empty")
-    header = {h.strip().lower() for h in first.split(",")}
-    if name.lower().endswith(".csv") or header & set(_LIST_URI_COLS):
-        reader = csv.DictReader(itertools.chain([first], lines))
-        cols = {c.strip().lower(): c for c in reader.fieldnames or []}
-        uri_col = next((cols[c] for c in _LIST_URI_COLS if c in cols), None)
-        lab_col = next((cols[c] for c in _LIST_LABEL_COLS if c in cols), None)
-        if uri_col is None:
-            raise ManifestError(
-                f"list {name}: no 'uri' (or path/file) column in header {reader.fieldnames}"
-            )
-        for rec in reader:
-            yield rec[uri_col] or "", (rec[lab_col] if lab_col else None)
-        return
-    for line in itertools.chain([first], lines):
-        parts = line.strip().rsplit(None, 1)
-        if len(parts) == 2 and re.fullmatch(r"[+-]?\d+|n\d{8}", parts[1]):
-            yield parts[0], parts[1]
-        else:
-            yield line.strip(), None
-
-
 def build_from_list(
     source: str | os.PathLike[str] | Sequence[str | tuple[str, int | str | None]],
     out: str | os.PathLike[str],
@@ -469,7 +435,7 @@ def build_from_list(
         src = normalise_location(source)
         name = redact_uri(src)
         default_base = parent_location(src)
-        raw = _list_file_entries(read_text(src, storage_options), name)
+        raw = list_file_entries(read_text(src, storage_options), name)
     else:
         name = "list"
         default_base = os.getcwd()
