@@ -165,6 +165,7 @@ class UnitWriter:
         adds fields to the marker (e.g. ``attempt``). Returns the marker dict.
         """
         t0 = time.perf_counter()
+        wall0 = time.time()
         layout = self.layout
         start, stop = layout.unit_range(int(u))
         rows = stop - start
@@ -216,6 +217,9 @@ class UnitWriter:
             "pid": os.getpid(),
             "written_at": now(),
             "write_seconds": round(time.perf_counter() - t0, 3),
+            # When the writes started (Unix seconds): with write_seconds, the window a GPU
+            # check compares with the device's busy trace.
+            "write_started": round(wall0, 3),
             **redact(dict(info or {})),
             **store.record(),
         }
