@@ -468,7 +468,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from pipeline.run.signals import Stopped, why_stopped
+
+        e = why_stopped(e)
+        if isinstance(e, Stopped):  # SIGTERM / SIGHUP: exit 128 + signal, as a shell would
+            if not e.reported:
+                print(f"unioncam: {e} (rerun the same command to resume)", file=sys.stderr)
+            return e.exit_code
         print("unioncam: interrupted (rerun the same command to resume)", file=sys.stderr)
         return EXIT_INTERRUPTED
     except SystemExit:

@@ -26,8 +26,9 @@ from pipeline.analysis.store_analysis import AnalysisConfig, analyze
 from pipeline.analysis.strategies import adjusted_rand_index, find_strategies, silhouette
 from pipeline.cli import main
 from pipeline.data.decode import Status
-from pipeline.store.io import create_store, read_layout
+from pipeline.store.io import create_store, finalize_store, read_layout
 from pipeline.store.layout import StoreLayout
+from pipeline.store.lease import drop_from_consolidated, read_lease
 from pipeline.store.units import write_unit
 
 S = 32  # map side of the synthetic stores
@@ -226,15 +227,49 @@ def test_bad_and_failed_rows_are_skipped_and_counted(planted):
 
 def test_analysis_group_is_xarray_readable_with_provenance(planted):
     xr = pytest.importorskip("xarray")
-    ds = xr.open_zarr(str(planted["path"]), group="analysis/rows", consolidated=False)
+    ds = xr.open_zarr(str(planted["path"]), group="analysis/rows")
     assert ds["centre_bias"].dims == ("image",) and ds["thumbs"].dims == ("image", "ty", "tx")
     assert ds.sizes["image"] == len(planted["target"])
-    groups = xr.open_zarr(str(planted["path"]), group="analysis/groups", consolidated=False)
+    groups = xr.open_zarr(str(planted["path"]), group="analysis/groups")
     assert groups["centroids"].dims == ("group", "strategy", "cy", "cx")
     attrs = dict(zarr.open_group(str(planted["path"]), path="analysis", mode="r",
                                  use_consolidated=False).attrs)  # fmt: skip
     assert attrs["source"]["manifest_fingerprint"] == "planted"
     assert attrs["params"]["groups"] == "class" and attrs["complete"] is True
+
+
+def test_analyze_refreshes_the_consolidated_metadata_so_plain_xarray_opens_every_group(
+    tmp_path,
+):
+    """A finished run leaves a consolidated snapshot without ``analysis``; after analyze
+    every group opens with plain ``xr.open_zarr`` (no fallback warning, no KeyError)."""
+    import warnings
+
+    xr = pytest.importorskip("xarray")
+    maps, target, _ = _planted_rows(seed=2)
+    path = write_store(tmp_path / "s.zarr", maps, target)
+    finalize_store(str(path))  # what the driver does at the end of a run
+    drop_from_consolidated(str(path))
+    with pytest.raises(KeyError, match="analysis"):
+        zarr.open_group(str(path), mode="r")["analysis"]  # nothing analysed yet
+    analyze(str(path), config=AnalysisConfig(groups="class"), parallel=False)
+    assert read_lease(str(path)) is None  # analyze held the lease and released it
+    import json
+
+    meta = json.loads((path / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
+    assert "analysis/rows" in meta and "analysis/rows/centre_bias" in meta
+    assert "lease" not in meta
+    assert not any(k.startswith("markers/") for k in meta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # xarray warns when it falls back to unconsolidated
+        for group, dim in [(None, "image"), ("analysis/rows", "image"),
+                           ("analysis/classes", "class"), ("analysis/groups", "group")]:
+            ds = xr.open_zarr(str(path), group=group)
+            assert dim in ds.dims, (group, ds.dims)
+        rows = xr.open_zarr(str(path), group="analysis/rows")
+    described = rows["described"].values
+    np.testing.assert_array_equal(described, open_reader(str(path)).analysis().rows["described"][:])
+    assert (described == 1).sum() == len(maps) - 2  # all but the bad map and the failed row
 
 
 def test_analysis_during_a_run_covers_finished_units_and_updates(tmp_path):

@@ -345,3 +345,65 @@ def test_a_run_on_faulty_s3_explains_every_row_once_and_a_unit_that_cannot_be_wr
         assert read_lease(store, so) is None
         injected = {a for _m, _p, a in proxy.requests} - {"pass", "fail-always"}
         assert injected == set(ACTIONS), proxy.counts  # every kind of fault happened
+
+
+#: A real ``unioncam analyze`` process, slowed before it describes the units (so that it
+#: holds the lease long enough for a driver to be refused meanwhile).
+SLOW_ANALYZE = """\
+import sys, time
+from pipeline.analysis import store_analysis
+describe = store_analysis._run_units
+def slow(*a, **k):
+    time.sleep(float(sys.argv[1]))
+    return describe(*a, **k)
+store_analysis._run_units = slow
+from pipeline.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_analyze_is_refused_while_a_run_holds_the_lease_and_a_run_while_analyze_does(
+    ray_cluster, tmp_path, sample_dir, capsys
+):
+    cfg = _null_config(tmp_path, sample_dir, fault_injection={"unit_delay_s": 3.0})
+    store = Path(cfg["store"])
+    first = _driver(cfg, tmp_path)
+    try:
+        _wait_for(lambda: len(done_units(str(store))) >= 1, 180, "the driver's first unit")
+        capsys.readouterr()
+        assert main(["analyze", str(store), "--groups", "class"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("unioncam analyze: error: store "), err
+        assert f"is in use by driver pid {first.pid} on " in err[0]
+        assert first.poll() is None  # the run is not disturbed
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert main(["run", cfg["manifest"], str(store), "--explainer", "null", "--cpu",
+                 "--image-size", str(SIZE), "--actors", "1", "--no-progress"]) == 0
+
+    script = tmp_path / "slow_analyze.py"
+    script.write_text(SLOW_ANALYZE)
+    analyzer = subprocess.Popen(
+        [sys.executable, str(script), "20", "analyze", str(store), "--groups", "class"],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: (read_lease(str(store)) or {}).get("pid") == analyzer.pid, 60,
+                  "analyze to take the lease")  # fmt: skip
+        capsys.readouterr()
+        assert main(["run", cfg["manifest"], str(store), "--explainer", "null", "--cpu",
+                     "--image-size", str(SIZE), "--actors", "1", "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("unioncam run: error: store "), err
+        assert f"is in use by unioncam analyze pid {analyzer.pid} on " in err[0]
+        out, aerr = analyzer.communicate(timeout=180)
+        assert analyzer.returncode == 0, aerr
+    finally:
+        if analyzer.poll() is None:
+            os.killpg(analyzer.pid, signal.SIGKILL)
+            analyzer.wait()
+    assert read_lease(str(store)) is None
+    assert open_reader(str(store)).analysis().complete

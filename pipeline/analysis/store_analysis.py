@@ -52,6 +52,7 @@ from pipeline.analysis.results import ANALYSIS, DESCRIBED, create_array
 from pipeline.analysis.tables import write_tables
 from pipeline.data.decode import Status
 from pipeline.store.io import open_store
+from pipeline.store.lease import StoreLease, refresh_consolidated
 
 IMAGENET_CLASSES = Path(__file__).resolve().parents[1] / "data" / "imagenet_classes.txt"
 
@@ -310,7 +311,33 @@ def analyze(
     """Analyse a store (see the module docstring); ``compare`` another store over the same
     manifest (or the same store with two ``compare_maps``, e.g. ``("maps",
     "methods/gradcam")``). Returns what was done. Resumable: a rerun describes
-    only new units and recomputes the tables only when something changed."""
+    only new units and recomputes the tables only when something changed.
+
+    A writer like ``run``: it holds the store's lease while it writes (a running driver
+    refuses it, and it refuses a driver, with one line), and consolidates the metadata
+    after writing, so ``analysis/*`` opens with plain ``xr.open_zarr(path, group=...)``.
+    """
+    lease = StoreLease(store, storage_options, holder="unioncam analyze")
+    lease.acquire()
+    try:
+        summary = _analyze(store, config=config, compare=compare, compare_maps=compare_maps,
+                           storage_options=storage_options, parallel=parallel, force=force)
+        refresh_consolidated(store, storage_options)
+        return summary
+    finally:
+        lease.release()
+
+
+def _analyze(
+    store: str,
+    *,
+    config: AnalysisConfig | None = None,
+    compare: str | None = None,
+    compare_maps: tuple[str, str] = ("maps", "maps"),
+    storage_options: dict[str, Any] | None = None,
+    parallel: bool | None = None,
+    force: bool = False,
+) -> AnalysisSummary:
     cfg = config or AnalysisConfig()
     t0 = time.perf_counter()
     reader = open_reader(store, storage_options)

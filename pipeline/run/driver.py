@@ -35,6 +35,7 @@ from pipeline.config import RunConfig
 from pipeline.messages import error_line
 from pipeline.run.plan import UnitContext, resolve, run_state, store_attrs
 from pipeline.run.scheduler import Scheduler, note, ray_error_line
+from pipeline.run.signals import Stopped, reinstall, stop_on_signals, stopped_line, why_stopped
 from pipeline.run.summary import RunSummary
 
 __all__ = ["RunSummary", "run"]
@@ -44,6 +45,7 @@ log = logging.getLogger("unioncam.pipeline")
 
 # ---------------------------------------------------------------------------------------
 # the run
+@stop_on_signals()  # SIGTERM / SIGHUP stop the run as Ctrl-C does (pipeline.run.signals)
 def run(config: RunConfig) -> RunSummary:
     """Run (or resume) the job described by ``config``; return its summary.
 
@@ -134,6 +136,7 @@ def _run(config: RunConfig, lease: Any) -> RunSummary:
             where = f"connecting to Ray at {cfg.address}" if cfg.address else "starting Ray"
             note(f"{where}; then {_actors_wanted(cfg)} load the model and tune (seconds)")
         _init_ray(cfg)
+        reinstall()  # ray.init put its own SIGTERM handlers (and a C++ stack dump) in place
         started_ray = True
     summary.ray_s = time.perf_counter() - t_ray
     sched = None
@@ -141,20 +144,19 @@ def _run(config: RunConfig, lease: Any) -> RunSummary:
         sched = Scheduler(cfg, ctx, todo, sizes, summary)
         try:
             sched.run()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as ki:
+            e = why_stopped(ki)  # SIGTERM / SIGHUP, or Ctrl-C
             redo = sched.rows_in_flight()
             sched.stop(interrupted=True)
             summary.interrupted = True
             summary.units_remaining = manifest_units_left(summary)
             summary.wall_s = time.perf_counter() - t0
-            _set_run_state(cfg, "interrupted", "Ctrl-C")
-            note(
-                f"interrupted: {summary.units_already_done + summary.units_processed} of "
-                f"{summary.num_units} units are complete in {cfg.store}; rerun the same "
-                "command to resume (finished units are skipped"
-                + (f"; the {redo} images explained in unfinished units are redone)"
-                   if redo else ")")
-            )  # fmt: skip
+            _set_run_state(cfg, "interrupted", e.name if isinstance(e, Stopped) else "Ctrl-C")
+            done = summary.units_already_done + summary.units_processed
+            note(stopped_line(e, done, summary.num_units, cfg.store, redo))
+            if isinstance(e, Stopped):
+                e.reported = True
+                raise e from None
             raise
         except BaseException as e:
             sched.stop(interrupted=True)

@@ -59,6 +59,7 @@ __all__ = [
     "describe_lease",
     "drop_from_consolidated",
     "read_lease",
+    "refresh_consolidated",
 ]
 
 log = logging.getLogger("unioncam.pipeline")
@@ -105,11 +106,12 @@ def _process_gone(pid: int, start: str | None) -> bool:
 
 
 def describe_lease(lease: dict[str, Any], now: float | None = None) -> str:
-    """``driver pid 123 on host-a since 2026-...Z, heartbeat 3 s ago`` (one line)."""
+    """``driver pid 123 on host-a since 2026-...Z, heartbeat 3 s ago`` (one line; an
+    ``unioncam analyze`` holding the lease is named as such)."""
     now = time.time() if now is None else now
     beat = float(lease.get("heartbeat", 0))
     return (
-        f"driver pid {lease.get('pid')} on {lease.get('host')} since "
+        f"{lease.get('holder') or 'driver'} pid {lease.get('pid')} on {lease.get('host')} since "
         f"{lease.get('started_at')}, heartbeat {max(0.0, now - beat):.0f} s ago"
     )
 
@@ -282,6 +284,29 @@ def drop_from_consolidated(
         fs.pipe_file(path, body)
 
 
+def refresh_consolidated(
+    store_path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> None:
+    """LEASE HOLDER ONLY, after writing nodes (``analyze``): consolidate the metadata again.
+
+    Why: readers (and plain ``xr.open_zarr(path, group=...)``) use the root's consolidated
+    snapshot, and a group created after the driver's last consolidation is missing from it
+    (``KeyError: 'analysis' not found in consolidated metadata``). The lease and the markers
+    are dropped from the new snapshot as after a run (:func:`drop_from_consolidated`).
+    """
+    import warnings
+
+    import zarr
+
+    from pipeline.store.io import open_store
+
+    store = open_store(store_path, mode="r+", storage_options=storage_options).store
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(store)
+    drop_from_consolidated(store_path, storage_options)
+
+
 # ---------------------------------------------------------------------------------------
 class StoreLease:
     """The lease a driver holds on a store while it runs.
@@ -301,8 +326,10 @@ class StoreLease:
         heartbeat_s: float | None = None,
         timeout_s: float | None = None,
         on_lost: Callable[[str], None] | None = None,
+        holder: str = "driver",
     ) -> None:
         self.loc = normalise_location(store_path)
+        self.holder = holder  # who holds it, for the refusal: "driver", "unioncam analyze"
         if is_local(self.loc):
             self.loc = os.path.abspath(self.loc)
         self.name = redact_uri(self.loc)
@@ -322,6 +349,7 @@ class StoreLease:
 
     def _body(self, beat: float) -> bytes:
         lease = {
+            "holder": self.holder,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "pid_start": _pid_start(os.getpid()),
