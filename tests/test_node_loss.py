@@ -7,8 +7,9 @@ own process (``--address``), with the ``null`` explainer and a delay per unit so
 be hurt mid-run. First the driver is killed with SIGKILL and the same command started again:
 it takes the dead driver's lease over. Then one worker node is killed (its raylet, its
 actor, its object store): its units are redone on the other node, every unit has one marker,
-passes. (Naming the lost node in the summary is not built yet: Ray reports the actor
-of a SIGKILLed node as ``ActorUnavailableError`` without the node.)
+passes, and the run's summary names the lost node (by the node id each actor reported
+when it started: Ray reports the actor of a SIGKILLed node as ``ActorUnavailableError``
+without its node, so the driver asks Ray which of its actors' nodes are dead at the end).
 """
 
 from __future__ import annotations
@@ -61,7 +62,11 @@ def cluster():
         initialize_head=True,
         connect=False,
         head_node_args={"num_cpus": 0, "include_dashboard": False,
-                        "node_ip_address": "127.0.0.1"},
+                        "node_ip_address": "127.0.0.1",
+                        # the GCS marks a dead node within ~2 s (default: ~30 s)
+                        "_system_config": {"health_check_period_ms": 500,
+                                           "health_check_timeout_ms": 500,
+                                           "health_check_failure_threshold": 3}},
     )  # fmt: skip
     workers = [c.add_node(num_cpus=1, resources={f"worker_{i}": 1},
                           node_ip_address="127.0.0.1") for i in range(2)]  # fmt: skip
@@ -160,6 +165,7 @@ def test_a_lost_node_and_a_killed_driver_lose_nothing_and_double_nothing(
     assert second.returncode == 0, err[-3000:]
     assert f"took over the lease of driver pid {first.pid}" in err
     assert "actors replaced: 1" in out and "[died]" in out, out  # the lost node's actor
+    assert f"nodes lost (their units were redone elsewhere): {lost.node_id[:12]}" in out, out
     assert "the store is complete" in out
 
     after = read_markers(str(store))

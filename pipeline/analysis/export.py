@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -44,35 +43,31 @@ def export_csv(reader: StoreReader, path: str, names: list[str]) -> int:
         w = csv.writer(fh)
         w.writerow(cols)
         for start, a in reader.iter_units(arrays):
-            for i in range(a["status"].shape[0]):
-                st = int(a["status"][i])
-                ce = int(a["target"][i])
-                row = [
-                    start + i,
-                    text(a["uri"][i]),
-                    status_name(st),
-                    text(a["error"][i]),
-                    int(a["label"][i]),
-                    int(a["predicted"][i]),
-                    ce,
-                    class_name(names, ce) if ce >= 0 else "",
-                    _fmt(a["prob"][i]),
-                ]
-                if union:
-                    sel = int(a["selected"][i])
-                    row += [_fmt(a["baseline_prob"][i]),
-                            reader.pool[sel] if 0 <= sel < len(reader.pool) else ""]
-                    row += [_fmt(v) for v in np.asarray(a["beta"][i]).tolist()]
-                    row += [_fmt(v) for v in np.asarray(a["selection_score"][i]).tolist()]
-                row += [_fmt(a[path][i]) for path in metrics.values()]
-                w.writerow(row)
-                n += 1
+            # Column by column, then zipped into rows: per-cell calls cost ~40 s for
+            # ImageNet train's 1.28 M rows.
+            m = a["status"].shape[0]
+            target = a["target"].tolist()
+            columns = [range(start, start + m), [text(v) for v in a["uri"]],
+                       [status_name(v) for v in a["status"].tolist()],
+                       [text(v) for v in a["error"]], a["label"].tolist(),
+                       a["predicted"].tolist(), target,
+                       [class_name(names, c) if c >= 0 else "" for c in target],
+                       _fmt_col(a["prob"])]  # fmt: skip
+            if union:
+                columns += [_fmt_col(a["baseline_prob"]),
+                            [reader.pool[s] if 0 <= s < len(reader.pool) else ""
+                             for s in a["selected"].tolist()]]  # fmt: skip
+                columns += [_fmt_col(a["beta"][:, j]) for j in range(len(reader.pool))]
+                columns += [_fmt_col(a["selection_score"][:, j]) for j in range(len(reader.pool))]
+            columns += [_fmt_col(a[path]) for path in metrics.values()]
+            w.writerows(zip(*columns, strict=True))
+            n += m
     return n
 
 
-def _fmt(v: Any) -> str:
-    v = float(v)
-    return "" if math.isnan(v) else f"{v:.6g}"
+def _fmt_col(values: Any) -> list[str]:
+    """A float column as CSV cells: 6 significant digits, NaN as empty."""
+    return [f"{v:.6g}" if v == v else "" for v in np.asarray(values, dtype=np.float64).tolist()]
 
 
 def add_export_command(sub: Any, add_storage: Callable[[argparse.ArgumentParser], None]) -> None:

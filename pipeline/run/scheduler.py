@@ -295,6 +295,7 @@ class Scheduler:
             self.start_failures = 0
             slot.pid = int(value.get("pid", 0))
             slot.stats.host = str(value.get("host", ""))
+            slot.stats.node = str(value.get("node", ""))
             slot.stats.device = str(value.get("device", ""))
             self._postfix()  # the bar counts ready actors while the first units run
             if not self.ever_ready:
@@ -427,6 +428,22 @@ class Scheduler:
         if self.bar is not None:
             self.bar.close()
         self.summary.actors = self.stats_all
+        self.summary.lost_nodes = _lost_nodes(self.stats_all)
+
+
+def _lost_nodes(stats: list[ActorStats]) -> list[str]:
+    """``id (host)`` of every node an actor of the run died on that Ray no longer lists as
+    alive: a lost node, not just a lost actor (its raylet, object store and actors)."""
+    died = {(s.node, s.host) for s in stats if s.died and s.node}
+    if not died:
+        return []
+    try:
+        import ray
+
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    except Exception:  # the summary must never fail the run
+        return []
+    return sorted(f"{node[:12]} ({host})" for node, host in died if node not in alive)
 
 
 class _DriverMetrics:

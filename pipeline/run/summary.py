@@ -14,6 +14,8 @@ class ActorStats:
 
     actor: int
     host: str = ""
+    #: The Ray node id the actor ran on (what names a lost node).
+    node: str = ""
     device: str = ""
     cpus: int = 0
     units: int = 0
@@ -60,6 +62,8 @@ class RunSummary:
     retries: int = 0
     actors_started: int = 0
     actors_replaced: int = 0
+    #: Ray nodes that held an actor of this run and were dead at its end: ``id (host)``.
+    lost_nodes: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     actors: list[ActorStats] = field(default_factory=list)
     interrupted: bool = False
@@ -118,6 +122,9 @@ class RunSummary:
                 )
         if self.retries or self.actors_replaced:
             lines.append(f"retries: {self.retries}; actors replaced: {self.actors_replaced}")
+        if self.lost_nodes:
+            lines.append("nodes lost (their units were redone elsewhere): "
+                         + ", ".join(self.lost_nodes))  # fmt: skip
         for a in self.actors:
             lines.append(
                 f"  actor {a.actor} ({a.host}, {a.device}, {a.cpus} cpu): {a.units} units, "

@@ -54,6 +54,16 @@ class PoolMismatchError(RuntimeError):
     """The method in this actor produces other pool members than the store holds."""
 
 
+def _node_id() -> str:
+    """The Ray node this actor runs on ("" outside Ray): what names a lost node."""
+    try:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id()) if ray.is_initialized() else ""
+    except Exception:
+        return ""
+
+
 class _Decoded:
     """One decoded row (or the reason it could not be decoded)."""
 
@@ -166,6 +176,7 @@ class ExplainWorker:
             # Where this actor's start-up went (the driver's summary splits the wall time).
             "load_s": self.load_s,
             "tune_s": self.tune_s,
+            "node": _node_id(),
         }
 
     def progress(self) -> dict[int, tuple[int, int]]:
