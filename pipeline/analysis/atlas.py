@@ -256,7 +256,7 @@ def write_atlas(reader: StoreReader, out: str | Path, *, manifest: str | None = 
         body.append("<h2>Classes</h2>" + _class_table(rows, names, {}, link=False))
         gfailed = [f for f in failed if group_of.get(f[1]) == name]
         body.append(f"<h2>Failed rows ({len(gfailed)})</h2>" + _failed_table(gfailed, names))
-        (out / f"group-{slug}.html").writetext(_page(f"{title} – unioncam atlas",
+        (out / f"group-{slug}.html").write_text(_page(f"{title} – unioncam atlas",
                                                        "\n".join(body)), encoding="utf-8")
         pages += 1
     # ---------------------------------------------------------------- class thumbnails
@@ -311,9 +311,9 @@ def write_atlas(reader: StoreReader, out: str | Path, *, manifest: str | None = 
     body.append(_class_table(classes, names, class_thumb, link=True))
     if failed:
         body.append(f"<h2>Failed rows ({len(failed)})</h2>" + _failed_table(failed, names))
-    (out / "index.html").writetext(_page("unioncam atlas", "\n".join(body)), encoding="utf-8")
+    (out / "index.html").write_text(_page("unioncam atlas", "\n".join(body)), encoding="utf-8")
     pages += 1
-    (out / "atlas.json").writetext(json.dumps({"store": reader.path, "groups": len(groups),
+    (out / "atlas.json").write_text(json.dumps({"store": reader.path, "groups": len(groups),
                                                 "classes": len(classes)}), encoding="utf-8")
     return AtlasSite(index=out / "index.html", pages=pages, images=imgs.count)
 
@@ -429,5 +429,5 @@ def _compare_page(reader: StoreReader, res: Any, out: Path, imgs: _Images, names
            f'data-v="{r["top_iou"]}">{_num(r["top_iou"])}</td></tr>' for r in table]  # fmt: skip
     body.append("<h2>Classes by agreement</h2>"
                 + _table(["class", "name", "spearman", "top_iou"], trs, "agreement"))
-    (out / "compare.html").writetext(_page("comparison – unioncam atlas", "\n".join(body)),
+    (out / "compare.html").write_text(_page("comparison – unioncam atlas", "\n".join(body)),
                                       encoding="utf-8")

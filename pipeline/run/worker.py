@@ -264,10 +264,15 @@ class ExplainWorker:
         return summary
 
     def _null_fill(self, u: int, arrays: dict[str, np.ndarray]) -> None:
-        """The ``null`` explainer: CAM-like maps (:func:`null_maps`), zeros elsewhere, status
-        OK (benchmarking only)."""
+        """The ``null`` explainer: CAM-like maps (:func:`null_maps`), the label (0 without
+        one) as the class explained and predicted, so that a rehearsal's analysis sees the
+        dataset's classes, zeros elsewhere, status OK (benchmarking only)."""
+        cls = np.maximum(arrays["label"], 0)
         for name, a in arrays.items():
             if name in ("label", "error", "uri"):
+                continue
+            if name in ("target", "predicted"):
+                a[:] = cls
                 continue
             if name == "status":
                 a[:] = int(Status.OK)

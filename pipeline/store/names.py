@@ -50,6 +50,8 @@ def status_name(code: Any) -> str:
 
 def text(v: Any) -> str:
     """A stored string cell as ``str`` (zarr returns ``str``, numpy bytes or ``None``)."""
+    if getattr(v, "ndim", None) == 0:  # a 0-d numpy array (one cell read from zarr)
+        v = v.item()
     if v is None:
         return ""
     if isinstance(v, bytes):
