@@ -145,3 +145,25 @@ def test_a_format_3_store_is_refused_with_one_line(tmp_path: Path) -> None:
         with pytest.raises(StoreFormatError) as e:
             read(path)
         assert str(e.value) == want
+
+
+def test_a_store_with_small_maps_is_analysed_at_its_map_size(tmp_path: Path) -> None:
+    """Thumbnails and descriptors follow the stored map side (16 px here, under the
+    analysis's 32-px thumbnail side), not the network input's."""
+    from pipeline.analysis.reader import open_reader
+    from pipeline.analysis.store_analysis import AnalysisConfig, analyze
+
+    layout = StoreLayout(num_rows=24, unit_size=8, image_size=64, map_size=16, pool=POOL)
+    path = tmp_path / "s.zarr"
+    create_store(path, layout, attrs={"manifest_fingerprint": "m", "config_fingerprint": "c"})
+    writer = UnitWriter(path, layout)
+    for u in range(layout.num_units):
+        a = _unit(layout, u)
+        a["selected"] = np.zeros(8, np.int8)
+        writer.write(u, a)
+    assert open_store(path)["maps"].shape == (24, 16, 16)
+    s = analyze(str(path), config=AnalysisConfig(groups="class"), parallel=False)
+    assert s.rows_described == 24
+    rows = open_reader(str(path)).analysis().rows
+    thumbs = np.asarray(rows["thumbs"][:])
+    assert thumbs.shape == (24, 16, 16) and np.isfinite(thumbs).all()

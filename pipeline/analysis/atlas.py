@@ -280,7 +280,7 @@ def write_atlas(reader: StoreReader, out: str | Path, *, manifest: str | None = 
     body = [
         "<h1>unioncam atlas</h1>",
         f'<p class="meta">store {_e(reader.path)}; model {_e(a.get("model", "?"))}, layer '
-        f'{_e(a.get("layer", "?"))}, maps {reader.image_size} px; {st.rows_done} of '
+        f'{_e(a.get("layer", "?"))}, maps {reader.map_size} px; {st.rows_done} of '
         f"{reader.num_rows} rows written. Analysis of {cover}: {counts.get('described', 0)} "
         f"rows described, {counts.get('no_map', 0)} without a map, "
         f"{counts.get('bad_map', 0)} with a bad map; grouping {_e(res.attrs.get('grouping'))}."

@@ -148,7 +148,7 @@ def _source(reader: StoreReader) -> dict[str, Any]:
 def _row_arrays(reader: StoreReader, cfg: AnalysisConfig, store: Any) -> None:
     """Create (empty) the per-row arrays: the driver's job, before any unit is described."""
     n, u = reader.num_rows, reader.unit_size
-    side = min(cfg.thumb_side, reader.image_size)
+    side = min(cfg.thumb_side, reader.map_size)
     zarr.open_group(store, path=ANALYSIS, mode="w",
                     attributes={"description": "unioncam analyze: see pipeline/analysis/results.py"})  # fmt: skip
     zarr.open_group(store, path=f"{ANALYSIS}/rows", mode="w")
@@ -176,7 +176,7 @@ class _Describer:
         store = open_store(store_path, mode="r+", storage_options=storage_options).store
         rows = zarr.open_group(store, path=f"{ANALYSIS}/rows", mode="r+", use_consolidated=False)
         self.rows = {k: rows[k] for k in rows.array_keys()}
-        self.side = min(thumb_side, self.reader.image_size)
+        self.side = min(thumb_side, self.reader.map_size)
         g = self.reader.group
         self.maps, self.status, self.crop_box = g["maps"], g["status"], g["crop_box"]
 
