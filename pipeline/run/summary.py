@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 __all__ = ["ActorStats", "RunSummary"]
 
 
-
 @dataclass
 class ActorStats:
     """What one actor did (aggregates only)."""

@@ -49,7 +49,6 @@ from pipeline.store.units import UnitWriter
 __all__ = ["ExplainWorker", "PoolMismatchError"]
 
 
-
 class PoolMismatchError(RuntimeError):
     """The method in this actor produces other pool members than the store holds."""
 
