@@ -320,25 +320,18 @@ def analyze(
     lease = StoreLease(store, storage_options, holder="unioncam analyze")
     lease.acquire()
     try:
-        summary = _analyze(store, config=config, compare=compare, compare_maps=compare_maps,
-                           storage_options=storage_options, parallel=parallel, force=force)
+        summary = _analyze(store, config or AnalysisConfig(), compare, compare_maps,
+                           storage_options, parallel, force)
         refresh_consolidated(store, storage_options)
         return summary
     finally:
         lease.release()
 
 
-def _analyze(
-    store: str,
-    *,
-    config: AnalysisConfig | None = None,
-    compare: str | None = None,
-    compare_maps: tuple[str, str] = ("maps", "maps"),
-    storage_options: dict[str, Any] | None = None,
-    parallel: bool | None = None,
-    force: bool = False,
-) -> AnalysisSummary:
-    cfg = config or AnalysisConfig()
+def _analyze(store: str, cfg: AnalysisConfig, compare: str | None,
+             compare_maps: tuple[str, str], storage_options: dict[str, Any] | None,
+             parallel: bool | None, force: bool) -> AnalysisSummary:  # fmt: skip
+    """:func:`analyze`'s work, under its lease (the defaults live on :func:`analyze`)."""
     t0 = time.perf_counter()
     reader = open_reader(store, storage_options)
     zstore = open_store(store, mode="r+", storage_options=storage_options).store
