@@ -114,28 +114,38 @@ def kmeans(x: np.ndarray, k: int, *, seed: int = 0, starts: int = 10, iters: int
         return np.zeros(n, dtype=np.int64) if k <= 1 else np.arange(n, dtype=np.int64)
     rng = np.random.default_rng(seed)
     sq = (x**2).sum(1)
-    best, best_cost = np.zeros(n, dtype=np.int64), np.inf
-    for _ in range(starts):
+    inits = []
+    for _ in range(starts):  # k-means++ seeds, all drawn first (the iterations draw nothing)
         centres = [x[rng.integers(n)]]
+        d = ((x - centres[0]) ** 2).sum(1)  # each row's distance to its nearest centre
         for _j in range(1, k):
-            d = np.min([((x - c) ** 2).sum(1) for c in centres], axis=0)
             total = d.sum()
             centres.append(x[rng.choice(n, p=d / total)] if total > 0 else x[rng.integers(n)])
-        c = np.stack(centres)
-        labels = np.zeros(n, dtype=np.int64)
-        for it in range(iters):
-            d2 = sq[:, None] - 2 * x @ c.T + (c**2).sum(1)[None, :]
-            new = d2.argmin(1)
-            if it and np.array_equal(new, labels):
-                break
-            labels = new
-            for j in range(k):
-                members = labels == j
-                if members.any():
-                    c[j] = x[members].mean(0)
-        cost = float(np.min(sq[:, None] - 2 * x @ c.T + (c**2).sum(1)[None, :], axis=1).sum())
-        if cost < best_cost - 1e-12:
-            best, best_cost = labels, cost
+            d = np.minimum(d, ((x - centres[-1]) ** 2).sum(1))
+        inits.append(np.stack(centres))
+    # Lloyd's iterations for every start at once (starts x k centres): a start that has
+    # converged stays put (same labels, same centres), so this is the starts one by one,
+    # without ~1,000 small numpy calls per start (most of analyze's clustering time).
+    c = np.stack(inits)
+    ks = np.arange(k)
+
+    def dist2(c: np.ndarray) -> np.ndarray:
+        return sq[None, :, None] - 2 * x @ c.transpose(0, 2, 1) + (c**2).sum(2)[:, None, :]
+
+    labels = np.zeros((starts, n), dtype=np.int64)
+    for it in range(iters):
+        new = dist2(c).argmin(2)
+        if it and np.array_equal(new, labels):
+            break
+        labels = new
+        onehot = (labels[:, :, None] == ks).astype(np.float64)
+        size = onehot.sum(1)[:, :, None]
+        c = np.where(size > 0, onehot.transpose(0, 2, 1) @ x / np.maximum(size, 1), c)
+    cost = dist2(c).min(2).sum(1)
+    best, best_cost = np.zeros(n, dtype=np.int64), np.inf
+    for i in range(starts):
+        if cost[i] < best_cost - 1e-12:
+            best, best_cost = labels[i], float(cost[i])
     return best
 
 
@@ -173,21 +183,31 @@ def spectral_embedding(x: np.ndarray, dims: int) -> np.ndarray:
 def silhouette(x: np.ndarray, labels: np.ndarray) -> float:
     """Mean silhouette of ``labels`` on the rows of ``x`` (Euclidean distances); a row
     alone in its cluster scores 0, as in scikit-learn."""
+    return _silhouette(_distances(x), labels)
+
+
+def _distances(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    d = np.sqrt(np.maximum((x**2).sum(1)[:, None] - 2 * x @ x.T + (x**2).sum(1)[None, :], 0))
+    np.fill_diagonal(d, 0.0)
+    return d
+
+
+def _silhouette(d: np.ndarray, labels: np.ndarray) -> float:
+    """:func:`silhouette` from the rows' distance matrix (computed once per group, not
+    once per candidate k)."""
     labels = np.asarray(labels)
     ks = np.unique(labels)
     if len(ks) < 2:
         return float("nan")
-    d = np.sqrt(np.maximum((x**2).sum(1)[:, None] - 2 * x @ x.T + (x**2).sum(1)[None, :], 0))
-    np.fill_diagonal(d, 0.0)
     onehot = labels[:, None] == ks[None, :]
     sums = d @ onehot
     sizes = onehot.sum(0).astype(np.float64)
     own = onehot.argmax(1)
     n_own = sizes[own]
-    a = sums[np.arange(len(x)), own] / np.maximum(n_own - 1, 1)
+    a = sums[np.arange(len(d)), own] / np.maximum(n_own - 1, 1)
     other = sums / sizes[None, :]
-    other[np.arange(len(x)), own] = np.inf
+    other[np.arange(len(d)), own] = np.inf
     b = other.min(1)
     s = np.where(n_own > 1, (b - a) / np.maximum(np.maximum(a, b), 1e-12), 0.0)
     return float(s.mean())
@@ -205,10 +225,11 @@ def find_strategies(thumbs: np.ndarray, *, max_k: int = MAX_STRATEGIES, seed: in
     if n >= MIN_ROWS:
         top = min(max_k, n - 1)
         emb = spectral_embedding(x, top)
+        dist = _distances(x)
         for k in range(2, top + 1):
             u = emb[:, :k] / np.maximum(np.linalg.norm(emb[:, :k], axis=1, keepdims=True), 1e-12)
             lab = kmeans(u, k, seed=seed)
-            sil = silhouette(x, lab)
+            sil = _silhouette(dist, lab)
             if np.isfinite(sil) and not sil <= best_sil:
                 best_sil, best_labels = sil, lab
         if best_sil >= MIN_SILHOUETTE:
@@ -226,12 +247,19 @@ def find_strategies(thumbs: np.ndarray, *, max_k: int = MAX_STRATEGIES, seed: in
                       silhouette=chosen, best_silhouette=best_sil)  # fmt: skip
 
 
-def assign(thumbs: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of each thumbnail: ``(strategy, distance)``. Every row of a class,
-    in the sample the strategies were found on or not, is assigned by this one rule."""
+def assign(thumbs: np.ndarray, group: np.ndarray, centroids: np.ndarray, ks: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Nearest centroid of each thumbnail among its own group's strategies:
+    ``(strategy, distance)``. Every row, in the sample the strategies were found on or not,
+    is assigned by this one rule. ``centroids`` is ``groups x MAX_STRATEGIES x ...`` of which
+    group ``g`` uses the first ``ks[g]``; the rows of all groups go in one batch (a call per
+    group and unit was ~640 calls a unit for ImageNet with shuffled classes)."""
     x = np.asarray(thumbs, dtype=np.float64).reshape(len(thumbs), -1)
-    c = np.asarray(centroids, dtype=np.float64).reshape(len(centroids), -1)
-    d2 = (x**2).sum(1)[:, None] - 2 * x @ c.T + (c**2).sum(1)[None, :]
+    c = np.asarray(centroids, dtype=np.float64).reshape(*centroids.shape[:2], -1)
+    cc = (c**2).sum(2)
+    cc[np.arange(c.shape[1])[None, :] >= np.asarray(ks)[:, None]] = np.inf  # unused slots
+    g = np.asarray(group)
+    d2 = (x**2).sum(1)[:, None] - 2 * np.einsum("nd,nkd->nk", x, c[g]) + cc[g]
     j = d2.argmin(1)
     return j, np.sqrt(np.maximum(d2[np.arange(len(x)), j], 0.0))
 

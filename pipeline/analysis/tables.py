@@ -1,10 +1,12 @@
 """``unioncam analyze``, step 2: per-class tables, per-group strategies, every row's strategy.
 
 Why apart from step 1 (:mod:`pipeline.analysis.store_analysis`): describing is per unit
-and parallel; this step is three sequential passes over the described rows (counts; sums,
-mean maps and a bounded per-group sample; assignment of every row) plus the clustering,
-all with memory bounded by ``groups x sample_per_group`` thumbnails. Per-group sums are
-one sort and ``np.add.reduceat`` per unit (:func:`_group_add`), not ``np.add.at``.
+and parallel; this step reads every described row's scalars in whole columns (sums, counts, the
+per-group sample, exemplars: vectorised over all groups at once, never a loop over the
+groups of a unit), then two passes over the units' thumbnails (mean maps and the sample;
+assignment of every row) around the clustering. Memory: ~120 bytes of scalars a row plus
+``groups x sample_per_group`` thumbnails. Per-group sums are one sort and
+``np.add.reduceat`` (:func:`_group_add`), not ``np.add.at``.
 """
 
 from __future__ import annotations
@@ -65,23 +67,15 @@ def _unit_norm(t: np.ndarray, side: int) -> np.ndarray:
     return np.where(norm > 0, x / np.maximum(norm, 1e-12), 0.0)
 
 
-class _TopK:
-    """The ``k`` (key, row[, payload]) with the smallest keys, merged unit by unit."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self.keys = np.zeros(0)
-        self.rows = np.zeros(0, dtype=np.int64)
-        self.payload: np.ndarray | None = None
-
-    def add(self, keys: np.ndarray, rows: np.ndarray, payload: np.ndarray | None = None) -> None:
-        keys = np.concatenate([self.keys, keys])
-        rows = np.concatenate([self.rows, rows])
-        order = np.lexsort((rows, keys))[: self.k]
-        self.keys, self.rows = keys[order], rows[order]
-        if payload is not None:
-            both = payload if self.payload is None else np.concatenate([self.payload, payload])
-            self.payload = both[order]
+def _rank_in_group(sorted_keys: np.ndarray) -> np.ndarray:
+    """Each element's position in its run of equal keys (``sorted_keys`` sorted): with one
+    lexsort by (group, key, row) this is a bottom-k for every group at once, where a merge
+    per group and unit was 1.25 M small sorts for ImageNet with every class in every unit."""
+    n = len(sorted_keys)
+    if not n:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    return np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
 
 
 def write_tables(reader: StoreReader, cfg: Any, store: Any,
@@ -91,113 +85,123 @@ def write_tables(reader: StoreReader, cfg: Any, store: Any,
     ``Any``: its module imports this one)."""
     group = zarr.open_group(store, path=f"{ANALYSIS}/rows", mode="r+", use_consolidated=False)
     rows_g = {k: group[k] for k in group.array_keys()}  # opened once, not per unit
-    target_arr = reader.group["target"]
-    units = sorted(reader.done_units())
-    # pass a: classes and counts (scalars only)
-    counts: dict[int, int] = {}
-    for u in units:
-        s, e = reader.unit_range(u)
-        ok = np.asarray(rows_g["described"][s:e]) == DESCRIBED["DESCRIBED"]
-        t = np.asarray(target_arr[s:e])[ok]
-        for c, n in zip(*np.unique(t, return_counts=True), strict=True):
-            counts[int(c)] = counts.get(int(c), 0) + int(n)
+    # pass a: every described row's scalars in whole-column reads (O(rows) scalars, ~120 B
+    # a row: ~150 MB for ImageNet train; thumbnails stay per unit)
+    done_rows, cols = reader.read_columns(["target"])
+    full = len(done_rows) == reader.num_rows
+
+    def column(a: Any) -> np.ndarray:
+        c = np.asarray(a[:])
+        return c if full else c[done_rows]
+
+    ok = column(rows_g["described"]) == DESCRIBED["DESCRIBED"]
+    loc = tuple(n for n in LOCALISATION if n in rows_g)  # with --boxes
+    desc = np.stack([column(rows_g[d])[ok] for d in (*DESCRIPTORS, *loc)], 1).astype(np.float64)
+    rows, tgt = done_rows[ok], cols["target"][ok]
+    classes_arr, class_counts = np.unique(tgt, return_counts=True)
+    counts = {int(c): int(n) for c, n in zip(classes_arr, class_counts, strict=True)}
     grouping, grouping_name = _choose_grouping(cfg, counts)
-    classes = sorted(counts)
-    cidx = {c: i for i, c in enumerate(classes)}
+    classes = [int(c) for c in classes_arr]
     names = grouping.names(classes)
     gidx = {g: i for i, g in enumerate(names)}
     class_group = np.array([gidx[grouping.group_of(c)] for c in classes], dtype=np.int64)
-    loc = tuple(n for n in LOCALISATION if n in rows_g)  # with --boxes
-    nd, side, cs = len(DESCRIPTORS) + len(loc), rows_g["thumbs"].shape[1], min(cfg.cluster_side,
-                                                                   rows_g["thumbs"].shape[1])
-    ncl, ng = len(classes), len(names)
+    ci = np.searchsorted(classes_arr, tgt)
+    gi = class_group[ci]
+    nd, side = len(DESCRIPTORS) + len(loc), rows_g["thumbs"].shape[1]
+    cs = min(cfg.cluster_side, side)
+    ncl, ng, kmax = len(classes), len(names), MAX_STRATEGIES
+    fin = np.isfinite(desc)  # localisation is NaN for rows without a box
+    d0 = np.where(fin, desc, 0.0)
     csum, csq, cnum = np.zeros((ncl, nd)), np.zeros((ncl, nd)), np.zeros((ncl, nd))
-    cmap = np.zeros((ncl, side, side))
-    gsum, gmap = np.zeros((ng, len(DESCRIPTORS))), np.zeros((ng, side, side))
-    gcount = np.zeros(ng, dtype=np.int64)
-    # the sample keeps unit-norm thumbnails at the clustering side, float16 (bounded memory)
-    sample: list[_TopK] = [_TopK(cfg.sample_per_group) for _ in range(ng)]
+    _group_add(csum, ci, d0)
+    _group_add(csq, ci, d0**2)
+    _group_add(cnum, ci, fin)
+    gsum, gcount = np.zeros((ng, len(DESCRIPTORS))), np.bincount(gi, minlength=ng)
+    _group_add(gsum, gi, d0[:, : len(DESCRIPTORS)])
+    ccount = class_counts.astype(np.int64)
+    del d0, fin
+    # The per-group sample: the rows with the smallest hash of their row id, chosen for
+    # all groups at once (one lexsort), in the order the strategies are found on.
+    order = np.lexsort((rows, _hash_rank(rows, cfg.seed).astype(np.float64), gi))
+    pick = order[_rank_in_group(gi[order]) < cfg.sample_per_group]
+    slot = np.full(len(rows), -1, dtype=np.int64)
+    slot[pick] = np.arange(len(pick))
+    sample_x = np.zeros((len(pick), cs * cs), dtype=np.float16)
+    sample_start = np.searchsorted(gi[pick], np.arange(ng + 1))
+    del order
+    units = sorted(reader.done_units())
+    thumbs = rows_g["thumbs"]
 
-    def unit_arrays(u: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def unit_thumbs(u: int) -> tuple[int, int, int, np.ndarray, np.ndarray]:
+        """The unit's row span, its described rows' positions in ``rows`` and thumbnails."""
         s, e = reader.unit_range(u)
-        ok = np.asarray(rows_g["described"][s:e]) == DESCRIBED["DESCRIBED"]
-        idx = np.nonzero(ok)[0]
-        tgt = np.asarray(target_arr[s:e])[idx]
-        desc = np.stack([np.asarray(rows_g[d][s:e])[idx] for d in (*DESCRIPTORS, *loc)], 1)
-        th = np.asarray(rows_g["thumbs"][s:e])[idx].astype(np.float32)
-        return s, idx, tgt, desc.astype(np.float64), th
+        lo, hi = np.searchsorted(rows, [s, e])
+        th = np.asarray(thumbs[s:e])[rows[lo:hi] - s].astype(np.float32) if hi > lo else None
+        return s, e, lo, hi, th
 
-    # pass b: sums, mean maps, the per-group sample (bottom-k of a row hash)
+    # pass b: mean maps and the sample's thumbnails
+    cmap, gmap = np.zeros((ncl, side, side)), np.zeros((ng, side, side))
     for u in units:
-        s, idx, tgt, desc, th = unit_arrays(u)
-        if not len(idx):
+        s, e, lo, hi, th = unit_thumbs(u)
+        if th is None:
             continue
-        ci = np.array([cidx[int(c)] for c in tgt])
-        gi = class_group[ci]
-        fin = np.isfinite(desc)  # localisation is NaN for rows without a box
-        d0 = np.where(fin, desc, 0.0)
-        _group_add(csum, ci, d0)
-        _group_add(csq, ci, d0**2)
-        _group_add(cnum, ci, fin)
-        _group_add(cmap, ci, th)
-        _group_add(gsum, gi, d0[:, : len(DESCRIPTORS)])
-        _group_add(gmap, gi, th)
-        _group_add(gcount, gi, np.ones(len(gi), np.int64))
-        rid = s + idx
-        rank = _hash_rank(rid, cfg.seed).astype(np.float64)
-        x = _unit_norm(th, cs).astype(np.float16)
-        for g in np.unique(gi).tolist():
-            m = gi == g
-            sample[g].add(rank[m], rid[m], x[m])
-    ccount = np.bincount([cidx[c] for c in classes], weights=[counts[c] for c in classes],
-                         minlength=ncl) if ncl else np.zeros(0)  # fmt: skip
+        _group_add(cmap, ci[lo:hi], th)
+        _group_add(gmap, gi[lo:hi], th)
+        mine = np.nonzero(slot[lo:hi] >= 0)[0]
+        if len(mine):
+            sample_x[slot[lo:hi][mine]] = _unit_norm(th[mine], cs).astype(np.float16)
     # clustering
     t_cluster = time.perf_counter()
-    kmax = MAX_STRATEGIES
     centroids = np.zeros((ng, kmax, cs, cs), dtype=np.float32)
     ks = np.zeros(ng, dtype=np.int64)
     sil = np.full(ng, np.nan)
     for g in range(ng):
-        ids = sample[g].rows
-        if not len(ids) or sample[g].payload is None:
+        a, b = sample_start[g], sample_start[g + 1]
+        if b <= a:
             continue
-        x = sample[g].payload.astype(np.float32)
-        st = find_strategies(x.reshape(len(ids), cs, cs), seed=cfg.seed)
+        st = find_strategies(sample_x[a:b].astype(np.float32).reshape(b - a, cs, cs),
+                             seed=cfg.seed)  # fmt: skip
         ks[g] = st.k
         centroids[g, : st.k] = st.centroids
         sil[g] = st.silhouette
     timings["clustering"] = time.perf_counter() - t_cluster
-    # pass c: assign every row, exemplars, off-object rows
-    sizes = np.zeros((ng, kmax), dtype=np.int64)
-    exemplars = [[_TopK(cfg.exemplars) for _ in range(kmax)] for _ in range(ng)]
-    off = [_TopK(cfg.off_object) for _ in range(ng)]
-    bi = DESCRIPTORS.index("border")
+    del sample_x
+    # pass c: every row to its group's nearest centroid (all groups of a unit at once)
+    strat_all = np.zeros(len(rows), dtype=np.int64)
+    dist_all = np.zeros(len(rows))
     for u in units:
-        s, e = reader.unit_range(u)
-        s, idx, tgt, desc, th = unit_arrays(u)
+        s, e, lo, hi, th = unit_thumbs(u)
         grp = np.full(e - s, -1, dtype=np.int32)
         strat = np.full(e - s, -1, dtype=np.int8)
         dist = np.full(e - s, np.nan, dtype=np.float32)
-        if len(idx):
-            gi = class_group[np.array([cidx[int(c)] for c in tgt])]
-            x = _unit_norm(th, cs)
-            for g in np.unique(gi).tolist():
-                m = np.nonzero(gi == g)[0]
-                j, d = assign(x[m], centroids[g, : ks[g]])
-                grp[idx[m]], strat[idx[m]], dist[idx[m]] = g, j, d
-                sizes[g] += np.bincount(j, minlength=kmax)[:kmax]
-                for jj in range(ks[g]):
-                    sel = j == jj
-                    exemplars[g][jj].add(d[sel], s + idx[m][sel])
-                # most off-object: least energy in the boxes when scored, else most border
-                key = -desc[m, bi]
-                if loc:
-                    e_in = desc[m, len(DESCRIPTORS)]
-                    key = np.where(np.isfinite(e_in), e_in - 1.0, key)
-                off[g].add(key, s + idx[m])
+        if th is not None:
+            g = gi[lo:hi]
+            j, d = assign(_unit_norm(th, cs), g, centroids, ks)
+            strat_all[lo:hi], dist_all[lo:hi] = j, d
+            at = rows[lo:hi] - s
+            grp[at], strat[at], dist[at] = g, j, d
         rows_g["group"][s:e] = grp
         rows_g["strategy"][s:e] = strat
         rows_g["strategy_distance"][s:e] = dist
+    sizes = np.bincount(gi * kmax + strat_all, minlength=ng * kmax).reshape(ng, kmax)
+    # exemplars (nearest each centroid) and the most off-object rows: one lexsort each
+    ex = np.full((ng, kmax, cfg.exemplars), -1, dtype=np.int64)
+    key = gi * kmax + strat_all
+    order = np.lexsort((rows, dist_all, key))
+    r = _rank_in_group(key[order])
+    keep = r < cfg.exemplars
+    o = order[keep]
+    ex[gi[o], strat_all[o], r[keep]] = rows[o]
+    # most off-object: least energy in the boxes when scored, else most border
+    off_key = -desc[:, DESCRIPTORS.index("border")]
+    if loc:
+        e_in = desc[:, len(DESCRIPTORS)]
+        off_key = np.where(np.isfinite(e_in), e_in - 1.0, off_key)
+    of = np.full((ng, cfg.off_object), -1, dtype=np.int64)
+    order = np.lexsort((rows, off_key, gi))
+    r = _rank_in_group(gi[order])
+    keep = r < cfg.off_object
+    of[gi[order[keep]], r[keep]] = rows[order[keep]]
     # write the tables
     with np.errstate(invalid="ignore", divide="ignore"):
         cn = np.maximum(cnum, 1)
@@ -244,16 +248,8 @@ def write_tables(reader: StoreReader, cfg: Any, store: Any,
             )[:] = sizes  # fmt: skip
     create_array(store, "groups/centroids", (ng, kmax, cs, cs), (ng1, kmax, cs, cs), "f4", 0.0,
             ("group", "strategy", "cy", "cx"))[:] = centroids  # fmt: skip
-    ex = np.full((ng, kmax, cfg.exemplars), -1, dtype=np.int64)
-    for g in range(ng):
-        for j in range(kmax):
-            r = exemplars[g][j].rows
-            ex[g, j, : len(r)] = r
     create_array(store, "groups/exemplars", ex.shape, (ng1, kmax, cfg.exemplars), "i8", -1,
             ("group", "strategy", "exemplar"))[:] = ex  # fmt: skip
-    of = np.full((ng, cfg.off_object), -1, dtype=np.int64)
-    for g in range(ng):
-        of[g, : len(off[g].rows)] = off[g].rows
     create_array(store, "groups/off_object", of.shape, (ng1, cfg.off_object), "i8", -1,
             ("group", "rank"), {"description": "rows with the most mass on the border band"}
             )[:] = of  # fmt: skip
