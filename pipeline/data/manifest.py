@@ -425,8 +425,11 @@ class Manifest:
             raise IndexError(f"row_id {row_id} out of range 0..{self._num_rows - 1}")
         return row_id // self._unit_size
 
-    def read_unit(self, u: int, *, with_images: bool = True) -> list[Row]:
-        """The rows of unit ``u`` (one Parquet row group read; URIs resolved)."""
+    def read_unit(self, u: int, *, with_images: bool = True,
+                  only: Iterable[int] | None = None) -> list[Row]:  # fmt: skip
+        """The rows of unit ``u`` (one Parquet row group read; URIs resolved); with
+        ``only``, just those row ids of it (for a few rows, resolving and building all
+        1,024 was most of an overlay's manifest lookup)."""
         start, stop = self.unit_range(u)
         cols = ["row_id", "uri"]
         if "label" in self._columns:
@@ -443,6 +446,9 @@ class Manifest:
             raise self._fail(
                 f"unit {u} holds row ids {ids[0]}..{ids[-1]}, expected {start}..{stop - 1}"
             )
+        if only is not None and kind is None:  # a shard's fetch wants its whole unit
+            keep = np.asarray(sorted({int(r) - start for r in only}), dtype=np.int64)
+            t, ids = t.take(keep), ids[keep]
         uris = [resolve_uri(uri, self._base) for uri in t["uri"].to_pylist()]
         labels = t["label"].to_pylist() if "label" in cols else [None] * len(ids)
         datas = t["image"].to_pylist() if "image" in cols else [None] * len(ids)
@@ -460,12 +466,12 @@ class Manifest:
     def get_rows(self, row_ids: Iterable[int], *, with_images: bool = True) -> list[Row]:
         """Rows by id (in the order given), reading only the units that hold them."""
         wanted = [int(r) for r in row_ids]
-        by_unit: dict[int, dict[int, Row]] = {}
+        ids_of: dict[int, list[int]] = {}
         for r in wanted:
-            by_unit.setdefault(self.unit_of(r), {})
-        for u in by_unit:
-            by_unit[u] = {row.row_id: row for row in self.read_unit(u, with_images=with_images)}
-        return [by_unit[self.unit_of(r)][r] for r in wanted]
+            ids_of.setdefault(self.unit_of(r), []).append(r)
+        got = {row.row_id: row for u, ids in ids_of.items()
+               for row in self.read_unit(u, with_images=with_images, only=ids)}  # fmt: skip
+        return [got[r] for r in wanted]
 
     # -- identity ------------------------------------------------------------------------
     @property
