@@ -28,17 +28,20 @@ from pathlib import Path
 import numpy as np
 from faithfulness_cache import half_rows, rows
 
-from pipeline.analysis.evaluate import METHOD_LABELS
 from pipeline.analysis.report.sanity import report_specs, run_sanity
 from unioncam import load_model
+from unioncam.names import method_label
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
 CACHE = REPO / "benchmarks" / "out" / "sanity_study"
 RESULTS = REPO / "benchmarks" / "results"
 IMG = REPO / "docs" / "img"
-METHODS = ("faithful", "unioncam", "gradcam", "gradcam++", "scorecam", "groupcam", "denoised",
-           "fused")
+METHODS = ("unioncam", "unioncam:paper", "gradcam", "gradcam++", "scorecam", "groupcam",
+           "denoised", "fused:denoised+scorecam")
+#: Cached per-image files written before the report's one vocabulary used these names.
+_OLD_NAMES = {"faithful": "unioncam", "unioncam": "unioncam:paper",
+              "fused": "fused:denoised+scorecam"}
 LAYERS = {"_blocks.15": 4, "_swish": 2}
 
 
@@ -74,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{layer} {stem}: " + " ".join(
                     f"{m}={r['spearman_at_layer']:+.2f}" for m, r in rec.items())
                     + f" ({time.perf_counter() - t:.0f} s)", flush=True)  # fmt: skip
-            per_image.append(json.loads(f.read_text()))
+            rec = json.loads(f.read_text())
+            if "faithful" in rec:  # an old cache: same maps, old names
+                rec = {_OLD_NAMES.get(m, m): r for m, r in rec.items()}
+            per_image.append(rec)
         if not per_image:
             continue
         lr = {"n": len(per_image), "planned_n": LAYERS[layer], "methods": {}}
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                "| method | Spearman at the layer's step | SSIM | then, two steps on (Spearman) "
                "| verdict |", "|---|---:|---:|---:|---|"]  # fmt: skip
         for m, r in lr["methods"].items():
-            md.append(f"| {METHOD_LABELS[m]} | {r['spearman_at_layer']:.2f} | "
+            md.append(f"| {method_label(m)} | {r['spearman_at_layer']:.2f} | "
                       f"{r['ssim_at_layer']:.2f} | {r['spearman'][-1]:.2f} | "
                       f"{'passes' if r['passes'] else 'fails'} |")  # fmt: skip
         md += ["", f"![sanity curves at {layer}](../../docs/img/sanity_{layer.strip('_')}.png)",
@@ -125,8 +131,8 @@ def _figure(layer: str, lr: dict) -> None:
     k = next(iter(lr["methods"].values()))["layer_step"]
     for m, r in lr["methods"].items():
         for ax, key in zip(axes, ("spearman", "ssim"), strict=True):
-            ax.plot(np.arange(len(r[key])), r[key], marker="o", ms=3, label=METHOD_LABELS[m],
-                    lw=2.2 if m == "faithful" else 1.2)  # fmt: skip
+            ax.plot(np.arange(len(r[key])), r[key], marker="o", ms=3, label=method_label(m),
+                    lw=2.2 if m == "unioncam" else 1.2)  # fmt: skip
     for ax, t in zip(axes, ("Spearman", "SSIM"), strict=True):
         ax.set_title(f"{t} with the original maps, {layer} (n = {lr['n']})", fontsize=10)
         ax.set_xticks(np.arange(len(steps)))

@@ -32,6 +32,7 @@ LIBRARY_FLOORS: tuple[tuple[str, ...], ...] = (
     ("gradient", "region", "perturbation", "selection"),  # the methods
     ("union",),  # UnionCAM, made of the methods
     ("fusion",),  # Fusion-CAM, UnionCAM's pool fused
+    ("names",),  # the method vocabulary: every registered method and UnionCAM's presets
     ("",),  # the package's face: unioncam/__init__.py
 )
 #: The pipeline's floors, lowest first (``pipeline.<package>``; a plain module is its own

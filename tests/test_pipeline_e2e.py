@@ -584,7 +584,7 @@ def test_road_metrics_in_a_run_equal_the_library_and_reach_the_report(
     """``--metrics road,...`` for two methods: the stored numbers are the library's
     :func:`unioncam.road.road` on the same maps, and the store's report has a ROAD table
     comparing the two."""
-    from pipeline.analysis.report.render import build_report
+    from pipeline.analysis.report import ReportConfig, build_report
     from unioncam import GradCAM
     from unioncam.road import road
     from unioncam.sanity import cascading_randomization
@@ -615,7 +615,8 @@ def test_road_metrics_in_a_run_equal_the_library_and_reach_the_report(
         name = "road" if k == "road" else f"road_{k}"
         np.testing.assert_allclose(g[f"metrics/{name}"][:], want, atol=1e-2, err_msg=k)
     assert np.isfinite(g["metrics/road_layercam"][:]).all()
-    path = build_report(tmp_path / "rep", store=str(store), n_boot=200, gallery=2, sanity=2)
+    path = build_report(tmp_path / "rep", ReportConfig(store=str(store), n_boot=200, gallery=2,
+                                                       sanity=2))  # fmt: skip
     md = path.read_text()
     assert "## ROAD" in md and "| Grad-CAM |" in md and "| Layer-CAM |" in md, md
     # the sanity check re-explains the first rows with the run's model, layer and class
@@ -635,11 +636,11 @@ def test_report_sanity_of_a_unioncam_store_uses_the_runs_settings(complete, refe
                                                                   tmp_path):  # fmt: skip
     """From a UnionCAM store the sanity check rebuilds the run's config (preset, groups,
     chunking), layer and class: the library's check called directly agrees."""
-    from pipeline.analysis.report.render import build_report
+    from pipeline.analysis.report import ReportConfig, build_report
     from unioncam.sanity import cascading_randomization
 
-    path = build_report(tmp_path / "rep", store=str(complete["store"]), n_boot=100, gallery=0,
-                        sanity=1)  # fmt: skip
+    path = build_report(tmp_path / "rep", ReportConfig(store=str(complete["store"]), n_boot=100,
+                                                       gallery=0, sanity=1))  # fmt: skip
     san = json.loads((path.parent / "report.json").read_text())["sanity"]
     assert list(san) == ["unioncam"]
     g = open_store(str(complete["store"]))

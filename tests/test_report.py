@@ -20,8 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.analysis.evaluate import METHODS, compare_methods
+from pipeline.analysis.evaluate import DEFAULT_METHODS, check_methods, compare_methods
 from pipeline.analysis.report import (
+    ReportConfig,
     ReportError,
     bootstrap_ci,
     build_report,
@@ -39,6 +40,7 @@ LAYER = "_blocks.4"
 STEP = 512  # 64*64/512 = 8 RISE steps
 CHUNK = 16
 PHOTOS = [0, 1, 18]  # rows of labels.csv (coffee, chelsea, motorcycle)
+FUSED = "fused:denoised+scorecam"  # the paper's L_fused, by its pool-member name
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -160,7 +162,7 @@ def test_compare_methods_returns_every_method_and_the_paper_unioncam(effnet, bat
     x, _ = batch
     c = compare_methods(effnet.model, x, layer=LAYER, step=STEP, chunk_size=CHUNK, groups=8,
                         channels_last=False)  # fmt: skip
-    assert list(c) == list(METHODS)
+    assert list(c) == list(DEFAULT_METHODS) and c.reference == "unioncam:paper"
     n_curve = SIZE * SIZE // STEP + 1
     for m, s in c.items():
         assert s.insertion.shape == s.deletion.shape == (3,), m
@@ -175,17 +177,18 @@ def test_compare_methods_returns_every_method_and_the_paper_unioncam(effnet, bat
     with UnionCAM(effnet.model, LAYER, "paper", chunk_size=CHUNK, channels_last=False) as cam:
         paper = cam(x)
     np.testing.assert_array_equal(c.selected, paper.selected.numpy())
-    np.testing.assert_allclose(c["unioncam"].maps, paper.maps.numpy(), atol=1e-4)
-    # the faithful row is the library's default preset run on its own (its 32 groups, not 8)
+    assert c.pool == paper.pool
+    np.testing.assert_allclose(c["unioncam:paper"].maps, paper.maps.numpy(), atol=1e-4)
+    # the default preset ("unioncam") is the library's default run on its own (its 32 groups, not 8)
     with UnionCAM(effnet.model, LAYER, "faithful", chunk_size=CHUNK, channels_last=False) as cam:
         faithful = cam(x)
-    np.testing.assert_allclose(c["faithful"].maps, faithful.maps.numpy(), atol=1e-5)
-    assert not np.allclose(c["faithful"].maps, c["unioncam"].maps, atol=1e-3)
+    np.testing.assert_allclose(c["unioncam"].maps, faithful.maps.numpy(), atol=1e-5)
+    assert not np.allclose(c["unioncam"].maps, c["unioncam:paper"].maps, atol=1e-3)
     # ... and the paper UnionCAM's scores are those of the member it selected
     for i, s in enumerate(c.selected.tolist()):
-        member = c["scorecam"] if s == 0 else c["fused"]
-        assert c["unioncam"].insertion[i] == member.insertion[i]
-        assert c["unioncam"].deletion[i] == member.deletion[i]
+        member = c["scorecam"] if s == 0 else c["fused:denoised+scorecam"]
+        assert c["unioncam:paper"].insertion[i] == member.insertion[i]
+        assert c["unioncam:paper"].deletion[i] == member.deletion[i]
     # different methods give different maps (not one map copied around)
     assert not np.allclose(c["gradcam"].maps, c["scorecam"].maps, atol=1e-3)
     # explained class is the prediction; Score-CAM's 40 masks ran once for 3 methods
@@ -339,7 +342,7 @@ def test_report_builds_from_a_store(small_store, tmp_path):
     ins = np.asarray(g["metrics/insertion"][:], dtype=np.float64)
     sel = np.asarray(g["selected"][:])
 
-    path = build_report(tmp_path / "rep", store=str(store), n_boot=300, gallery=3)
+    path = build_report(tmp_path / "rep", ReportConfig(store=str(store), n_boot=300, gallery=3))
     md = _check_figures(path)
     assert "UnionCAM (selected)" in md and "Paired differences" in md
     assert "scores.png" in md and "selection.png" in md and "gallery.png" in md
@@ -377,9 +380,9 @@ def test_report_from_an_image_folder_resumes_from_its_cache(effnet, sample_dir, 
     for i in (5, 13, 21):  # a grayscale JPEG among them
         shutil.copy(sample_dir / sample_labels[i]["file"], imgs)
     (imgs / "notes.txt").write_text("not an image")
-    kw = dict(image_dir=imgs, layer=LAYER, image_size=SIZE, step=STEP, groups=8,
-              chunk_size=CHUNK, n_boot=300, gallery=3, keep_cache=True)  # fmt: skip
-    path = build_report(tmp_path / "rep", **kw)
+    cfg = ReportConfig(images=imgs, layer=LAYER, image_size=SIZE, step=STEP, groups=8,
+                       chunk_size=CHUNK, n_boot=300, gallery=3, keep_cache=True)  # fmt: skip
+    path = build_report(tmp_path / "rep", cfg)
     md = _check_figures(path)
     for label in ("UnionCAM (paper)", "UnionCAM (faithful preset, the default)", "Grad-CAM",
                   "Grad-CAM++", "Score-CAM", "Group-CAM", "Denoised (L_den)",
@@ -393,7 +396,7 @@ def test_report_from_an_image_folder_resumes_from_its_cache(effnet, sample_dir, 
     assert len(cache) == 2  # 3 images in batches of 2, checkpointed
     # a rerun reads the checkpoints (no recomputation) and gives the same numbers
     stamps = {p: p.stat().st_mtime_ns for p in cache}
-    again = json.loads((build_report(tmp_path / "rep", **kw).parent / "report.json").read_text())
+    again = json.loads((build_report(tmp_path / "rep", cfg).parent / "report.json").read_text())
     assert again["per_image"] == info["per_image"]
     assert {p: p.stat().st_mtime_ns for p in cache} == stamps
 
@@ -420,28 +423,72 @@ def test_report_sanity_check_from_an_image_folder(effnet, sample_dir, sample_lab
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     shutil.copy(sample_dir / sample_labels[7]["file"], imgs)
-    kw = dict(image_dir=imgs, layer="_blocks.15", image_size=SIZE, step=STEP, groups=8,
-              chunk_size=CHUNK, n_boot=100, gallery=0, keep_cache=True,
-              methods=("gradcam", "fused", "groupcam"), sanity=1)  # fmt: skip
-    path = build_report(tmp_path / "rep", **kw)
+    cfg = ReportConfig(images=imgs, layer="_blocks.15", image_size=SIZE, step=STEP, groups=8,
+                       chunk_size=CHUNK, n_boot=100, gallery=0, keep_cache=True,
+                       methods=("gradcam", FUSED, "groupcam"), sanity=1)  # fmt: skip
+    path = build_report(tmp_path / "rep", cfg)
     md = _check_figures(path)
     assert "## Sanity check: model randomisation" in md and "sanity.png" in md
     for label in ("Grad-CAM", "Fused (L_fused)", "Group-CAM"):
         assert f"| {label} | " in md.split("## Sanity check")[1], label
     san = json.loads((path.parent / "report.json").read_text())["sanity"]
-    assert list(san) == ["gradcam", "fused", "groupcam"]
+    assert list(san) == ["gradcam", FUSED, "groupcam"]
     x = effnet.preprocess.with_size(SIZE)(Image.open(next(imgs.iterdir())).convert("RGB"))[0][None]
     want = cascading_randomization(effnet.model, x, "gradcam", "_blocks.15", past_layer=2,
                                    chunk_size=CHUNK)  # fmt: skip
     # _fc, _bn1 and _conv_head leave _blocks.15 alone; re-initialising it changes its output
     assert want.steps[want.layer_step] == "_blocks.15"
-    assert san["gradcam"]["steps"] == want.steps == san["fused"]["steps"]
+    assert san["gradcam"]["steps"] == want.steps == san[FUSED]["steps"]
     np.testing.assert_allclose(san["gradcam"]["spearman"], want.spearman.mean(0).numpy(), atol=1e-3)
-    assert san["fused"]["spearman"][0] == pytest.approx(1.0)
+    assert san[FUSED]["spearman"][0] == pytest.approx(1.0)
     # the map of a block whose weights are random is not the trained block's map
     assert san["gradcam"]["spearman"][-1] < 0.9
     cached = list((tmp_path / "rep" / ".cache").rglob("sanity-1.json"))
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
-    build_report(tmp_path / "rep", **kw)
+    build_report(tmp_path / "rep", cfg)
     assert cached[0].stat().st_mtime_ns == stamp  # a rerun reads it
+
+
+# ---------------------------------------------------------------------------------------
+# one method vocabulary, from the registry to the report
+def test_report_method_names_are_the_registry_and_the_presets(tmp_path, capsys):
+    """A report's methods are named as everywhere else: the registry's names, then
+    ``unioncam:<preset>`` (``unioncam`` alone is the default preset), titled by the library;
+    an old or unknown name is one line naming the choices (or the new spelling)."""
+    from unioncam import DEFAULT_PRESET, METHODS, PRESETS
+    from unioncam.names import PRESET_LABELS, check_method, method_label, method_names
+
+    presets = {f"unioncam:{p}" for p in PRESETS if p != DEFAULT_PRESET}
+    assert len(METHODS) == 15
+    assert set(method_names()) == set(METHODS.names()) | presets
+    assert method_names()[: len(METHODS)] == METHODS.names()
+    assert check_method(f"unioncam:{DEFAULT_PRESET}") == "unioncam"  # one spelling per method
+    assert check_methods([*method_names(), f"unioncam:{DEFAULT_PRESET}"]) == method_names()
+    # every default report method is in the vocabulary; labels come from the library
+    assert set(DEFAULT_METHODS) - {FUSED} <= set(method_names())
+    assert method_label("unioncam") == PRESET_LABELS[DEFAULT_PRESET]
+    assert method_label("unioncam:paper") == "UnionCAM (paper)"
+    assert method_label("gradcam") == METHODS.info("gradcam")["label"] == "Grad-CAM"
+    assert method_label(FUSED) == "Fused (L_fused)"
+    assert len({method_label(m) for m in method_names()}) == len(method_names())
+    for bad, says in (("faithful", "now spelled unioncam"), ("fused", "now spelled " + FUSED),
+                      ("foo", "choose from gradcam, gradcam++"),
+                      ("unioncam:nope", "unioncam:paper"), ("fused:x+y", "fused:<gradient>+<region>")):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(says)) as e:
+            check_methods([bad])
+        assert "\n" not in str(e.value) and repr(bad) in str(e.value)
+    # ... and so the CLI (the choices named in its one line)
+    (tmp_path / "imgs").mkdir()
+    assert main(["--images", str(tmp_path / "imgs"), str(tmp_path / "out"),
+                 "--methods", "unioncam,faithful"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'faithful' is now spelled unioncam" in err
+    assert main(["--images", str(tmp_path / "imgs"), str(tmp_path / "out"),
+                 "--methods", "gradcam,nope"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and ", ".join(method_names()) in err
+    with pytest.raises(ReportError, match="exactly one source"):
+        ReportConfig()
+    with pytest.raises(ReportError, match="groups must be a positive integer"):
+        ReportConfig(store="s", groups=0)

@@ -37,7 +37,7 @@ def similarity_fusion(fused: torch.Tensor, region: torch.Tensor, beta_fused: tor
     return minmax(sim * torch.maximum(a, b) + (1.0 - sim) * 0.5 * (a + b))
 
 
-@METHODS.register("fusioncam")
+@METHODS.register("fusioncam", label="Fusion-CAM")
 class FusionCAM(UnionCAM):
     """Fusion-CAM over batches: ``with FusionCAM(model, "_blocks.15") as cam: res = cam(x)``.
 

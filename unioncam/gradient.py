@@ -217,70 +217,70 @@ class GradientCAM(BaseCAM):
                          prob=fwd.prob, forwards=x.shape[0], raw=raw)
 
 
-@METHODS.register("gradcam")
+@METHODS.register("gradcam", label="Grad-CAM")
 class GradCAM(GradientCAM):
     """Grad-CAM: ReLU(Σ_k mean(G_k) A_k)."""
 
     method = "gradcam"
 
 
-@METHODS.register("gradcam++")
+@METHODS.register("gradcam++", label="Grad-CAM++")
 class GradCAMPlusPlus(GradientCAM):
     """Grad-CAM++: ReLU(Σ_k Σ_ij α_kij ReLU(G_kij) A_k), α = G²/(2G² + ΣA·G³)."""
 
     method = "gradcam++"
 
 
-@METHODS.register("xgradcam")
+@METHODS.register("xgradcam", label="XGrad-CAM")
 class XGradCAM(GradientCAM):
     """XGrad-CAM: ReLU(Σ_k (Σ G_k A_k / Σ A_k) A_k)."""
 
     method = "xgradcam"
 
 
-@METHODS.register("layercam")
+@METHODS.register("layercam", label="Layer-CAM")
 class LayerCAM(GradientCAM):
     """Layer-CAM: ReLU(Σ_k ReLU(G_k) ⊙ A_k)."""
 
     method = "layercam"
 
 
-@METHODS.register("denoised")
+@METHODS.register("denoised", label="Denoised (L_den)")
 class DenoisedCAM(GradientCAM):
     """UnionCAM's denoising module alone: Σ_k (P_k / ΣP_k) ⊙ A_k with thresholded gradients."""
 
     method = "denoised"
 
 
-@METHODS.register("hirescam")
+@METHODS.register("hirescam", label="HiResCAM")
 class HiResCAM(GradientCAM):
     """HiResCAM: ReLU(Σ_k G_k ⊙ A_k), the element-wise product before the channel sum."""
 
     method = "hirescam"
 
 
-@METHODS.register("gradcam-elementwise")
+@METHODS.register("gradcam-elementwise", label="Grad-CAM element-wise")
 class GradCAMElementWise(GradientCAM):
     """Grad-CAM element-wise: ReLU(Σ_k ReLU(G_k ⊙ A_k))."""
 
     method = "gradcam-elementwise"
 
 
-@METHODS.register("eigencam")
+@METHODS.register("eigencam", label="EigenCAM")
 class EigenCAM(GradientCAM):
     """EigenCAM: the activation's first principal component (one forward, no backward)."""
 
     method = "eigencam"
 
 
-@METHODS.register("eigengradcam")
+@METHODS.register("eigengradcam", label="EigenGradCAM")
 class EigenGradCAM(GradientCAM):
     """EigenGradCAM: the first principal component of G ⊙ A."""
 
     method = "eigengradcam"
 
 
-@METHODS.register("finercam")
+@METHODS.register("finercam", label="FinerCAM")
 class FinerCAM(GradientCAM):
     """FinerCAM: Grad-CAM of the target logit contrasted with its nearest classes.
 

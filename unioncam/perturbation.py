@@ -43,7 +43,7 @@ __all__ = ["AblationCAM", "WHOLE_NETWORK"]
 WHOLE_NETWORK = "whole network"
 
 
-@METHODS.register("ablationcam")
+@METHODS.register("ablationcam", label="Ablation-CAM")
 class AblationCAM(BaseCAM):
     """Ablation-CAM, batched: ``with AblationCAM(model, "_blocks.15") as cam: res = cam(x)``.
 

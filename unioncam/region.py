@@ -143,14 +143,14 @@ class RegionCAM(BaseCAM):
                          forwards=x.shape[0] + out.forwards, raw=out.raw, mask_scores=out.scores)
 
 
-@METHODS.register("scorecam")
+@METHODS.register("scorecam", label="Score-CAM")
 class ScoreCAM(RegionCAM):
     """Score-CAM: one masked forward per (non-constant) channel."""
 
     method = "scorecam"
 
 
-@METHODS.register("groupcam")
+@METHODS.register("groupcam", label="Group-CAM")
 class GroupCAM(RegionCAM):
     """Group-CAM: G masked forwards per image (``groups``, default 32) on a blurred background."""
 

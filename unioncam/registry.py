@@ -64,5 +64,7 @@ class Registry(Generic[T]):
 
 
 #: Every CAM class a user can ask for by name (``gradcam``, ``scorecam``, ``unioncam``, …):
-#: what ``unioncam.make_cam`` and the pipeline's ``--method`` look up.
+#: what ``unioncam.make_cam`` and the pipeline's ``--method`` look up. Each carries its
+#: ``label`` (how a report or a figure titles it), so a method's title is written once, next
+#: to its class; :mod:`unioncam.names` adds the presets' spellings.
 METHODS: Registry[type] = Registry("method")

@@ -204,7 +204,7 @@ class PoolMaps(NamedTuple):
     forwards: int  # spent so far
 
 
-@METHODS.register("unioncam")
+@METHODS.register("unioncam", label="UnionCAM")
 class UnionCAM(BaseCAM):
     """UnionCAM over batches: ``with UnionCAM(model, "layer4") as cam: res = cam(x)``.
 
@@ -297,8 +297,18 @@ class UnionCAM(BaseCAM):
         return PoolMaps(fwd, comp, raw, beta, base, forwards)
 
     def explain(self, x: torch.Tensor, targets) -> CAMResult:
+        return self.select(x, self.pool_maps(x, targets))
+
+    def select(self, x: torch.Tensor, pool_maps: PoolMaps) -> CAMResult:
+        """Step 5: this config's selection over its pool, read from ``pool_maps``.
+
+        ``pool_maps`` may come from a config with more members (more gradient or region
+        methods, the same ``theta``/``baseline``/``groups``): a comparison of several
+        presets computes the shared pool once and lets each preset select from it here,
+        with the library's rule, instead of re-writing the rule outside.
+        """
         cfg = self.config
-        fwd, comp, raw, beta, base, forwards = self.pool_maps(x, targets)
+        fwd, comp, raw, beta, base, forwards = pool_maps
         size, target, n = (x.shape[-2], x.shape[-1]), fwd.target, x.shape[0]
         pool = cfg.pool
         beta_pool = torch.stack([beta[k] for k in pool], 1)

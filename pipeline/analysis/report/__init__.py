@@ -3,8 +3,10 @@
 Two sources:
 
 * ``--images DIR`` — compute on the fly with :func:`pipeline.analysis.evaluate.compare_methods`:
-  UnionCAM against Grad-CAM, Grad-CAM++, Score-CAM, Group-CAM, the denoised map L_den and
-  the fused map L_fused, on the same images, with RISE insertion/deletion curves.
+  the paper's UnionCAM (``unioncam:paper``) and the default preset (``unioncam``) against
+  Grad-CAM, Grad-CAM++, Score-CAM, Group-CAM, the denoised map L_den (``denoised``) and the
+  fused map L_fused (``fused:denoised+scorecam``), on the same images, with RISE
+  insertion/deletion curves. Names are :mod:`unioncam.names`' (as in ``unioncam run``).
   Results are checkpointed per batch (``.npz`` in a cache folder), so an interrupted or
   time-budgeted run resumes where it stopped; images are processed in a seeded random
   order, so a run cut short by ``--time-budget`` reports a random subset, not the
@@ -14,6 +16,8 @@ Two sources:
   ``insertion@<member>``), which member was selected how often, per-class means, and a
   gallery of stored maps placed on the original photos (via the stored ``crop_box``).
   Read unit by unit: only the per-image scalars and the gallery's few maps are loaded.
+
+Settings: one :class:`ReportConfig`, which ``unioncam report`` builds from its flags.
 
 What the report contains: a table of mean insertion ↑, deletion ↓ and insertion − deletion
 ↑ per method with 95% bootstrap confidence intervals; a *paired* bootstrap of every
@@ -29,6 +33,7 @@ is used instead (the bootstrap would cost minutes and agrees there); the report 
 """
 
 from pipeline.analysis.report.command import add_report_arguments, main, report_command
+from pipeline.analysis.report.config import ReportConfig
 from pipeline.analysis.report.render import build_report
 from pipeline.analysis.report.sample import GalleryItem, ReportSample
 from pipeline.analysis.report.stats import ReportError, bootstrap_ci, paired_bootstrap
@@ -36,6 +41,7 @@ from pipeline.analysis.report.stored import summarize_store
 
 __all__ = [
     "GalleryItem",
+    "ReportConfig",
     "ReportError",
     "ReportSample",
     "add_report_arguments",

@@ -27,8 +27,9 @@ def _plt():
 
 
 _COLORS = {
-    "unioncam": "#d62728", "faithful": "#e377c2", "gradcam": "#1f77b4", "gradcam++": "#17becf", "scorecam": "#2ca02c",
-    "groupcam": "#9467bd", "denoised": "#ff7f0e", "fused": "#8c564b",
+    "unioncam:paper": "#d62728", "unioncam": "#e377c2", "gradcam": "#1f77b4", "gradcam++": "#17becf",
+    "scorecam": "#2ca02c", "groupcam": "#9467bd", "denoised": "#ff7f0e",
+    "fused:denoised+scorecam": "#8c564b",
 }  # fmt: skip
 
 

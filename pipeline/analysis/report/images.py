@@ -13,24 +13,23 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.analysis.evaluate import (
-    METHOD_LABELS,
-)
 from pipeline.analysis.report.sample import GalleryItem, ReportSample, class_names, cname
 from pipeline.analysis.report.stats import ReportError
+
+if TYPE_CHECKING:
+    from pipeline.analysis.report.config import ReportConfig
 
 __all__ = ['IMAGE_EXTS', 'images_sample']
 
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: method names of unioncam.names; the reference's pool stored
 
 
 @dataclass(frozen=True)
@@ -101,29 +100,14 @@ def _log(progress: bool, msg: str) -> None:
         print(f"[report] {msg}", file=sys.stderr, flush=True)
 
 
-def images_sample(
-    image_dir: Path,
-    *,
-    model: str,
-    weights: str | None,
-    layer: str | None,
-    n: int | None,
-    every: int,
-    image_size: int,
-    step: int,
-    methods: Sequence[str],
-    batch_size: int,
-    chunk_size: int | None,
-    groups: int,
-    target: str,
-    seed: int,
-    cache_dir: Path,
-    time_budget_s: float | None,
-    progress: bool,
-    gallery: int,
-    device: str | None = None,
-    sanity: int = 0,
-) -> ReportSample:
+def images_sample(image_dir: Path, config: ReportConfig, *, cache_dir: Path) -> ReportSample:
+    """Explain and score the folder's images as ``config`` says (resuming from ``cache_dir``)."""
+    c = config
+    model, weights, layer, n, every = c.model, c.weights, c.layer, c.n, c.every
+    image_size, step, methods, batch_size = c.image_size, c.step, c.methods, c.batch_size
+    chunk_size, groups, target, seed = c.chunk_size, c.groups, c.target, c.seed
+    time_budget_s, progress, gallery, device, sanity = (c.time_budget_s, c.progress, c.gallery,
+                                                        c.device, c.sanity)  # fmt: skip
     import torch
 
     from pipeline.analysis.evaluate import compare_methods
@@ -202,6 +186,7 @@ def images_sample(
             )  # fmt: skip
             arrays.update(
                 classes=c.classes, probs=c.probs, selected=c.selected,
+                pool=np.asarray(c.pool, dtype=str),
                 n_steps=np.asarray(c.n_steps), forwards_explain=np.asarray(c.forwards["explain"]),
                 forwards_metrics=np.asarray(c.forwards["metrics"]),
             )  # fmt: skip
@@ -271,6 +256,8 @@ def _assemble_images(
     device_text: str,
 ) -> ReportSample:
     """Gather the finished batches of the cache into a :class:`ReportSample`."""
+    from unioncam.names import member_label, method_config, method_label
+
     methods = list(settings["methods"])
     parts = []
     errors: list[str] = []
@@ -301,12 +288,13 @@ def _assemble_images(
     seconds = float(sum(float(p["seconds"]) for p in parts))
     fw_e = int(sum(int(p["forwards_explain"]) for p in parts))
     fw_m = int(sum(int(p["forwards_metrics"]) for p in parts))
-    pool = ("region:scorecam", "fused:denoised+scorecam")
+    # The reference: the first UnionCAM asked for (the default list's unioncam:paper).
+    reference = next((m for m in methods if method_config(m) is not None), methods[0])
+    pool = tuple(str(p) for p in parts[0]["pool"].tolist())
     counts = {}
-    if "unioncam" in methods:
+    if pool:
         counts = {p: int((selected == j).sum()) for j, p in enumerate(pool)}
     names = class_names()
-    reference = "unioncam" if "unioncam" in methods else methods[0]
     order = [reference] + [m for m in methods if m != reference]
     notes = []
     requested = len(items)
@@ -342,8 +330,9 @@ def _assemble_images(
             arr = None
         c = int(classes[r])
         sel = ""
-        if "unioncam" in methods:
-            sel = f"; UnionCAM chose {'L_fused' if selected[r] == 1 else 'Score-CAM'}"
+        if pool and 0 <= selected[r] < len(pool):
+            chosen = member_label(pool[int(selected[r])])
+            sel = f"; UnionCAM chose {'L_fused' if chosen == 'Fused (L_fused)' else chosen}"
         g_items.append(GalleryItem(
             title=f"{Path(it.name).stem[:30]}; explained: {cname(names, c)[:40]}{sel}",
             image=arr,
@@ -372,7 +361,7 @@ def _assemble_images(
     return ReportSample(
         source="images",
         methods=order,
-        labels={m: METHOD_LABELS.get(m, m) for m in order},
+        labels={m: method_label(m) for m in order},
         reference=reference,
         scores=scores,
         curves=curves,

@@ -8,13 +8,12 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.analysis.evaluate import METHODS, check_methods
+from pipeline.analysis.report.config import ReportConfig
 from pipeline.analysis.report.figures import (
     fig_curves,
     fig_distribution,
@@ -25,11 +24,7 @@ from pipeline.analysis.report.figures import (
 )
 from pipeline.analysis.report.images import images_sample
 from pipeline.analysis.report.sample import ReportSample
-from pipeline.analysis.report.stats import (
-    METRIC_TITLES,
-    ReportError,
-    method_stats,
-)
+from pipeline.analysis.report.stats import METRIC_TITLES, method_stats
 from pipeline.analysis.report.stored import store_sample
 from pipeline.store.names import INS_DEL_METRICS, ROAD_METRICS
 
@@ -259,89 +254,29 @@ def _json_default(o: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------
 # Public entry point
-def build_report(
-    out_dir: str | os.PathLike[str],
-    *,
-    store: str | None = None,
-    image_dir: str | os.PathLike[str] | None = None,
-    model: str = "efficientnet-lite0",
-    weights: str | None = None,
-    layer: str | None = None,
-    n: int | None = None,
-    every: int = 1,
-    image_size: int = 224,
-    step: int = 224,
-    methods: Sequence[str] = METHODS,
-    batch_size: int = 2,
-    chunk_size: int | None = None,
-    groups: int = 32,
-    target: str = "predicted",
-    seed: int = 0,
-    n_boot: int = 2000,
-    gallery: int = 6,
-    by: str = "target",
-    cache_dir: str | os.PathLike[str] | None = None,
-    keep_cache: bool = False,
-    time_budget_s: float | None = None,
-    storage_options: dict[str, Any] | None = None,
-    title: str | None = None,
-    command: str | None = None,
-    progress: bool = False,
-    device: str | None = None,
-    sanity: int = 0,
-) -> Path:
+def build_report(out_dir: str | os.PathLike[str], config: ReportConfig) -> Path:
     """Write ``report.md`` (+ ``report.json`` and PNG figures) into ``out_dir``; return its path.
 
-    Exactly one source: ``store`` (summarise a pipeline store) or ``image_dir`` (compute
-    UnionCAM and the other ``methods`` on ``n`` images, every ``every``-th, at
-    ``image_size`` px on ``layer``, RISE ``step`` pixels per step). The image-folder mode
-    checkpoints each batch under ``cache_dir`` (default ``out_dir/.cache``; deleted after
-    a complete report unless ``keep_cache``) and stops starting new batches after
-    ``time_budget_s`` seconds; rerunning continues from the cache. ``device``: where the
-    model runs, for the sanity check too (default: CUDA when available, else the CPU).
-    ``sanity``: run the randomisation sanity check on that many images (0 = none; a store
-    needs its photos and the run's model to be readable).
+    ``config.store``: summarise a pipeline store. ``config.images``: compute UnionCAM and the
+    other ``methods`` on the folder's images; each batch is checkpointed under
+    ``cache_dir`` (default ``out_dir/.cache``, deleted after a complete report unless
+    ``keep_cache``) and no new batch starts after ``time_budget_s``, so rerunning continues
+    from the cache. See :class:`ReportConfig` for every setting.
     """
-    if (store is None) == (image_dir is None):
-        raise ReportError(
-            "give exactly one source: a store (--store) or an image folder (--images)"
-        )
-    for name, v in (("n", n), ("every", every), ("image_size", image_size), ("step", step),
-                    ("batch_size", batch_size), ("n_boot", n_boot), ("groups", groups)):  # fmt: skip
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ReportError(f"{name} must be a positive integer, got {v!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ReportError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if gallery < 0:
-        raise ReportError(f"gallery must be >= 0, got {gallery}")
-    if isinstance(sanity, bool) or not isinstance(sanity, int) or sanity < 0:
-        raise ReportError(f"sanity must be an integer >= 0, got {sanity!r}")
-    if target not in ("predicted", "label"):
-        raise ReportError(f"target must be 'predicted' or 'label', got {target!r}")
+    c = config
     out = Path(out_dir)
-    if store is not None:
-        sample = store_sample(str(store), storage_options=storage_options, gallery=gallery,
-                               seed=seed, by=by, sanity=sanity, progress=progress,
-                               device=device)  # fmt: skip
-        return render(sample, out, n_boot=n_boot, seed=seed,
-                       title=title or "UnionCAM faithfulness report (pipeline store)",
-                       command=command)  # fmt: skip
-    try:
-        methods = check_methods(methods)
-    except ValueError as e:
-        raise ReportError(str(e)) from None
-    cache = Path(cache_dir) if cache_dir is not None else out / ".cache"
-    sample = images_sample(
-        Path(image_dir), model=model, weights=weights, layer=layer, n=n, every=every,  # type: ignore[arg-type]
-        image_size=image_size, step=step, methods=methods, batch_size=batch_size,
-        chunk_size=chunk_size, groups=groups, target=target, seed=seed, cache_dir=cache,
-        time_budget_s=time_budget_s, progress=progress, gallery=gallery, device=device,
-        sanity=sanity,
-    )  # fmt: skip
-    path = render(sample, out, n_boot=n_boot, seed=seed,
-                   title=title or "UnionCAM faithfulness report", command=command)  # fmt: skip
+    if c.store is not None:
+        sample = store_sample(str(c.store), storage_options=c.storage_options, gallery=c.gallery,
+                              seed=c.seed, by=c.by, sanity=c.sanity, progress=c.progress,
+                              device=c.device)  # fmt: skip
+        return render(sample, out, n_boot=c.n_boot, seed=c.seed,
+                      title=c.title or "UnionCAM faithfulness report (pipeline store)",
+                      command=c.command)  # fmt: skip
+    cache = Path(c.cache_dir) if c.cache_dir is not None else out / ".cache"
+    sample = images_sample(Path(c.images), c, cache_dir=cache)  # type: ignore[arg-type]
+    path = render(sample, out, n_boot=c.n_boot, seed=c.seed,
+                  title=c.title or "UnionCAM faithfulness report", command=c.command)  # fmt: skip
     complete = not any("requested images were explained" in s for s in sample.notes)
-    if complete and not keep_cache and cache_dir is None:
+    if complete and not c.keep_cache and c.cache_dir is None:
         shutil.rmtree(cache, ignore_errors=True)
     return path
-

@@ -22,9 +22,6 @@ __all__ = ["PAST_LAYER", "SanitySpec", "report_specs", "run_sanity", "store_spec
 
 #: Steps run past the one that changes the target layer (the curve shows the fall continue).
 PAST_LAYER = 2
-#: UnionCAM's fused component in the paper's configuration (what a report calls "fused").
-FUSED = "fused:denoised+scorecam"
-
 
 @dataclasses.dataclass(frozen=True)
 class SanitySpec:
@@ -38,25 +35,26 @@ class SanitySpec:
 
 def report_specs(methods: Sequence[str], *, groups: int = 32,
                  chunk_size: int | None = None) -> dict[str, SanitySpec]:
-    """Specs for ``unioncam report --images`` method names (see
-    :data:`pipeline.analysis.evaluate.METHODS`): ``unioncam`` is the paper's configuration,
-    ``faithful`` the default preset, ``fused`` the paper's fused map. Gradient variants that
-    are not methods of their own (``denoised-gradcam``...) are left out."""
-    from unioncam.registry import METHODS as CAMS
-    from unioncam.union import PRESETS
+    """Specs for ``unioncam report --images`` method names (:mod:`unioncam.names`): a
+    registered method is itself, ``unioncam[:<preset>]`` UnionCAM with that preset, and a
+    fused member ``fused:<gradient>+<region>`` the component of the one-pair UnionCAM that
+    makes it (``fused:denoised+scorecam``: the paper's configuration's L_fused)."""
+    from unioncam.names import method_config, split_fused
+    from unioncam.union import UnionCAMConfig
 
     speed = {"chunk_size": chunk_size} if chunk_size else {}
     out: dict[str, SanitySpec] = {}
     for m in methods:
-        if m == "unioncam":
-            out[m] = SanitySpec("unioncam", {"config": dataclasses.replace(PRESETS["paper"], **speed)})
-        elif m == "faithful":
-            out[m] = SanitySpec("unioncam",
-                                {"config": dataclasses.replace(PRESETS["faithful"], **speed)})
-        elif m == "fused":
-            cfg = dataclasses.replace(PRESETS["paper"], return_components=True, **speed)
-            out[m] = SanitySpec("unioncam", {"config": cfg}, FUSED)
-        elif m in CAMS:
+        preset = method_config(m)
+        pair = split_fused(m)
+        if preset is not None:
+            out[m] = SanitySpec("unioncam", {"config": dataclasses.replace(preset, **speed)})
+        elif pair is not None:
+            cfg = UnionCAMConfig(gradient=(pair[0],), region=(pair[1],), groups=groups,
+                                 include_gradient_maps=False, selection="beta",
+                                 return_components=True, **speed)  # fmt: skip
+            out[m] = SanitySpec("unioncam", {"config": cfg}, m)
+        else:
             kw: dict[str, Any] = dict(speed)
             if m == "groupcam":
                 kw["groups"] = groups

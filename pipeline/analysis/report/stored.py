@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.analysis.evaluate import METHOD_LABELS
 from pipeline.analysis.reader import open_reader
 from pipeline.analysis.report.sample import GalleryItem, ReportSample, class_names, cname
 from pipeline.analysis.report.stats import ReportError, by_class
@@ -22,20 +21,16 @@ from pipeline.store.names import INS_DEL_METRICS, ROAD_METRICS, parse_metric_nam
 __all__ = ['member_label', 'read_store_scalars', 'store_sample', 'summarize_store']
 
 
-_MEMBER_LABELS = {
-    "region:scorecam": "Score-CAM (pool)",
-    "region:groupcam": "Group-CAM (pool)",
-}
-
-
 def member_label(member: str) -> str:
-    if member in _MEMBER_LABELS:
-        return _MEMBER_LABELS[member]
+    """A pool member's row title in a store report: the library's title, marked "(pool)"
+    (a fused member by its pool name, as the store spells it)."""
+    from unioncam.names import member_label as title
+
     kind, _, what = member.partition(":")
     if kind == "fused":
         return f"Fused {what} (pool)"
-    if kind == "gradient":
-        return f"{METHOD_LABELS.get(what, what)} (pool)"
+    if kind in ("region", "gradient"):
+        return f"{title(member)} (pool)"
     return member
 
 
@@ -203,8 +198,10 @@ def store_sample(
                          f"{attrs.get('manifest')!r}); their maps are shown alone.")  # fmt: skip
         for m in [k for it in g_items for k in it.maps]:
             labels.setdefault(m, member_label(m) if m != "unioncam" else "UnionCAM")
-    # pool members and UnionCAM have their labels; the run's other methods get the usual ones
-    labels = {m: METHOD_LABELS.get(m, v) if m in reader.methods and m != "unioncam" else v
+    # pool members and UnionCAM have their labels; the run's other methods the registry's
+    from unioncam.names import method_label
+
+    labels = {m: method_label(m) if m in reader.methods and m != "unioncam" else v
               for m, v in labels.items()}
 
     summary = attrs.get("summary") or {}
