@@ -427,9 +427,8 @@ class Manifest:
 
     def read_unit(self, u: int, *, with_images: bool = True,
                   only: Iterable[int] | None = None) -> list[Row]:  # fmt: skip
-        """The rows of unit ``u`` (one Parquet row group read; URIs resolved); with
-        ``only``, just those row ids of it (for a few rows, resolving and building all
-        1,024 was most of an overlay's manifest lookup)."""
+        """The rows of unit ``u`` (one row group read; URIs resolved); with ``only``, just
+        those row ids (building all 1,024 was most of an overlay's manifest lookup)."""
         start, stop = self.unit_range(u)
         cols = ["row_id", "uri"]
         if "label" in self._columns:
