@@ -96,7 +96,7 @@ def run_pipeline(manifest, store, method, size, batch, actors, cpus_per_actor, *
     cfg = RunConfig(
         manifest=str(manifest),
         store=str(store),
-        method=method,
+        preset=method,
         image_size=size,
         batch_size=batch,
         cpu_only=True,

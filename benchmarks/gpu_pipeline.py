@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             store = tmp / f"{method}-{preset}-{precision}.zarr"
             rc = RunConfig(manifest=str((paper_manifest if is_paper else manifest).uri),
                            store=str(store), model=model, layer=a.layer, methods=(method,),
-                           method=cfg, image_size=size, batch_size=b, actors=1, cpu_only=cpu,
+                           preset=cfg, image_size=size, batch_size=b, actors=1, cpu_only=cpu,
                            progress=False, dashboard=False, ray_metrics=False)  # fmt: skip
             with GpuSampler() as gpu:
                 s = run(rc)

@@ -3,7 +3,7 @@
 Why a single dataclass: the same object travels from the CLI (or a ``ray submit`` script)
 to the driver and, pickled, to every actor, and a JSON view of it is written into the
 Zarr store as provenance. Its :meth:`RunConfig.fingerprint` covers exactly the settings
-that change the *numbers* in the store (model, weights, layer, method, image size,
+that change the *numbers* in the store (model, weights, layer, methods, preset, image size,
 target, explainer, stored extras), so a rerun with a different batch size or number of
 actors resumes the store, while a rerun with a different layer is refused instead of
 silently mixing two kinds of maps in one store.
@@ -18,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pipeline.flags import flag
 from pipeline.store.layout import STORE_FORMAT
 
 if TYPE_CHECKING:  # torch comes with it: imported when a config is made, so `unioncam
@@ -32,6 +33,7 @@ __all__ = [
     "METRICS",
     "TARGETS",
     "FaultInjection",
+    "UNIONCAM_GROUP",
     "RunConfig",
     "quiet_load_model",
 ]
@@ -52,6 +54,9 @@ TARGETS = ("predicted", "label")
 #: ``road_morf``, ``road_lerf``, ``road``: ROAD at 10–90 % removal (18 forwards per map).
 METRICS = ("average_drop", "increase", "insertion", "deletion", "ins_minus_del", "road_morf",
            "road_lerf", "road")
+
+#: The ``--help`` section of ``--preset`` (the CLI adds the flags overriding its fields there).
+UNIONCAM_GROUP = "UnionCAM settings (a preset, then overrides of its fields)"
 
 
 @dataclass(frozen=True)
@@ -78,71 +83,125 @@ class RunConfig:
     """Everything that defines one pipeline run.
 
     Settings that affect results (part of :meth:`fingerprint`): ``model``, ``weights``,
-    ``layer``, ``method``, ``image_size``, ``target``, ``explainer``, ``components``,
-    ``metrics``. Everything else (batch size, actors, CPUs, retries, address, ...) only
-    changes how fast the same numbers are produced.
+    ``layer``, ``methods``, ``preset``, ``image_size``, ``target``, ``explainer``,
+    ``components``, ``metrics``. Everything else (batch size, actors, CPUs, retries,
+    address, ...) only changes how fast the same numbers are produced.
+
+    Every field but ``storage_options`` and ``fault_injection`` is a flag of ``unioncam
+    run`` of the same name (:func:`pipeline.flags.flag`: its help and default live here).
     """
 
-    manifest: str
-    store: str
+    manifest: str = flag(metavar="MANIFEST", help="Parquet manifest (unioncam manifest)")
+    store: str = flag(metavar="STORE", help="Zarr store path or s3://bucket/prefix")
     # --- what is computed ---------------------------------------------------------
-    model: str = "efficientnet-lite0"
-    weights: str | None = None
-    layer: str | None = None
-    #: The CAM methods of the run, by their names in :data:`unioncam.METHODS` (``gradcam``,
-    #: ``scorecam``, ``unioncam``, ...): one map per method per image, in the store's
-    #: ``maps`` array along its ``method`` dimension. The driver puts them in the library's
-    #: order, so ``gradcam,unioncam`` and ``unioncam,gradcam`` are the same run.
-    methods: tuple[str, ...] = ("unioncam",)
+    model: str = flag(
+        "efficientnet-lite0", group="model",
+        help="%(default)s (built-in, pretrained; the default), a torchvision name "
+        "(resnet50, ...), timm:<name> (timm:vit_small_patch16_224; needs unioncam[timm]) "
+        "or package.module:factory",
+    )  # fmt: skip
+    weights: str | None = flag(
+        None, group="model",
+        help="checkpoint file (.safetensors or a weights-only torch file), a torchvision "
+        "weights name (IMAGENET1K_V2), or 'pretrained' for timm's own weights from the local "
+        "Hugging Face cache (never downloaded); default: the model's built-in or random weights",
+    )  # fmt: skip
+    layer: str | None = flag(None, group="model", help="target layer (dotted name; 'name#k' "
+                             "for the k-th call); default: the model's")  # fmt: skip
+    #: One map per method per image, in the store's ``maps`` array and ``methods/<name>``.
+    #: The driver puts them in the library's order, so ``gradcam,unioncam`` and
+    #: ``unioncam,gradcam`` are the same run.
+    methods: tuple[str, ...] = flag(
+        ("unioncam",), group="method", aliases=("--method",), metavar="NAMES",
+        help="the CAM method(s), comma separated (default %(default)s): unioncam (its "
+        "settings: --preset and below), gradcam, gradcam++, xgradcam, layercam, denoised, "
+        "scorecam, groupcam; several (e.g. gradcam,unioncam) store one map each for the "
+        "same images",
+    )  # fmt: skip
     #: UnionCAM's settings (used when ``unioncam`` is among ``methods``), typed from the CLI
-    #: to every actor (a dict of its fields is accepted and converted, for JSON). Default:
-    #: the library's default preset.
-    method: UnionCAMConfig = field(default_factory=lambda: _method_class()())
-    #: Side of the square network input; ``None``: the model's default crop size.
-    image_size: int | None = None
-    #: Side of the stored maps; ``None``: ``image_size`` (lossless). Smaller stores the
-    #: network-input map area-downsampled (a CAM comes from a 7-28 px layer upsampled, so
-    #: 56 px keeps it to within ~1e-2, docs/store.md, at 1/16 of the bytes).
-    map_size: int | None = None
-    target: str = "predicted"
-    explainer: str = "unioncam"
-    #: Also store every pool member's map (``components/<name>``): ``len(pool)`` times the
-    #: map storage.
-    components: bool = False
-    metrics: tuple[str, ...] = ()
-    #: Also score every pool member's map (``metrics/<metric>@<member>``, see
-    #: :func:`pipeline.store.names.store_metric_names`); needs an insertion/deletion metric.
-    metrics_all_members: bool = False
-    #: RISE pixels per insertion/deletion step (224 at 224 px = 224 steps, the default).
-    metric_step: int = 224
+    #: to every actor; a preset's name or a dict of the fields (JSON) is accepted and
+    #: converted. ``unioncam run`` builds it from ``--preset`` and the flags that override
+    #: its fields (``--theta``, ...).
+    preset: UnionCAMConfig = flag(
+        default_factory=lambda: _method_class()(), group=UNIONCAM_GROUP, type=str,
+        metavar="NAME",
+        help="method preset: faithful, paper (the paper's exact method), faithful-fast or "
+        "fast (Group-CAM region side); default: the library's unioncam.DEFAULT_PRESET",
+    )  # fmt: skip
+    #: ``None``: the model's default crop size.
+    image_size: int | None = flag(None, group="model", metavar="S",
+                                  help="network input side (default: the model's crop size)")
+    #: ``None``: ``image_size`` (lossless). Smaller stores the network-input map
+    #: area-downsampled (a CAM comes from a 7-28 px layer upsampled, so 56 px keeps it to
+    #: within ~1e-2, docs/store.md, at 1/16 of the bytes).
+    map_size: int | None = flag(
+        None, group="model", metavar="S",
+        help="side of the stored maps (default: the input side, lossless); smaller stores "
+        "each map area-downsampled: 56 is 1/16 of the bytes (docs/store.md)",
+    )  # fmt: skip
+    target: str = flag("predicted", group="model", choices=TARGETS,
+                       help="explain the predicted class or the manifest's label "
+                       "(default %(default)s)")
+    explainer: str = flag(
+        "unioncam", group="execution", choices=EXPLAINERS,
+        help="'null' writes zeros without decoding or a model: a benchmarking tool only",
+    )  # fmt: skip
+    #: ``components/<name>``: ``len(pool)`` times the map storage.
+    components: bool = flag(False, group="method", help="also store every pool member's map")
+    metrics: tuple[str, ...] = flag(
+        (), group="method", metavar="NAMES",
+        help=f"per-image metrics to store, comma separated ({', '.join(METRICS)})",
+    )  # fmt: skip
+    #: ``metrics/<metric>@<member>``, see :func:`pipeline.store.names.store_metric_names`.
+    metrics_all_members: bool = flag(
+        False, group="method",
+        help="also score every pool member's map (insertion/deletion metrics)",
+    )  # fmt: skip
+    #: 224 at 224 px = 224 steps.
+    metric_step: int = flag(224, group="method",
+                            help="RISE pixels per insertion/deletion step (default %(default)s)")
     # --- how it is computed -------------------------------------------------------
-    batch_size: int = 32
-    #: Number of actors; ``None``: one per GPU in the cluster (CPU-only: CPUs // cpus_per_actor).
-    actors: int | None = None
-    cpu_only: bool = False
-    #: CPUs reserved per actor (torch threads + decoding threads); ``None``: automatic.
-    cpus_per_actor: int | None = None
-    #: Image-decoding threads per actor; ``None``: the actor's CPU count.
-    decode_threads: int | None = None
-    #: Batches decoded ahead of the one being explained.
-    prefetch_batches: int = 2
-    #: Ray address (``"auto"``, ``"ray://host:10001"``, ...); ``None``: start a local Ray.
-    address: str | None = None
-    overwrite: bool = False
-    #: Attempts per unit beyond the first (actor death or unit-level error).
-    max_retries: int = 3
-    #: Stop after this many pending units (the store stays resumable); ``None``: all.
-    max_units: int | None = None
+    batch_size: int = flag(32, group="execution",
+                           help="images per UnionCAM call (default %(default)s)")
+    actors: int | None = flag(
+        None, group="execution",
+        help="number of actors (default: one per GPU, or CPUs // cpus-per-actor)",
+    )  # fmt: skip
+    cpu_only: bool = flag(False, group="execution", aliases=("--cpu",),
+                          help="CPU-only actors (no GPU requested)")
+    #: ``None``: automatic.
+    cpus_per_actor: int | None = flag(None, group="execution",
+                                      help="CPUs per actor (torch threads + decoding)")
+    decode_threads: int | None = flag(None, group="execution",
+                                      help="decoding threads per actor (default: its CPUs)")
+    prefetch_batches: int = flag(
+        2, group="execution",
+        help="batches decoded ahead of the one being explained (default %(default)s)",
+    )  # fmt: skip
+    address: str | None = flag(
+        None, group="execution",
+        help="address of an existing Ray cluster ('auto', 'ray://host:10001'); default: "
+        "start a local one",
+    )  # fmt: skip
+    overwrite: bool = flag(False, group="execution",
+                           help="replace a store made with other settings")
+    #: Actor death or unit-level error.
+    max_retries: int = flag(3, group="execution",
+                            help="extra attempts per unit (default %(default)s)")
+    #: The store stays resumable.
+    max_units: int | None = flag(None, group="execution",
+                                 help="stop after this many units (resume later)")
     #: fsspec options for manifest, images and store (e.g. ``endpoint_url``, ``key``).
-    #: Values are never written to the store or logged; only key names are.
+    #: Values are never written to the store or logged; only key names are. Not a generated
+    #: flag: the CLI's ``--storage-option KEY=VALUE`` (every command has it) fills it.
     storage_options: dict[str, Any] | None = None
-    #: Export Ray metrics (``ray.util.metrics``) for the dashboard.
-    ray_metrics: bool = True
-    #: Start the Ray dashboard with a local instance (slower start; no effect with ``address``).
-    dashboard: bool = True
-    #: tqdm progress bar in the driver.
-    progress: bool = True
-    #: Test-only failure hooks (see :class:`FaultInjection`).
+    #: ``ray.util.metrics`` for the dashboard.
+    ray_metrics: bool = flag(True, group="execution", help="export Ray metrics")
+    #: No effect with ``address``.
+    dashboard: bool = flag(True, group="execution",
+                           help="start the Ray dashboard with a local Ray (slower start)")
+    progress: bool = flag(True, group="execution", help="tqdm progress bar in the driver")
+    #: Test-only failure hooks (see :class:`FaultInjection`); not a flag.
     fault_injection: FaultInjection | None = None
 
     def __post_init__(self) -> None:
@@ -193,10 +252,13 @@ class RunConfig:
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods must not repeat, got {', '.join(self.methods)}")
         method_class = _method_class()
-        if isinstance(self.method, dict):  # from JSON (a store's provenance, a script)
-            object.__setattr__(self, "method", method_class.from_dict(self.method))
-        if not isinstance(self.method, method_class):
-            raise ValueError(f"method must be a UnionCAMConfig (or its dict), got {self.method!r}")
+        if isinstance(self.preset, str):  # a preset's name
+            object.__setattr__(self, "preset", method_class.preset(self.preset))
+        if isinstance(self.preset, dict):  # from JSON (a store's provenance, a script)
+            object.__setattr__(self, "preset", method_class.from_dict(self.preset))
+        if not isinstance(self.preset, method_class):
+            raise ValueError("preset must be a UnionCAMConfig (or its dict or a preset's "
+                             f"name), got {self.preset!r}")  # fmt: skip
         for m in self.metrics:
             if m not in METRICS:
                 raise ValueError(f"unknown metric {m!r}; choose from {', '.join(METRICS)}")
@@ -220,7 +282,12 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def result_settings(self) -> dict[str, Any]:
-        """The settings that determine the stored numbers (the fingerprint's input)."""
+        """The settings that determine the stored numbers (the fingerprint's input).
+
+        The keys are the stores' contract, not the fields' names: ``method`` is the preset's
+        settings (the field was called so before it became ``preset``), so a store written
+        before the rename still resumes.
+        """
         return {
             "format_version": STORE_FORMAT,  # the stored values' meaning
             "model": self.model,
@@ -243,7 +310,7 @@ class RunConfig:
     def _method_settings(self) -> dict[str, Any]:
         """UnionCAM's result settings, or the few the other methods take from it."""
         if "unioncam" in self.methods:
-            return self.method.result_settings()
+            return self.preset.result_settings()
         kw: dict[str, Any] = {}
         for name in self.methods:
             kw |= self.method_kwargs(name)
@@ -256,7 +323,7 @@ class RunConfig:
         ``theta`` (the denoised Grad-CAM), ``groups`` (Group-CAM), the precision and the
         engine's chunk size and memory format.
         """
-        m = self.method
+        m = self.preset
         kw: dict[str, Any] = {"autocast": m.autocast, "chunk_size": m.chunk_size,
                               "channels_last": m.channels_last}  # fmt: skip
         if name == "denoised":
@@ -286,16 +353,21 @@ class RunConfig:
                 v = dataclasses.asdict(v) if v is not None else None
             elif f.name in ("metrics", "methods"):
                 v = list(v)
-            elif f.name == "method":
+            elif f.name == "preset":
                 v = v.to_dict()
             d[f.name] = v
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        """Inverse of :meth:`to_dict` (storage options are not recoverable: pass them again)."""
+        """Inverse of :meth:`to_dict` (storage options are not recoverable: pass them again).
+
+        Also reads the provenance of stores written before ``method`` was renamed ``preset``.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
+        if "preset" not in d and isinstance(d.get("method"), dict):
+            kw["preset"] = d["method"]
         kw["storage_options"] = None
         if kw.get("fault_injection") is not None:
             kw["fault_injection"] = FaultInjection(**kw["fault_injection"])

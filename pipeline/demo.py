@@ -88,7 +88,7 @@ def run_demo(
         manifest=str(manifest),
         store=str(store),
         model="efficientnet-lite0",
-        method=method,
+        preset=method,
         image_size=image_size,
         batch_size=2,
         cpu_only=True,

@@ -40,7 +40,7 @@ LIBRARY_FLOORS: tuple[tuple[str, ...], ...] = (
 #: run and the analysis never import each other and the store's contract (layout, names,
 #: status words) sits below both. A new package or top-level module must be placed here.
 PIPELINE_FLOORS: tuple[tuple[str, ...], ...] = (
-    ("messages",),  # one-line messages: no project imports
+    ("messages", "flags"),  # one-line messages, flags from fields: no project imports
     ("data",),  # locations, manifests, decoding: bytes in
     ("store",),  # the store's contract and its I/O
     ("config",),  # the run's configuration (the report's sanity check reads it too)

@@ -58,7 +58,7 @@ def make_config(manifest: str | Path, store: str | Path, **kw) -> RunConfig:
     base = {
         "manifest": str(manifest),
         "store": str(store),
-        "method": METHOD,
+        "preset": METHOD,
         "image_size": SIZE,
         "batch_size": 3,  # batches straddle nothing and end short: 3 + 1 per unit
         "progress": False,
@@ -190,7 +190,7 @@ def test_the_bar_moves_per_batch_not_per_unit(ray_cluster, data, tmp_path, monke
     monkeypatch.setattr(scheduler, "PROGRESS_S", 0.02)
     # The default preset at 64 px: a batch takes long enough for a poll to see it.
     method = UnionCAMConfig(chunk_size=16).to_dict()
-    s = run(make_config(m.uri, tmp_path / "p.zarr", method=method, actors=1, cpu_only=True,
+    s = run(make_config(m.uri, tmp_path / "p.zarr", preset=method, actors=1, cpu_only=True,
                         cpus_per_actor=2, progress=True))  # fmt: skip
     assert s.complete
     frames = err.getvalue().replace("\r", "\n").splitlines()
@@ -215,7 +215,7 @@ def test_rerun_of_a_finished_store_does_no_work(complete, data):
     before = marker.stat().st_mtime_ns
     # Speed-only settings (batch size, actors, chunk size) may change on resume.
     cfg = make_config(
-        data["manifest"], store, batch_size=5, actors=1, method={**METHOD, "chunk_size": 7}
+        data["manifest"], store, batch_size=5, actors=1, preset={**METHOD, "chunk_size": 7}
     )
     s = run(cfg)
     assert s.units_processed == 0 and s.units_already_done == N_UNITS and s.complete
@@ -479,7 +479,7 @@ def test_a_non_beta_selection_rule_stores_its_scores_and_queries_rank_by_them(
     method = UnionCAMConfig.preset("fast", groups=4, chunk_size=16, channels_last=False,
                                    selection="drop-20")
     store = tmp_path / "sel.zarr"
-    s = run(make_config(m.uri, store, method=method.to_dict(), actors=1))
+    s = run(make_config(m.uri, store, preset=method.to_dict(), actors=1))
     assert s.complete and s.images_ok == UNIT
     g = open_store(str(store))
     sel_scores = np.asarray(g["selection_score"][:])

@@ -322,7 +322,7 @@ def test_shard_manifests_store_the_same_maps_as_loose_files(dataset, tmp_path):
     method = UnionCAMConfig.preset("fast", groups=4, chunk_size=16).to_dict()
 
     def explain(manifest: str, store: str, so=None) -> dict:
-        cfg = RunConfig(manifest=manifest, store=store, method=method, image_size=64,
+        cfg = RunConfig(manifest=manifest, store=store, preset=method, image_size=64,
                         batch_size=3, progress=False, cpu_only=True, actors=1,
                         cpus_per_actor=2, storage_options=so)  # fmt: skip
         s = run(cfg)

@@ -79,7 +79,7 @@ def config(manifest: Path, store: Path, null: bool = False, **kw) -> RunConfig:
     if null:
         base["explainer"] = "null"
     else:
-        base["method"] = UnionCAMConfig.preset("fast", groups=4, chunk_size=16).to_dict()
+        base["preset"] = UnionCAMConfig.preset("fast", groups=4, chunk_size=16).to_dict()
     return RunConfig(**{**base, **kw})
 
 

@@ -22,7 +22,6 @@ __all__ = [
     "add_analyze_arguments",
     "add_atlas_arguments",
     "add_strategies_query",
-    "analysis_command",
     "query_analysis",
     "analyze_command",
     "atlas_command",
@@ -33,13 +32,6 @@ __all__ = [
 #: What ``query STORE classes --by`` sorts by when the store has an analysis.
 CLASS_SORT_KEYS = (*DESCRIPTORS, "energy_in_box", "max_in_box", "box_iou", "clever_hans",
                    "spearman", "top_iou", "count")
-
-
-def analysis_command(a: argparse.Namespace, storage_options: dict[str, Any] | None) -> int:
-    """``unioncam analyze`` or ``unioncam atlas`` (by ``a.command``)."""
-    if a.command == "atlas":
-        return atlas_command(a, storage_options)
-    return analyze_command(a, storage_options)
 
 
 def query_analysis(a: argparse.Namespace, reader: Any, names: list[str]) -> int:
@@ -61,6 +53,7 @@ def add_analysis_commands(sub: Any, add_storage: Callable[[argparse.ArgumentPars
         "--boxes, localisation; with --compare, agreement with another store. Rerun to "
         "cover new units.",
     )
+    p.set_defaults(handler=analyze_command)
     add_analyze_arguments(p)
     add_storage(p)
     p = sub.add_parser(
@@ -69,6 +62,7 @@ def add_analysis_commands(sub: Any, add_storage: Callable[[argparse.ArgumentPars
         description="Write an HTML site (no network needed): classes and groups sortable "
         "by any descriptor, a page per group with its strategies and overlays.",
     )
+    p.set_defaults(handler=atlas_command)
     add_atlas_arguments(p)
     add_storage(p)
 

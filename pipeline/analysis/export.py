@@ -81,6 +81,7 @@ def add_export_command(sub: Any, add_storage: Callable[[argparse.ArgumentParser]
         "every pool member, selected member), overlay PNGs and/or a FiftyOne dataset "
         "(needs the fiftyone extra).",
     )
+    p.set_defaults(handler=export_command)
     p.add_argument("store", metavar="STORE")
     p.add_argument("--csv", metavar="FILE", help="write per-row results to this CSV")
     p.add_argument("--overlays", metavar="DIR", help="write overlay PNGs here")

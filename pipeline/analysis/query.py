@@ -32,6 +32,7 @@ def add_query_command(sub: Any, parser_class: type[argparse.ArgumentParser],
         "'unioncam query S classes', 'unioncam query S top --by beta -k 10', "
         "'unioncam query S maps --rows 0,5 --overlay --out DIR', 'unioncam query S mean --classes 281'.",
     )
+    p.set_defaults(handler=query_command)
     p.add_argument("store", metavar="STORE")
     add_storage(p)
     qs = p.add_subparsers(dest="what", metavar="QUERY", parser_class=parser_class)

@@ -99,7 +99,7 @@ def resolve(config: RunConfig) -> Resolved:
     # The library's order: the same set of methods is the same run (and fingerprint).
     methods = tuple(m for m in METHODS.names() if m in config.methods)
     union = "unioncam" in methods
-    method = config.method
+    method = config.preset
     loaded = quiet_load_model(config.model, config.weights)
     pre = loaded.preprocess
     size = config.image_size or pre.crop_size
@@ -125,7 +125,7 @@ def resolve(config: RunConfig) -> Resolved:
         names += [f"region:{r}" for r in method.region]
         names += [f"fused:{g}+{r}" for g in method.gradient for r in method.region]
         components = tuple(names)
-    cfg = config.replace(layer=str(target), image_size=size, method=method.to_dict(),
+    cfg = config.replace(layer=str(target), image_size=size, preset=method.to_dict(),
                          methods=methods)
     preprocess = {
         "resize_size": pre.resize_size,
@@ -163,9 +163,9 @@ def store_attrs(res: Resolved, manifest: Any) -> dict[str, Any]:
         "image_size": res.image_size,
         "preprocess": res.preprocess,
         "methods": list(res.methods),
-        "method": cfg.method.to_dict(),
+        "method": cfg.preset.to_dict(),  # the stores' word for the preset's settings
         # UnionCAM's preset: "faithful", or "custom (fast with groups=4)"; "" without UnionCAM
-        "preset": cfg.method.describe() if "unioncam" in res.methods else "",
+        "preset": cfg.preset.describe() if "unioncam" in res.methods else "",
         "pool": list(res.pool),
         "target": cfg.target,
         "explainer": cfg.explainer,

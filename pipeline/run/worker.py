@@ -134,7 +134,7 @@ class ExplainWorker:
         if ctx.image_size != pre.crop_size:
             pre = pre.with_size(ctx.image_size)
         self.preprocess = pre
-        method = config.method
+        method = config.preset
         # Components are a storage option of the run, not a result setting of the method.
         # ... and so are every member's maps when every member is scored.
         method = dataclasses.replace(

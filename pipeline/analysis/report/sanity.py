@@ -65,7 +65,7 @@ def report_specs(methods: Sequence[str], *, groups: int = 32,
 def store_specs(methods: Sequence[str], config: Any) -> dict[str, SanitySpec]:
     """Specs for the methods of a pipeline run, with the run's own settings
     (``config``: its :class:`pipeline.config.RunConfig`)."""
-    return {m: (SanitySpec("unioncam", {"config": config.method}) if m == "unioncam"
+    return {m: (SanitySpec("unioncam", {"config": config.preset}) if m == "unioncam"
                 else SanitySpec(m, config.method_kwargs(m)))
             for m in methods}  # fmt: skip
 
