@@ -25,6 +25,7 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from unioncam import UnionCAM, UnionCAMConfig, load_model
@@ -76,6 +77,15 @@ def half_rows(half: str) -> list[int]:
     idx = [i for i in range(len(rows())) if i % 2 == (0 if half == "tune" else 1)]
     random.Random(0).shuffle(idx)
     return idx
+
+
+def paired_bootstrap(d: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of the paired differences ``d`` (one per image) and its 95 % percentile bootstrap
+    CI over images: the statistic every pre-registered study here decides on."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(d), size=(n, len(d)))
+    means = d[idx].mean(1)
+    return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def half_of(row: int) -> str:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from faithfulness_cache import half_rows, rows
+from faithfulness_cache import half_rows, paired_bootstrap, rows
 
 from unioncam import UnionCAM, load_model, make_cam
 from unioncam.road import road
@@ -95,13 +95,6 @@ def score_road(model, x: torch.Tensor, maps: dict[str, torch.Tensor], target,
     rec |= {f"{m}:lerf": float(r.lerf[0, k]) for k, m in enumerate(names)}
     rec["seconds"] = round(time.perf_counter() - t0, 1)
     return rec
-
-
-def bootstrap(d: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(d), size=(n, len(d)))
-    means = d[idx].mean(1)
-    return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                      "descriptive": [m for m in names if m not in METHODS],
                      "default_minus": {}}  # fmt: skip
         for m in names[1:]:
-            mean, lo, hi = bootstrap(v["faithful"] - v[m])
+            mean, lo, hi = paired_bootstrap(v["faithful"] - v[m])
             verdict = "default better" if lo > 0 else f"{m} better" if hi < 0 else "tie"
             layer_res["default_minus"][m] = {"mean": mean, "low": lo, "high": hi,
                                              "verdict": verdict}  # fmt: skip
