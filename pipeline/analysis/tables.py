@@ -132,7 +132,7 @@ def write_tables(reader: StoreReader, cfg: Any, store: Any,
     units = sorted(reader.done_units())
     thumbs = rows_g["thumbs"]
 
-    def unit_thumbs(u: int) -> tuple[int, int, int, np.ndarray, np.ndarray]:
+    def unit_thumbs(u: int) -> tuple[int, int, int, int, np.ndarray | None]:
         """The unit's row span, its described rows' positions in ``rows`` and thumbnails."""
         s, e = reader.unit_range(u)
         lo, hi = np.searchsorted(rows, [s, e])
