@@ -45,6 +45,35 @@ def test_parity_with_pytorch_grad_cam_ablationcam(effnet, photos):
     assert res.forwards == 2 + live
 
 
+def test_parity_at_a_layer_with_negative_values(effnet, photos):
+    """At _blocks.15 (a linear bottleneck: about a quarter of its values are negative)
+    pytorch-grad-cam fills ``min − 1e7``; with its documented ``ablation_layer=`` hook set
+    to fill 0, as the paper does, it gives our maps. This pins that Ablation-CAM's weak
+    scores at this layer in docs/faithfulness.md are the method's, not a bug of ours."""
+    from pytorch_grad_cam import AblationCAM as TheirAblationCAM
+    from pytorch_grad_cam.ablation_layer import AblationLayer
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    class ZeroFill(AblationLayer):
+        def __call__(self, x, **_kwargs):  # the block is called with drop_connect_rate=
+            out = self.activations
+            for i in range(out.size(0)):
+                out[i, self.indices[i], :] = 0
+            return out
+
+    model = effnet.model
+    x = photos[0][:1]
+    with AblationCAM(model, "_blocks.15", chunk_size=64) as cam:
+        res = cam(x)
+    layer = resolve_layer(model, "_blocks.15")
+    with TheirAblationCAM(model, target_layers=[layer.module], batch_size=64,
+                          ablation_layer=ZeroFill()) as ref_cam:  # fmt: skip
+        ref = ref_cam(x, targets=[ClassifierOutputTarget(int(c)) for c in res.target])
+    assert resolve_layer(model, "_blocks.15").module is layer.module  # put back
+    torch.testing.assert_close(res.maps, minmax(torch.from_numpy(ref)), atol=2e-3, rtol=0)
+    assert bool((res.mask_scores < 0).any())  # ablating some channels raises the logit
+
+
 def test_tail_equals_whole_network_and_chunks_change_nothing(effnet, photos):
     """At _blocks.15 (negative values, 320 channels): the traced tail gives the weights
     that whole-network forwards with the output replaced give, at any chunk size."""

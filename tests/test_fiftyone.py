@@ -210,18 +210,27 @@ def test_app_shows_a_sample_with_its_heatmap(made, tmp_path):
             except OSError:
                 time.sleep(1)
         shot = tmp_path / "fiftyone.png"
-        run = _chromium([f"--screenshot={shot}", "--window-size=1280,800",
-                         "--virtual-time-budget=30000", url])  # fmt: skip
-        assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
-        assert not _js_errors(run.stderr), _js_errors(run.stderr)
+        # On a loaded machine the App's first page can still be its loading screen when the
+        # virtual-time budget runs out (CI saw 26 colours once, after "Could not connect
+        # session"): shoot again, with a longer budget, up to three times.
+        colours = []
+        for budget in (30_000, 60_000, 120_000):
+            run = _chromium([f"--screenshot={shot}", "--window-size=1280,800",
+                             f"--virtual-time-budget={budget}", url])  # fmt: skip
+            assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+            assert not _js_errors(run.stderr), _js_errors(run.stderr)
+            with Image.open(shot) as im:
+                assert im.size == (1280, 800)
+                rgb = np.asarray(im.convert("RGB").resize((128, 80))).reshape(-1, 3)
+            colours.append(len(np.unique(rgb.astype(int), axis=0)))
+            if colours[-1] > 300:
+                break
+            time.sleep(5)
+        # the photo and the jet heatmap put many colours on the dark App page
+        assert colours[-1] > 300, f"distinct colours per screenshot: {colours}"
         dom = _chromium(["--dump-dom", "--virtual-time-budget=30000", url]).stdout
         assert "uc-test" in dom and "unioncam" in dom
     finally:
         session.close()
-    with Image.open(shot) as im:
-        assert im.size == (1280, 800)
-        rgb = np.asarray(im.convert("RGB").resize((128, 80))).reshape(-1, 3).astype(int)
-        # the photo and the jet heatmap put many colours on the dark App page
-        assert len(np.unique(rgb, axis=0)) > 300
     if os.environ.get("UNIONCAM_DOCS_IMG"):
         shutil.copy(shot, Path(os.environ["UNIONCAM_DOCS_IMG"]) / "fiftyone-sample.png")
