@@ -7,7 +7,7 @@ script only carries it out:
 * the packaged EfficientNet-Lite0 at 224 px; the report half of the ImageNet sample
   (``faithfulness_cache.half_rows("report")``), the first 20 images at ``_blocks.15`` and
   the first 14 at the head (``_swish``);
-* the default ``faithful``, ``paper``, ``fusioncam`` (its paper pairing), ``ablationcam``,
+* the default ``unioncam``, ``unioncam:paper``, ``fusioncam`` (its paper pairing), ``ablationcam``,
   ``scorecam`` and ``gradcam``, by registry name, one call per method per image, each
   explaining the predicted class;
 * insertion − deletion (RISE, blurred insertion start, zeros deletion, 1792 px per step as
@@ -17,7 +17,7 @@ script only carries it out:
   percentile bootstrap CI over images (2,000 resamples, seed 0): the rival is better when
   the CI lies below 0, worse when above, else a tie; per metric family and per layer.
 
-Why a per-image cache: at the head (1,280 channels) Score-CAM, ``paper`` and Fusion-CAM
+Why a per-image cache: at the head (1,280 channels) Score-CAM, ``unioncam:paper`` and Fusion-CAM
 each cost ~1,300 forwards per image; a cut-off run keeps every finished image (one JSON per
 image and layer under ``--cache``) and the next run resumes after it.
 
@@ -47,11 +47,11 @@ from unioncam.road import road
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 CACHE = Path(os.environ.get("TMPDIR", "/tmp")) / "unioncam-rival-study"
-DEFAULT = "faithful"
+DEFAULT = "unioncam"
 #: study name -> (registry name, constructor keywords): one call per method per image
 METHODS: dict[str, tuple[str, dict]] = {
-    "faithful": ("unioncam", {"config": "faithful"}),
-    "paper": ("unioncam", {"config": "paper"}),
+    "unioncam": ("unioncam", {}),  # the default preset
+    "unioncam:paper": ("unioncam", {"config": "paper"}),
     "fusioncam": ("fusioncam", {"config": "paper"}),
     "ablationcam": ("ablationcam", {}),
     "scorecam": ("scorecam", {}),
@@ -153,7 +153,7 @@ def markdown(results: dict) -> str:
             cells = [f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] | {d['verdict']}"
                      for d in (fams[f] for f in FAMILIES)]  # fmt: skip
             md.append(f"| `{m}` | " + " | ".join(cells) + " |")
-        md += ["", f"Mean seconds per image (six maps and both metrics, shared loaded CPU): "
+        md += ["", f"Mean seconds per image (six maps and both metrics, this machine's 2 CPU cores): "
                f"{lr['seconds_per_image']:.0f}.", ""]  # fmt: skip
     return "\n".join(md)
 

@@ -658,14 +658,20 @@ def test_report_sanity_of_a_unioncam_store_uses_the_runs_settings(complete, refe
 
 def test_the_new_methods_run_by_name_into_one_store_and_resume(data, ray_cluster, tmp_path):
     """``--method ablationcam,fusioncam,hirescam,eigencam,unioncam``: all five in one store,
-    each equal to the library's map for the class UnionCAM explained; the run resumes."""
+    each equal to the library's map for the class UnionCAM explained; the run resumes; and
+    ``query maps``, ``export --overlays``, ``report --store`` and ``analyze --compare-maps``
+    each take every one of the five (issue 25's "done when")."""
+    from pipeline.analysis.report import ReportConfig, build_report
+    from pipeline.analysis.store_analysis import analyze
+    from pipeline.cli import main
     from unioncam import make_cam
 
     names = ("ablationcam", "fusioncam", "hirescam", "eigencam", "unioncam")
     rows = data["rows"][:UNIT]
     m = build_from_list(rows, tmp_path / "new.parquet", unit_size=UNIT)
     store = tmp_path / "new.zarr"
-    s = run(make_config(m.uri, store, methods=names, layer="_blocks.4", actors=1))
+    s = run(make_config(m.uri, store, methods=names, layer="_blocks.4", actors=1,
+                        metrics=("average_drop",)))  # fmt: skip
     assert s.complete and s.images_ok == len(rows)
     g = open_store(str(store))
     assert set(g["methods"].array_keys()) == set(names) - {"unioncam"}
@@ -680,5 +686,25 @@ def test_the_new_methods_run_by_name_into_one_store_and_resume(data, ray_cluster
             want = cam(x, targets=target).maps.numpy()
         np.testing.assert_allclose(r.maps(range(len(rows)), method=name), want, atol=2e-3,
                                    err_msg=name)
-    again = run(make_config(m.uri, store, methods=names, layer="_blocks.4", actors=1))
+    again = run(make_config(m.uri, store, methods=names, layer="_blocks.4", actors=1,
+                            metrics=("average_drop",)))  # fmt: skip
     assert again.units_processed == 0 and again.units_already_done == 1
+    for name in names:
+        out = tmp_path / f"q-{name}"
+        assert main(["query", str(store), "maps", "--rows", "0,2", "--npy", "--out", str(out),
+                     "--method", name]) == 0  # fmt: skip
+        np.testing.assert_array_equal(np.load(out / "maps.npy"), r.maps([0, 2], method=name))
+        assert main(["export", str(store), "--overlays", str(out / "png"), "--rows", "1",
+                     "--method", name]) == 0  # fmt: skip
+        assert len(list((out / "png").glob("*.png"))) == 1, name
+    md = build_report(tmp_path / "rep", ReportConfig(store=str(store), n_boot=50,
+                                                     gallery=1)).read_text()  # fmt: skip
+    for name in names:  # the primary's metric is stored without a suffix
+        metric = "average_drop" if name == "unioncam" else f"average_drop@{name}"
+        assert f"- stored metric `{metric}`: mean " in md, (name, md)
+    for name in names[:-1]:  # each against the primary (unioncam's) maps, in the store itself
+        analyze(str(store), compare=str(store), compare_maps=("maps", f"methods/{name}"),
+                parallel=False, force=True)  # fmt: skip
+        a = open_reader(str(store)).analysis()
+        assert a.compare.attrs["maps"] == ["maps", f"methods/{name}"]
+        assert np.isfinite(np.asarray(a.compare["spearman"][:])).all(), name

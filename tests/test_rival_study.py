@@ -28,14 +28,14 @@ def test_rival_study_smoke(imagenet_dir: Path, tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr[-2000:]
     (cached,) = (cache / "_blocks.3").glob("*.json")
     res = json.loads((out / "rival_study.json").read_text())["layers"]["_blocks.3"]
-    assert res["n"] == 1 and set(res["mean"]) == {"faithful", "paper", "fusioncam",
+    assert res["n"] == 1 and set(res["mean"]) == {"unioncam", "unioncam:paper", "fusioncam",
                                                   "ablationcam", "scorecam", "gradcam"}
     for m, s in res["mean"].items():
         assert s["insdel"] == pytest.approx(s["ins"] - s["del"]), m
         assert s["road"] == pytest.approx((s["lerf"] - s["morf"]) / 2), m
     for m, fams in res["default_minus"].items():
         for fam, d in fams.items():
-            want = (res["mean"]["faithful"][fam] - res["mean"][m][fam])
+            want = (res["mean"]["unioncam"][fam] - res["mean"][m][fam])
             assert d["mean"] == pytest.approx(want) and d["low"] == pytest.approx(want)
             assert d["verdict"] == ("default better" if want > 0 else f"{m} better"
                                     if want < 0 else "tie"), (m, fam)
