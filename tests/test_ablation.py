@@ -46,7 +46,7 @@ def test_parity_with_pytorch_grad_cam_ablationcam(effnet, photos):
 
 
 def test_parity_at_a_layer_with_negative_values(effnet, photos):
-    """At _blocks.15 (a linear bottleneck: about a quarter of its values are negative)
+    """At _blocks.15 (a linear bottleneck: half of its values are negative)
     pytorch-grad-cam fills ``min − 1e7``; with its documented ``ablation_layer=`` hook set
     to fill 0, as the paper does, it gives our maps. This pins that Ablation-CAM's weak
     scores at this layer in docs/faithfulness.md are the method's, not a bug of ours."""
