@@ -455,7 +455,8 @@ def test_boxes_files_in_both_formats(tmp_path):
 
 
 def test_units_described_as_ray_tasks_give_the_same_analysis(planted, tmp_path):
-    """With a Ray instance up, units are described by Ray tasks; the result is the same."""
+    """With a Ray instance up, units are described and groups clustered by Ray tasks; the
+    result is the same as in one process."""
     ray = pytest.importorskip("ray")
     path = tmp_path / "s.zarr"
     shutil.copytree(planted["path"], path)
@@ -473,6 +474,14 @@ def test_units_described_as_ray_tasks_give_the_same_analysis(planted, tmp_path):
     parallel = zarr.open_group(str(path), path="analysis/rows", mode="r")
     for name in (*DESCRIPTORS, "described", "strategy"):
         np.testing.assert_array_equal(np.asarray(parallel[name][:]), np.asarray(serial[name][:]))
+    serial = zarr.open_group(str(planted["path"]), path="analysis/groups", mode="r")
+    parallel = zarr.open_group(str(path), path="analysis/groups", mode="r")
+    assert serial["k"].shape[0] > 1  # several groups: more than one clustering task's worth
+    for name in ("k", "sizes", "exemplars"):
+        np.testing.assert_array_equal(np.asarray(parallel[name][:]), np.asarray(serial[name][:]))
+    for name in ("centroids", "silhouette"):
+        np.testing.assert_allclose(np.asarray(parallel[name][:]), np.asarray(serial[name][:]),
+                                   rtol=1e-6, atol=1e-7)  # fmt: skip
 
 
 def test_compare_two_methods_of_one_store(tmp_path):

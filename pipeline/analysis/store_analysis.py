@@ -241,14 +241,7 @@ def _run_units(store_path: str, units: list[int], cfg: AnalysisConfig,
     """Describe ``units``: as Ray tasks (batches of units, each opening the store once)
     when Ray is initialised (and ``parallel`` is not False), else one after the other in
     this process; ``done`` is called after each unit. Returns whether Ray tasks did it."""
-    use_ray = False
-    if parallel is not False:
-        try:
-            import ray
-
-            use_ray = ray.is_initialized() and len(units) > 1
-        except ImportError:
-            use_ray = False
+    use_ray = _ray_up(parallel) and len(units) > 1
     unit_boxes = _boxes_of_units(store_path, units, cfg, storage_options)
     if not use_ray:
         if units:
@@ -270,6 +263,17 @@ def _run_units(store_path: str, units: list[int], cfg: AnalysisConfig,
         for u, c in ray.get(ready[0]):
             done(u, c)
     return True
+
+
+def _ray_up(parallel: bool | None) -> bool:
+    """Whether to hand work to Ray: it is initialised and ``parallel`` is not False."""
+    if parallel is False:
+        return False
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
 
 
 def _boxes_of_units(store_path: str, units: list[int], cfg: AnalysisConfig,
@@ -374,7 +378,7 @@ def _analyze(store: str, cfg: AnalysisConfig, compare: str | None,
     if recomputed:
         group.update_attributes({"tables_done": False})
         t2 = time.perf_counter()
-        ng, gname, full = write_tables(reader, cfg, zstore, timings)
+        ng, gname, full = write_tables(reader, cfg, zstore, timings, _ray_up(parallel))
         timings["tables"] = time.perf_counter() - t2
         ranking = [[g, round(float(s), 4)] for g, s in full[:5]]
         group.update_attributes({"tables_done": True, "groups": ng, "grouping": gname,
