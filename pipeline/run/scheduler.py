@@ -422,13 +422,38 @@ class Scheduler:
         )
 
     def stop(self, interrupted: bool) -> None:
-        """Kill every actor (also on Ctrl-C: a half-written unit has no marker)."""
+        """Kill every actor (also on Ctrl-C: a half-written unit has no marker), and wait
+        until they are dead: ``ray.kill`` only asks, and an actor whose writer thread is
+        finishing a unit could otherwise still write after the driver has released the
+        lease and a rerun has started on the same shards (two writers of one shard lose data,
+        zarr #3682)."""
+        handles = [slot.handle for slot in self.slots.values()]
         for slot in list(self.slots.values()):
             self._kill(slot)
+        _await_dead(handles)
         if self.bar is not None:
             self.bar.close()
         self.summary.actors = self.stats_all
         self.summary.lost_nodes = _lost_nodes(self.stats_all)
+
+
+def _await_dead(handles: list[Any], timeout_s: float = 10.0) -> None:
+    """Return once every killed actor in ``handles`` is dead (a call to it fails), or after
+    ``timeout_s``: a dead node's actors may take Ray longer to declare, and a stop must end."""
+    if not handles:
+        return
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    for h in handles:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(h.__ray_ready__.remote(), timeout=max(0.05, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                return  # the deadline passed with the actor still answering nothing
+            except Exception:  # RayActorError / ActorDiedError: it is dead
+                break
+            time.sleep(0.05)  # it answered: the kill has not landed yet
 
 
 def _lost_nodes(stats: list[ActorStats]) -> list[str]:
