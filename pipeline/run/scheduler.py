@@ -422,11 +422,9 @@ class Scheduler:
         )
 
     def stop(self, interrupted: bool) -> None:
-        """Kill every actor (also on Ctrl-C: a half-written unit has no marker), and wait
-        until they are dead: ``ray.kill`` only asks, and an actor whose writer thread is
-        finishing a unit could otherwise still write after the driver has released the
-        lease and a rerun has started on the same shards (two writers of one shard lose data,
-        zarr #3682)."""
+        """Kill every actor (a half-written unit has no marker) and wait until they are
+        dead: ``ray.kill`` only asks, and a writer thread finishing a unit must not write
+        beside a rerun once the lease is free (two writers of a shard lose data)."""
         handles = [slot.handle for slot in self.slots.values()]
         for slot in list(self.slots.values()):
             self._kill(slot)
@@ -438,22 +436,19 @@ class Scheduler:
 
 
 def _await_dead(handles: list[Any], timeout_s: float = 10.0) -> None:
-    """Return once every killed actor in ``handles`` is dead (a call to it fails), or after
-    ``timeout_s``: a dead node's actors may take Ray longer to declare, and a stop must end."""
-    if not handles:
-        return
+    """Return once a call to each killed actor fails (it is dead), or after ``timeout_s``."""
     import ray
 
     deadline = time.monotonic() + timeout_s
     for h in handles:
         while time.monotonic() < deadline:
-            try:
+            try:  # an answer means the kill has not landed yet: ask again
                 ray.get(h.__ray_ready__.remote(), timeout=max(0.05, deadline - time.monotonic()))
             except ray.exceptions.GetTimeoutError:
-                return  # the deadline passed with the actor still answering nothing
-            except Exception:  # RayActorError / ActorDiedError: it is dead
+                return
+            except Exception:  # RayActorError: dead
                 break
-            time.sleep(0.05)  # it answered: the kill has not landed yet
+            time.sleep(0.05)
 
 
 def _lost_nodes(stats: list[ActorStats]) -> list[str]:
@@ -479,12 +474,8 @@ class _DriverMetrics:
             from ray.util.metrics import Counter, Gauge
 
             self.pending = Gauge("unioncam_units_pending", description="Units not yet written.")
-            self.done = Counter(
-                "unioncam_units_completed", description="Units completed by this run."
-            )
-            self.retries = Counter(
-                "unioncam_unit_retries", description="Unit attempts that failed."
-            )
+            self.done = Counter("unioncam_units_completed", description="Units completed by this run.")
+            self.retries = Counter("unioncam_unit_retries", description="Unit attempts that failed.")
         except Exception:
             self.pending = None
 
@@ -496,15 +487,14 @@ class _DriverMetrics:
                 pass
 
     def unit_done(self) -> None:
-        if self.pending is not None:
-            try:
-                self.done.inc(1)
-            except Exception:
-                pass
+        self._inc("done")
 
     def retry(self) -> None:
+        self._inc("retries")
+
+    def _inc(self, counter: str) -> None:
         if self.pending is not None:
             try:
-                self.retries.inc(1)
-            except Exception:
+                getattr(self, counter).inc(1)
+            except Exception:  # metrics must never fail the run
                 pass
