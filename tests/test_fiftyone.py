@@ -225,7 +225,7 @@ def test_app_shows_a_sample_with_its_heatmap(made, tmp_path):
             colours.append(len(np.unique(rgb.astype(int), axis=0)))
             if colours[-1] > 300:
                 break
-            time.sleep(5)
+            time.sleep(10)  # FiftyOne's session retries its connection every 10 s
         # the photo and the jet heatmap put many colours on the dark App page
         assert colours[-1] > 300, f"distinct colours per screenshot: {colours}"
         dom = _chromium(["--dump-dom", "--virtual-time-budget=30000", url]).stdout

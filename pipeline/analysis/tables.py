@@ -5,9 +5,9 @@ and parallel; this step reads every described row's scalars in whole columns (su
 per-group sample, exemplars: vectorised over all groups at once, never a loop over the
 groups of a unit), then two passes over the units' thumbnails (mean maps and the sample;
 assignment of every row) around the clustering (Ray tasks over the groups when Ray is up).
-Memory: ~120 bytes of scalars a row plus
-``groups x sample_per_group`` thumbnails. Per-group sums are one sort and
-``np.add.reduceat`` (:func:`_group_add`), not ``np.add.at``.
+Memory: ~120 bytes of scalars a row plus ``groups x sample_per_group`` thumbnails.
+Per-group sums are one sort and ``np.add.reduceat`` (:func:`_group_add`), not
+``np.add.at``.
 """
 
 from __future__ import annotations
