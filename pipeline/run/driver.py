@@ -152,8 +152,10 @@ def _run(config: RunConfig, lease: Any) -> RunSummary:
             summary.units_remaining = manifest_units_left(summary)
             summary.wall_s = time.perf_counter() - t0
             _set_run_state(cfg, "interrupted", e.name if isinstance(e, Stopped) else "Ctrl-C")
-            done = summary.units_already_done + summary.units_processed
-            note(stopped_line(e, done, summary.num_units, cfg.store, redo))
+            # The markers, not the driver's count: a unit whose marker was written just
+            # before the signal may not have reached the driver yet.
+            n_done = len(done_units(cfg.store, storage_options=so))
+            note(stopped_line(e, n_done, summary.num_units, cfg.store, redo))
             if isinstance(e, Stopped):
                 e.reported = True
                 raise e from None
