@@ -153,8 +153,8 @@ def markdown(results: dict) -> str:
             cells = [f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] | {d['verdict']}"
                      for d in (fams[f] for f in FAMILIES)]  # fmt: skip
             md.append(f"| `{m}` | " + " | ".join(cells) + " |")
-        md += ["", f"Mean seconds per image (six maps and both metrics, this machine's 2 CPU cores): "
-               f"{lr['seconds_per_image']:.0f}.", ""]  # fmt: skip
+        md += ["", "Mean seconds per image (six maps and both metrics, this machine's 2 CPU "
+               f"cores): {lr['seconds_per_image']:.0f}.", ""]  # fmt: skip
     return "\n".join(md)
 
 

@@ -704,7 +704,7 @@ def test_the_new_methods_run_by_name_into_one_store_and_resume(data, ray_cluster
         assert f"- stored metric `{metric}`: mean " in md, (name, md)
     for name in names[:-1]:  # each against the primary (unioncam's) maps, in the store itself
         analyze(str(store), compare=str(store), compare_maps=("maps", f"methods/{name}"),
-                parallel=False, force=True)  # fmt: skip
+                parallel=False)  # fmt: skip
         a = open_reader(str(store)).analysis()
         assert a.compare.attrs["maps"] == ["maps", f"methods/{name}"]
         assert np.isfinite(np.asarray(a.compare["spearman"][:])).all(), name

@@ -149,12 +149,12 @@ def _run(config: RunConfig, lease: Any) -> RunSummary:
             redo = sched.rows_in_flight()
             sched.stop(interrupted=True)
             summary.interrupted = True
-            summary.units_remaining = manifest_units_left(summary)
-            summary.wall_s = time.perf_counter() - t0
-            _set_run_state(cfg, "interrupted", e.name if isinstance(e, Stopped) else "Ctrl-C")
             # The markers, not the driver's count: a unit whose marker was written just
             # before the signal may not have reached the driver yet.
             n_done = len(done_units(cfg.store, storage_options=so))
+            summary.units_remaining = summary.num_units - n_done
+            summary.wall_s = time.perf_counter() - t0
+            _set_run_state(cfg, "interrupted", e.name if isinstance(e, Stopped) else "Ctrl-C")
             note(stopped_line(e, n_done, summary.num_units, cfg.store, redo))
             if isinstance(e, Stopped):
                 e.reported = True

@@ -8,6 +8,7 @@ behind it are re-queued without spending an attempt.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -474,27 +475,25 @@ class _DriverMetrics:
             from ray.util.metrics import Counter, Gauge
 
             self.pending = Gauge("unioncam_units_pending", description="Units not yet written.")
-            self.done = Counter("unioncam_units_completed", description="Units completed by this run.")
-            self.retries = Counter("unioncam_unit_retries", description="Unit attempts that failed.")
+            self.done = Counter("unioncam_units_completed",
+                                description="Units completed by this run.")
+            self.retries = Counter("unioncam_unit_retries",
+                                   description="Unit attempts that failed.")
         except Exception:
             self.pending = None
 
+    # metrics must never fail the run
     def set_pending(self, n: int) -> None:
         if self.pending is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self.pending.set(n)
-            except Exception:
-                pass
 
     def unit_done(self) -> None:
-        self._inc("done")
+        if self.pending is not None:
+            with contextlib.suppress(Exception):
+                self.done.inc(1)
 
     def retry(self) -> None:
-        self._inc("retries")
-
-    def _inc(self, counter: str) -> None:
         if self.pending is not None:
-            try:
-                getattr(self, counter).inc(1)
-            except Exception:  # metrics must never fail the run
-                pass
+            with contextlib.suppress(Exception):
+                self.retries.inc(1)
